@@ -1,0 +1,3 @@
+from hybridctl.cli import run
+
+run()

@@ -1,0 +1,119 @@
+"""The `hybridctl` command: a Typer app whose subcommands, built-in and third-party alike, are found through
+the entry-point group `hybridctl.commands` (value: a Typer app, or a function to register as a command).
+
+Errors the user can fix (HybridctlError) print one line and exit non-zero; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from importlib.metadata import entry_points
+
+import click
+import typer
+
+from hybridctl.core.errors import HybridctlError
+
+ENTRY_POINT_GROUP = "hybridctl.commands"
+
+# Used when the package runs from a source tree that was never installed (no entry-point metadata).
+BUILTIN_COMMANDS = {
+    "train": "hybridctl.commands.train:train",
+    "resume": "hybridctl.commands.resume:resume",
+    "ablate": "hybridctl.commands.ablate:app",
+    "compare": "hybridctl.commands.compare:compare",
+    "bench": "hybridctl.commands.bench:app",
+    "report": "hybridctl.commands.report:report",
+    "data": "hybridctl.commands.data:app",
+}
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def register(app: typer.Typer, name: str, obj, origin: str) -> bool:
+    if isinstance(obj, typer.Typer):
+        app.add_typer(obj, name=name)
+    elif callable(obj):
+        app.command(name=name)(obj)
+    else:
+        warn(f"plugin command '{name}' ({origin}) is neither a Typer app nor a function; skipping it")
+        return False
+    return True
+
+
+def load_object(spec: str):
+    module, _, attr = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="hybridctl",
+        help="A command-line lab for hybrid Gated DeltaNet + attention language models.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+        """Train, resume, sweep, compare, benchmark and report hybrid language models."""
+
+    seen: set[str] = set()
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in seen:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must not take the whole CLI down
+            warn(f"plugin command '{ep.name}' ({ep.value}) failed to load: {type(e).__name__}: {e}; skipping it")
+            continue
+        if register(app, ep.name, obj, ep.value):
+            seen.add(ep.name)
+    for name, spec in BUILTIN_COMMANDS.items():
+        if name not in seen:
+            register(app, name, load_object(spec), spec)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app = build_app()
+        result = app(args=args, prog_name="hybridctl", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        return 2
+    except HybridctlError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())

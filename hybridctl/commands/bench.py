@@ -1,0 +1,12 @@
+"""`hybridctl bench` (not implemented yet)."""
+
+import typer
+
+app = typer.Typer(help="Not implemented yet.", invoke_without_command=True)
+
+
+@app.callback()
+def main():
+    """Not implemented yet."""
+    typer.echo("hybridctl bench: not implemented yet", err=True)
+    raise typer.Exit(2)

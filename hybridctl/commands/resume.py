@@ -1,0 +1,51 @@
+"""`hybridctl resume`: continue a run from a checkpoint, optionally past its planned end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hybridctl.core.config import config_to_toml
+from hybridctl.core.errors import RunError
+from hybridctl.core.render import TrainProgress, console, summary_table
+from hybridctl.core.runs import RunDir
+from hybridctl.core.trainer import train as run_training
+
+
+def resume(
+    run_path: Path = typer.Argument(..., help="The run folder, e.g. runs/tiny."),
+    extend_steps: int = typer.Option(
+        0, "--extend-steps",
+        help="Train N steps beyond the run's planned total. The LR continues from the value it had reached and "
+             "follows a new cosine down to the same floor (lr * min_lr_ratio) at the new last step: no new warmup, "
+             "no jump in LR.",
+    ),
+    from_: str = typer.Option("latest", "--from", help="Checkpoint to continue from: latest, best, or step_000200."),
+):
+    """Continue a run from its newest (or a chosen) checkpoint."""
+    if extend_steps < 0:
+        raise RunError(f"--extend-steps must be >= 0, got {extend_steps}")
+    run = RunDir(run_path)
+    cfg = run.load_config()
+    run.acquire_lock()
+    try:
+        run.remove_partial_checkpoints()
+        checkpoint = run.resolve_checkpoint(from_)
+        from hybridctl.core.checkpoint import read_state
+
+        step = read_state(checkpoint)["step"]
+        if extend_steps:
+            cfg.train.steps = max(cfg.train.steps, step) + extend_steps
+            run.config_path.write_text(config_to_toml(cfg))
+        elif step >= cfg.train.steps:
+            raise RunError(f"run {run.path} already finished its {cfg.train.steps} steps; add --extend-steps N to train further")
+        console.print(f"resuming {run.path} from {checkpoint.name} (step {step}) to step {cfg.train.steps}")
+        progress = TrainProgress(run.name)
+        try:
+            summary = run_training(cfg, run, resume_from=checkpoint, extend_steps=extend_steps, callback=progress)
+        finally:
+            progress.close()
+    finally:
+        run.release_lock()
+    console.print(summary_table(summary, title=f"Run summary: {run.path}"))

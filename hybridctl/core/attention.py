@@ -1,0 +1,61 @@
+"""Causal softmax attention with rotary position embeddings, through PyTorch's scaled_dot_product_attention
+(flash attention on CUDA in bf16). A sliding window limits each query to its `window` most recent keys."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE; cos/sin tables are recomputed per length and device, never saved in checkpoints."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def tables(self, T: int, device: torch.device):
+        if self._cache is None or self._cache[0] < T or self._cache[1] != device:
+            t = torch.arange(T, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._cache = (T, device, emb.cos(), emb.sin())
+        _, _, cos, sin = self._cache
+        return cos[:T], sin[:T]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, D]"""
+        cos, sin = self.tables(x.shape[-2], x.device)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
+    """Boolean [T, T] mask, True where query i may attend key j: i - window < j <= i."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, window: int = 0, rope_theta: float = 10000.0):
+        super().__init__()
+        self.n_heads, self.head_dim, self.window = n_heads, d_model // n_heads, window
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.rotary = Rotary(self.head_dim, rope_theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rotary(q), self.rotary(k)
+        if self.window and self.window < T:
+            mask = sliding_window_mask(T, self.window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))

@@ -1,0 +1,225 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else; never pickle.
+
+Layout of one checkpoint folder:
+    model.safetensors      weights by parameter name (a tied output head is stored once)
+    optimizer.safetensors  AdamW moments and step counts, keyed "<param name>/<state key>"
+    state.json             step, RNG states, schedule, data position, config hash, and a manifest of the two
+                           tensor files (bytes and sha256) that loading verifies
+
+A checkpoint is written into a temporary sibling folder and renamed into place, so a crash mid-write leaves
+the previous checkpoints untouched and no half-written folder under a checkpoint's name.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hybridctl.core.errors import CheckpointError
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensors <-> flat dicts
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with shared tensors (tied embeddings) stored once, under their first name."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr() if tensor.numel() else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, param_names: dict[int, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for param, state in optimizer.state.items():
+        name = param_names[id(param)]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{name}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                out[f"{name}/{key}"] = torch.tensor(value)
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_names: dict[int, str]) -> None:
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, field = key.rpartition("/")
+        by_name.setdefault(name, {})[field] = value
+    # Through load_state_dict, so torch puts each state tensor where this optimizer (fused or not) wants it.
+    current = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, param in enumerate(params):
+        found = by_name.pop(param_names[id(param)], None)
+        if found is not None:
+            state[index] = found
+    if by_name:
+        raise CheckpointError(f"optimizer state has tensors for unknown parameter '{next(iter(by_name))}'; the checkpoint belongs to another model")
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def rng_state() -> dict[str, str]:
+    enc = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+    state = {"torch": enc(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = enc(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict[str, str]) -> None:
+    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(dec(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(dec(state["cuda"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Save and load
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> Path:
+    """Write a complete checkpoint at `path` atomically (replacing one already there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "hybridctl", "version": str(FORMAT_VERSION)})
+        files = [MODEL_FILE]
+        if optimizer is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            save_file(optimizer_tensors(optimizer, names), str(tmp / OPTIMIZER_FILE), metadata={"format": "hybridctl"})
+            files.append(OPTIMIZER_FILE)
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}
+        full_state = {"format_version": FORMAT_VERSION, **state, "rng": rng_state(), "files": manifest}
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2))
+        for name in [*files, STATE_FILE]:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    state_path = Path(path) / STATE_FILE
+    try:
+        return json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a checkpoint (no {STATE_FILE}); pick one listed under the run's checkpoints/") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{state_path} is corrupt (not valid JSON); resume from an earlier checkpoint with --from") from None
+
+
+def verify_checkpoint(path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check the manifest (sizes, then hashes); raise CheckpointError naming the damaged file."""
+    state = read_state(path) if state is None else state
+    for name, expected in state.get("files", {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}; resume from an earlier checkpoint with --from")
+        size = f.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(
+                f"checkpoint file {f} is truncated or altered ({size} bytes, expected {expected['bytes']}); "
+                "resume from an earlier checkpoint with --from"
+            )
+        if sha256_file(f) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} is corrupt (checksum mismatch); resume from an earlier checkpoint with --from")
+    return state
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors ({e}); the file is corrupt or not a checkpoint") from None
+
+
+def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy weights into the model; a name or shape mismatch raises CheckpointError naming the first one."""
+    expected = model_tensors(model)
+    for name, value in tensors.items():
+        if name not in expected:
+            raise CheckpointError(f"{source} has tensor '{name}' that this model does not have; the checkpoint was made for another config")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{source} tensor '{name}' has shape {tuple(value.shape)} but this model expects {tuple(expected[name].shape)}; "
+                "the checkpoint was made for another config"
+            )
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{source} lacks tensor '{missing[0]}' that this model needs; the checkpoint was made for another config")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Verify, then load weights (and optimizer state); returns state.json's content."""
+    path = Path(path)
+    state = verify_checkpoint(path)
+    load_model_weights(model, read_tensors(path / MODEL_FILE), source=f"checkpoint {path}")
+    if optimizer is not None:
+        if not (path / OPTIMIZER_FILE).is_file():
+            raise CheckpointError(f"checkpoint {path} has no optimizer state; it can be evaluated but not resumed")
+        names = {id(p): n for n, p in model.named_parameters()}
+        load_optimizer_tensors(optimizer, read_tensors(path / OPTIMIZER_FILE), names)
+    return state
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file() and not Path(path).name.startswith(".")

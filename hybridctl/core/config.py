@@ -1,0 +1,420 @@
+"""Run configuration: plain dataclasses, TOML presets with `extends`, `--set` overrides, validation.
+
+A config is built in three layers: the preset file (and every preset it extends, base first), then each
+`--set section.key=value` override, then validation against the dataclasses below. Every user mistake raises
+ConfigError with one line that names the problem and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from hybridctl.core.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
+LAYER_KINDS = {"L": "Gated DeltaNet", "F": "full attention", "D": "DeepSeek sparse attention"}
+
+
+@dataclass
+class GDNConfig:
+    num_heads: int = 6
+    head_dim: int = 128
+    expand_v: float = 2.0
+    conv_size: int = 4
+    chunk_size: int = 64
+    # "auto": fla Triton kernels on CUDA, the PyTorch chunked reference elsewhere; "torch" forces the reference.
+    backend: str = "auto"
+
+
+@dataclass
+class AttentionConfig:
+    window: int = 0  # 0 = full causal attention; N > 0 = each token sees itself and the N-1 tokens before it
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class DSAConfig:
+    topk: int = 64  # keys each query attends to
+    indexer_heads: int = 4
+    indexer_dim: int = 32
+    aux_loss_weight: float = 0.01  # weight of the KL loss that teaches the indexer to follow attention
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 0  # 0 = dense SwiGLU everywhere
+    top_k: int = 2
+    moe_every: int = 2  # every N-th layer (1-based: layers N-1, 2N-1, ...) gets the MoE MLP
+    capacity_factor: float = 1.25
+    balance_loss_weight: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    attention_layers: list[int] = field(default_factory=list)
+    pattern: str = ""  # alternative to attention_layers: one letter per layer, L / F / D
+    vocab_size: int = 0  # 0 = follow the tokenizer
+    d_ff: int = 0  # 0 = SwiGLU width 8/3 * d_model rounded up to a multiple of 256
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    gdn: GDNConfig = field(default_factory=GDNConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    dsa: DSAConfig = field(default_factory=DSAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def layer_types(self) -> list[str]:
+        """One letter per layer: L (Gated DeltaNet), F (full attention), D (sparse attention)."""
+        if self.pattern:
+            return list(self.pattern)
+        attn = set(self.attention_layers)
+        return ["F" if i in attn else "L" for i in range(self.n_layers)]
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return 256 * math.ceil(8 * self.d_model / 3 / 256)
+
+    def attention_fraction(self) -> float:
+        kinds = self.layer_types()
+        return sum(k != "L" for k in kinds) / max(len(kinds), 1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 48
+    seq_len: int = 1024
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 3  # newest N step checkpoints kept (0 = keep all); best/ is kept apart
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
+    compile: bool = False  # torch.compile the model (CUDA)
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "builtin:stdlib"
+    config: str = ""  # hub dataset configuration name
+    split: str = "train"
+    val_split: str = ""  # hub split for validation; empty = carve val_fraction out of the training text
+    text_field: str = "text"
+    streaming: bool = False
+    val_fraction: float = 0.05
+    max_tokens: int = 0  # 0 = no limit
+    tokenizer: str = "bytes"
+    cache_dir: str = ""  # empty = $HYBRIDCTL_CACHE or ~/.cache/hybridctl
+
+
+@dataclass
+class Config:
+    name: str = ""
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of what determines the model's shape and data; resume checks it."""
+        key = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data)}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading presets
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def find_preset(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A preset by name (presets/NAME.toml) or by path; relative paths resolve against the extending file."""
+    candidates = []
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        p = Path(name_or_path).expanduser()
+        if not p.is_absolute() and relative_to is not None:
+            candidates.append(relative_to / p)
+        candidates.append(p)
+    else:
+        candidates.append(PRESETS_DIR / f"{name_or_path}.toml")
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    hint = suggest(name_or_path, available_presets())
+    raise ConfigError(
+        f"unknown preset '{name_or_path}'{hint}; list them with `hybridctl train --list-presets` or pass a path to a .toml file"
+    )
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}; fix the syntax at that line") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+
+
+def load_preset_dict(name_or_path: str, _seen: tuple[Path, ...] = (), relative_to: Path | None = None) -> dict:
+    """The preset's table merged over everything it extends (base first)."""
+    path = find_preset(name_or_path, relative_to)
+    if path in _seen:
+        chain = " -> ".join(p.stem for p in (*_seen, path))
+        raise ConfigError(f"preset cycle: {chain}; remove one of the `extends` lines")
+    data = read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: `extends` must be a preset name or path string, got {parent!r}")
+    base = load_preset_dict(parent, (*_seen, path), relative_to=path.parent)
+    return deep_merge(base, data)
+
+
+PLACEMENT_KEYS = ("attention_layers", "pattern")  # two spellings of one setting: the later one wins
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    if isinstance(out.get("model"), dict) and isinstance(over.get("model"), dict):
+        given = [k for k in PLACEMENT_KEYS if k in over["model"]]
+        if len(given) == 1:
+            out["model"] = {k: v for k, v in out["model"].items() if k not in PLACEMENT_KEYS}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is read as TOML, else as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' has no '='; write it as section.key=value, e.g. train.lr=1e-3")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key; write it as section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain TOML values
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] == "model" and len(path) == 2 and path[1] in PLACEMENT_KEYS and isinstance(data.get("model"), dict):
+            for other in PLACEMENT_KEYS:
+                data["model"].pop(other, None)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+        node[path[-1]] = value
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = get_origin(typ)
+    if origin is list:
+        (item,) = get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list like [3, 6], got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {typ}")  # a bug in this file, not user input
+
+
+def build_dataclass(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown key '{dotted}'{suggest(key, names)}; valid keys here: {', '.join(sorted(names))}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = build_dataclass(typ, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, typ, dotted)
+    return cls(**kwargs)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    m, t, d = cfg.model, cfg.train, cfg.data
+    _require(m.n_layers >= 1, f"model.n_layers must be >= 1, got {m.n_layers}")
+    _require(m.d_model >= 1 and m.n_heads >= 1, "model.d_model and model.n_heads must be positive")
+    _require(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model / model.n_heads must be even (RoPE rotates pairs)")
+    if m.pattern:
+        bad = sorted(set(m.pattern) - set(LAYER_KINDS))
+        _require(not bad, f"model.pattern has unknown letter '{bad[0] if bad else ''}'; use L (Gated DeltaNet), F (attention), D (sparse attention)")
+        _require(
+            len(m.pattern) == m.n_layers,
+            f"model.pattern '{m.pattern}' has {len(m.pattern)} letters but model.n_layers is {m.n_layers}; give one letter per layer",
+        )
+        from_pattern = [i for i, c in enumerate(m.pattern) if c == "F"]
+        _require(
+            not m.attention_layers or sorted(m.attention_layers) == from_pattern,
+            f"model.attention_layers {m.attention_layers} disagrees with model.pattern '{m.pattern}'; set only one of them",
+        )
+    for i in m.attention_layers:
+        _require(
+            0 <= i < m.n_layers,
+            f"model.attention_layers has index {i}, out of range for {m.n_layers} layers; use 0..{m.n_layers - 1}",
+        )
+    _require(len(set(m.attention_layers)) == len(m.attention_layers), f"model.attention_layers {m.attention_layers} repeats a layer")
+    g = m.gdn
+    _require(g.num_heads >= 1 and g.head_dim >= 1, "model.gdn.num_heads and model.gdn.head_dim must be positive")
+    _require(float(g.head_dim * g.expand_v).is_integer(), f"model.gdn.head_dim * expand_v must be a whole number, got {g.head_dim * g.expand_v}")
+    _require(g.backend in ("auto", "torch", "fla"), f"model.gdn.backend must be auto, torch or fla, got '{g.backend}'")
+    _require(g.chunk_size >= 1 and g.conv_size >= 1, "model.gdn.chunk_size and model.gdn.conv_size must be positive")
+    _require(m.attention.window >= 0, f"model.attention.window must be >= 0 (0 = full causal), got {m.attention.window}")
+    _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = follow the tokenizer), got {m.vocab_size}")
+    _require(m.dsa.topk >= 1, f"model.dsa.topk must be >= 1, got {m.dsa.topk}")
+    moe = m.moe
+    _require(moe.n_experts >= 0, f"model.moe.n_experts must be >= 0, got {moe.n_experts}")
+    if moe.n_experts:
+        _require(1 <= moe.top_k <= moe.n_experts, f"model.moe.top_k must be in 1..{moe.n_experts}, got {moe.top_k}")
+        _require(moe.moe_every >= 1, f"model.moe.moe_every must be >= 1, got {moe.moe_every}")
+    for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every", "save_every"):
+        value = getattr(t, key)
+        _require(value >= 1, f"train.{key} must be >= 1, got {value}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0, got {t.keep_checkpoints}")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    _require(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got '{t.dtype}'")
+    _require(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",
+    )
+    _require(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    _require(d.max_tokens >= 0, f"data.max_tokens must be >= 0 (0 = no limit), got {d.max_tokens}")
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(build_dataclass(Config, data, ""))
+
+
+def load_config(preset: str, overrides: list[str] | None = None) -> Config:
+    data = load_preset_dict(preset)
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("name", Path(preset).stem)
+    return config_from_dict(data)
+
+
+def load_config_file(path: Path) -> Config:
+    """A resolved config.toml from a run folder (no `extends`)."""
+    return config_from_dict(read_toml(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing: the resolved config goes into every run folder as plain TOML.
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(data: dict, prefix: str = "") -> str:
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    lines = []
+    if prefix and scalars:
+        lines.append(f"[{prefix}]")
+    lines += scalars
+    for k, v in data.items():
+        if isinstance(v, dict):
+            sub = to_toml(v, f"{prefix}.{k}" if prefix else k)
+            lines += ["", sub] if lines else [sub]
+    return "\n".join(lines)
+
+
+def config_to_toml(cfg: Config) -> str:
+    return to_toml(cfg.to_dict()) + "\n"

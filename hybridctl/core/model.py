@@ -1,0 +1,157 @@
+"""The hybrid language model, top to bottom: token embedding, one block per letter of the layer pattern
+(L = Gated DeltaNet, F = softmax attention, D = sparse attention), final RMSNorm, tied output head.
+
+Each block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)). Modules that add an auxiliary loss (the
+sparse-attention indexer, the MoE router) leave it in `aux_loss` after their forward; the model adds them up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybridctl.core.attention import CausalSelfAttention
+from hybridctl.core.config import ModelConfig
+from hybridctl.core.gated_delta import GatedDeltaNet
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
+    if kind == "L":
+        g = cfg.gdn
+        return GatedDeltaNet(cfg.d_model, g.num_heads, g.head_dim, g.expand_v, g.conv_size,
+                             norm_eps=cfg.norm_eps, backend=g.backend, chunk_size=g.chunk_size)
+    if kind == "F":
+        return CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.attention.window, cfg.attention.rope_theta)
+    if kind == "D":
+        from hybridctl.core.sparse_attention import DeepSeekSparseAttention
+
+        return DeepSeekSparseAttention(cfg)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def uses_moe(layer: int, cfg: ModelConfig) -> bool:
+    return cfg.moe.n_experts > 0 and (layer + 1) % cfg.moe.moe_every == 0
+
+
+def make_mlp(layer: int, cfg: ModelConfig) -> nn.Module:
+    if uses_moe(layer, cfg):
+        from hybridctl.core.moe import MoE
+
+        return MoE(cfg.d_model, cfg.ffn_dim, cfg.moe)
+    return SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+
+class Block(nn.Module):
+    def __init__(self, layer: int, kind: str, cfg: ModelConfig):
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = make_mixer(kind, cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = make_mlp(layer, cfg)
+
+    def forward(self, x):
+        x = x + self.mixer(self.mixer_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # what backward sees: cross-entropy plus weighted auxiliary losses
+    ce_loss: torch.Tensor | None
+    logits: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """Embedding rows rounded up to a multiple of 64 for matmul efficiency; extra rows are never targets."""
+    return 64 * math.ceil(vocab_size / 64)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (the trainer sets it from the tokenizer)")
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.embed = nn.Embedding(padded_vocab(cfg.vocab_size), cfg.d_model)
+        self.blocks = nn.ModuleList(Block(i, kind, cfg) for i, kind in enumerate(cfg.layer_types()))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, self.embed.num_embeddings, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        # Residual output projections are scaled down with depth (GPT-2) so the residual stream starts small.
+        residual_std = std / math.sqrt(2 * len(self.blocks))
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down.weight")):
+                nn.init.normal_(p, 0.0, residual_std)
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, std)
+        for m in self.modules():
+            if isinstance(m, GatedDeltaNet):
+                m.reset_gates()
+                nn.init.normal_(m.qkv_conv.weight, 0.0, 1.0 / math.sqrt(m.conv_size))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def hidden_states(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.embed(idx)
+        aux: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            for module in (block.mixer, block.mlp):
+                for key, value in getattr(module, "aux_losses", {}).items():
+                    aux[key] = aux.get(key, 0) + value
+        return self.norm(x), aux
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False) -> ModelOutput:
+        h, aux = self.hidden_states(idx)
+        if targets is None:
+            return ModelOutput(None, None, self.lm_head(h)[..., : self.vocab_size], aux)
+        logits = self.lm_head(h)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = ce
+        for key, value in aux.items():
+            loss = loss + self.aux_weight(key) * value
+        return ModelOutput(loss, ce, logits[..., : self.vocab_size] if return_logits else None, aux)
+
+    def aux_weight(self, key: str) -> float:
+        weights = {"indexer_kl": self.cfg.dsa.aux_loss_weight, "moe_balance": self.cfg.moe.balance_loss_weight}
+        return weights.get(key, 1.0)
+
+
+def build_model(cfg: ModelConfig) -> HybridLM:
+    return HybridLM(cfg)

@@ -1,0 +1,348 @@
+"""The training loop and its small parts: device and precision, optimizer, LR schedule, evaluation.
+
+`train(cfg, run)` starts a run; `train(cfg, run, resume_from=checkpoint)` continues one. Progress is reported
+through a callback of (event, record) so the library never prints; the CLI renders it.
+
+Determinism: every RNG is seeded from train.seed, the batch for step s depends only on (seed, s), and a
+checkpoint holds the model, AdamW state, RNG states and schedule; on CPU a resumed run repeats the losses of an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hybridctl.core import checkpoint as ckpt
+from hybridctl.core.config import Config, config_to_toml
+from hybridctl.core.data import BatchSampler, TokenData, eval_batches, load_token_data, windows_to_batch
+from hybridctl.core.errors import ConfigError, TrainingError
+from hybridctl.core.model import HybridLM, build_model
+from hybridctl.core.runs import RunDir
+
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is '{spec}' but CUDA is not available here; use --set train.device=cpu")
+    return torch.device(spec)
+
+
+def autocast_for(device: torch.device, dtype_spec: str):
+    use_bf16 = dtype_spec == "bf16" or (dtype_spec == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Norm weights, biases and the Gated DeltaNet gate parameters are not weight-decayed."""
+    return param.dim() < 2 or name.endswith(("A_log", "dt_bias"))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    t = cfg.train
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        (plain if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=device.type == "cuda")
+
+
+@dataclass
+class Schedule:
+    """Linear warmup, cosine decay to lr * min_lr_ratio at `steps`.
+
+    Each extension (resume --extend-steps) continues from the LR the run had reached and decays it by a new
+    cosine to the same floor at the new last step: no second warmup and no jump in LR.
+    """
+
+    lr: float
+    warmup_steps: int
+    steps: int
+    min_lr_ratio: float
+    extensions: list[tuple[int, float, int]] = dataclasses.field(default_factory=list)  # (from_step, lr, to_step)
+
+    def _base(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
+
+    def __call__(self, step: int) -> float:
+        for start, start_lr, end in reversed(self.extensions):
+            if step >= start:
+                floor = self.lr * self.min_lr_ratio
+                progress = min(1.0, (step - start) / max(1, end - start))
+                return floor + 0.5 * (start_lr - floor) * (1 + math.cos(math.pi * progress))
+        return self._base(step)
+
+    def extend(self, from_step: int, to_step: int) -> None:
+        self.extensions.append((from_step, self(from_step), to_step))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Schedule":
+        return cls(**{**d, "extensions": [tuple(e) for e in d.get("extensions", [])]})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: HybridLM, data: TokenData, cfg: Config, device: torch.device, micro_batch: int) -> dict[str, float]:
+    """Mean token loss and next-token accuracy over a fixed set of validation windows."""
+    t = cfg.train
+    tokens = data.val if len(data.val) > t.seq_len else data.train
+    was_training = model.training
+    model.eval()
+    total_loss, total_correct, total = 0.0, 0, 0
+    for windows in eval_batches(tokens, t.batch_size, t.seq_len, t.eval_batches):
+        for i in range(0, len(windows), micro_batch):
+            x, y = windows_to_batch(tokens, windows[i : i + micro_batch], t.seq_len, device)
+            with autocast_for(device, t.dtype):
+                out = model(x, y, return_logits=True)
+            n = y.numel()
+            total_loss += out.ce_loss.float().item() * n
+            total_correct += (out.logits.argmax(-1) == y).sum().item()
+            total += n
+    model.train(was_training)
+    loss = total_loss / max(total, 1)
+    return {"val_loss": loss, "val_acc": total_correct / max(total, 1), "val_ppl": math.exp(min(loss, 50.0))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: dict):
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and stops."""
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.get("signal"):
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        flag["signal"] = signal.Signals(signum).name
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def micro_batch_size(cfg: Config) -> int:
+    t = cfg.train
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+    return t.batch_size // t.grad_accum
+
+
+def prepare_model(cfg: Config, data: TokenData) -> HybridLM:
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data.vocab_size
+    elif cfg.model.vocab_size < data.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({data.vocab_size}); "
+            "set it to 0 to follow the tokenizer"
+        )
+    return build_model(cfg.model)
+
+
+def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_steps: int = 0,
+          callback: Callback | None = None, data: TokenData | None = None) -> dict[str, Any]:
+    """Train (or resume) the run; returns the summary that is also written to summary.json."""
+    emit = callback or (lambda kind, record: None)
+    t = cfg.train
+    device = resolve_device(t.device)
+    micro = micro_batch_size(cfg)
+    seed_everything(t.seed)
+    data = data or load_token_data(cfg.data)
+    model = prepare_model(cfg, data).to(device)
+    if resume_from is None:
+        run.config_path.write_text(config_to_toml(cfg))  # the resolved config, vocab size filled in
+    optimizer = build_optimizer(model, cfg, device)
+    schedule = Schedule(t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    start_step, best_val, best_step, tokens_seen, bad_in_row, skipped = 0, math.inf, -1, 0, 0, 0
+    prior_time = 0.0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        if state.get("config_hash") not in (None, cfg.hash()):
+            raise TrainingError(f"checkpoint {resume_from} was made with a different model or data config; resume the run it came from")
+        start_step = state["step"]
+        schedule = Schedule.from_dict(state["schedule"])
+        best_val, best_step = state.get("best_val_loss", math.inf), state.get("best_step", -1)
+        tokens_seen, skipped = state.get("tokens", 0), state.get("skipped_steps", 0)
+        prior_time = state.get("train_time_s", 0.0)
+        ckpt.set_rng_state(state["rng"])
+        run.truncate_metrics(start_step)
+    if extend_steps:
+        schedule.extend(start_step, t.steps)
+    if t.compile and device.type == "cuda":
+        train_model = torch.compile(model)
+    else:
+        train_model = model
+    sampler = BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)
+    n_params = model.num_params()
+    emit("start", {"step": start_step, "steps": t.steps, "params": n_params, "device": str(device),
+                   "train_tokens": len(data.train), "val_tokens": len(data.val), "layer_types": "".join(cfg.model.layer_types())})
+
+    def train_state(step: int) -> dict[str, Any]:
+        return {"step": step, "tokens": tokens_seen, "schedule": schedule.to_dict(), "best_val_loss": best_val,
+                "best_step": best_step, "config_hash": cfg.hash(), "data": {"sampler": "epoch-permutation", "position": step,
+                "epoch": sampler.epoch_of(step)}, "skipped_steps": skipped, "train_time_s": train_time}
+
+    def save(step: int) -> None:
+        path = ckpt.save_checkpoint(run.checkpoints_dir / ckpt.step_dir_name(step), model, optimizer, train_state(step))
+        run.prune_checkpoints(t.keep_checkpoints)
+        emit("checkpoint", {"step": step, "path": str(path)})
+
+    def run_eval(step: int) -> dict[str, Any]:
+        nonlocal best_val, best_step
+        metrics = evaluate(model, data, cfg, device, micro)
+        record = {"step": step, "tokens": tokens_seen, **metrics}
+        run.append_metrics(record)
+        if metrics["val_loss"] < best_val:
+            best_val, best_step = metrics["val_loss"], step
+            ckpt.save_checkpoint(run.best_dir, model, optimizer, train_state(step))
+        emit("eval", record)
+        return record
+
+    model.train()
+    autocast = autocast_for(device, t.dtype)
+    train_time = prior_time
+    interval_loss = torch.zeros((), device=device)
+    interval_steps, interval_tokens = 0, 0
+    tick = time.perf_counter()
+    last_eval: dict[str, Any] = {}
+    flag: dict[str, Any] = {}
+    step = start_step
+    wall_start = time.perf_counter()
+    with stop_on_signals(flag):
+        while step < t.steps:
+            lr = schedule(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = sampler.batch(step, device)
+            loss_sum = torch.zeros((), device=device)
+            for i in range(0, t.batch_size, micro):
+                with autocast:
+                    out = train_model(x[i : i + micro], y[i : i + micro])
+                (out.loss / t.grad_accum).backward()
+                loss_sum += out.ce_loss.detach().float()
+            loss = loss_sum / t.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_row += 1
+                skipped += 1
+                emit("skip", {"step": step + 1, "in_row": bad_in_row})
+                if bad_in_row >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"loss was not finite for {bad_in_row} steps in a row (last at step {step + 1}); "
+                        f"lower train.lr (now {t.lr:g}) or resume from an earlier checkpoint with `hybridctl resume {run.path} --from best`"
+                    )
+            else:
+                bad_in_row = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                interval_loss += loss
+                interval_steps += 1
+            step += 1
+            tokens_seen += t.batch_size * t.seq_len
+            interval_tokens += t.batch_size * t.seq_len
+            if step % t.log_every == 0 or step == t.steps or step == start_step + 1:
+                mean_loss = (interval_loss / max(interval_steps, 1)).item()
+                now = time.perf_counter()
+                elapsed = now - tick
+                if step > start_step + 1:  # the first step of a process includes compilation and autotuning
+                    train_time += elapsed
+                record = {"step": step, "tokens": tokens_seen, "loss": mean_loss, "lr": lr,
+                          "grad_norm": float(grad_norm), "tok_s": interval_tokens / max(elapsed, 1e-9)}
+                run.append_metrics(record)
+                emit("log", record)
+                interval_loss.zero_()
+                interval_steps, interval_tokens = 0, 0
+                tick = time.perf_counter()
+            if step % t.eval_every == 0 or step == t.steps:
+                last_eval = run_eval(step)
+                tick = time.perf_counter()
+            if step % t.save_every == 0 or step == t.steps:
+                save(step)
+                tick = time.perf_counter()
+            if flag.get("signal"):
+                if step % t.save_every != 0 and step != t.steps:
+                    save(step)
+                raise TrainingError(
+                    f"stopped by {flag['signal']} at step {step}; checkpoint saved, continue with `hybridctl resume {run.path}`",
+                )
+    timed_tokens = (step - start_step - 1) * t.batch_size * t.seq_len
+    summary = build_summary(cfg, run, model, n_params, step, tokens_seen, best_val, best_step, last_eval,
+                            train_time, prior_time, timed_tokens, time.perf_counter() - wall_start, skipped, device)
+    run.write_summary(summary)
+    emit("end", summary)
+    return summary
+
+
+def build_summary(cfg, run, model, n_params, step, tokens, best_val, best_step, last_eval, train_time, prior_time,
+                  timed_tokens, wall, skipped, device) -> dict[str, Any]:
+    segment_time = train_time - prior_time
+    previous = run.read_summary()
+    return {
+        "name": run.name,
+        "status": "complete",
+        "steps": step,
+        "tokens": tokens,
+        "params": n_params,
+        "layer_types": "".join(cfg.model.layer_types()),
+        "attention_fraction": cfg.model.attention_fraction(),
+        "lr": cfg.train.lr,
+        "final_val_loss": last_eval.get("val_loss"),
+        "final_val_acc": last_eval.get("val_acc"),
+        "final_val_ppl": last_eval.get("val_ppl"),
+        "best_val_loss": best_val if best_val < math.inf else None,
+        "best_step": best_step,
+        "tok_s": timed_tokens / segment_time if segment_time > 0 and timed_tokens > 0 else previous.get("tok_s"),
+        "train_time_s": train_time,
+        "wall_time_s": wall + previous.get("wall_time_s", 0.0) if previous else wall,
+        "skipped_steps": skipped,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    }

@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated data cache and micro-sized configs so the whole suite stays fast on 2 cores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Micro model and data used by most training tests: seconds per run on a CPU.
+MICRO = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", 'model.pattern="LF"',
+    "model.gdn.num_heads=2", "model.gdn.head_dim=16", "model.gdn.chunk_size=16",
+    "train.seq_len=32", "train.batch_size=4", "train.steps=6", "train.warmup_steps=2",
+    "train.eval_every=3", "train.eval_batches=1", "train.save_every=3", "train.log_every=1",
+    "data.max_tokens=60000",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hybridctl-cache")
+    os.environ["HYBRIDCTL_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return cache
+
+
+@pytest.fixture
+def micro_overrides():
+    return list(MICRO)
+
+
+def micro_config(extra: list[str] | None = None, preset: str = "tiny"):
+    from hybridctl.core.config import load_config
+
+    return load_config(preset, MICRO + (extra or []))
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real `hybridctl` entry point in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "hybridctl", *args], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def cli_args_for_micro(extra: list[str] | None = None) -> list[str]:
+    out = []
+    for item in MICRO + (extra or []):
+        out += ["--set", item]
+    return out

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import micro_config
+from hybridctl.core import checkpoint as ckpt
+from hybridctl.core.config import load_config_file
+from hybridctl.core.runs import RunDir
+from hybridctl.core.trainer import Schedule, train
+
+
+def losses(run: RunDir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in run.read_metrics() if "loss" in r}
+
+
+class StopAfter:
+    """Callback that simulates a crash right after the checkpoint of a given step is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, kind, record):
+        if kind == "checkpoint" and record["step"] == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    cfg = micro_config()
+    run = RunDir(tmp_path_factory.mktemp("runs") / "full")
+    run.create(cfg)
+    summary = train(cfg, run)
+    return cfg, run, summary
+
+
+def test_run_folder_contents(full_run):
+    cfg, run, summary = full_run
+    assert load_config_file(run.config_path) == cfg
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    for key in ("final_val_loss", "best_val_loss", "final_val_acc", "final_val_ppl", "tok_s", "wall_time_s", "params"):
+        assert summary[key] is not None, key
+    assert json.loads(run.summary_path.read_text()) == summary
+    assert [p.name for p in run.step_checkpoints()] == ["step_000003", "step_000006"]
+    state = ckpt.verify_checkpoint(run.step_checkpoints()[-1])
+    assert state["step"] == 6 and state["config_hash"] == cfg.hash()
+    assert ckpt.is_complete(run.best_dir)
+    weights = load_file(str(run.step_checkpoints()[-1] / ckpt.MODEL_FILE))
+    assert "lm_head.weight" not in weights and "embed.weight" in weights  # tied weight stored once
+
+
+def test_resume_is_bit_exact(full_run, tmp_path):
+    cfg, full, _ = full_run
+    cfg = micro_config()
+    run = RunDir(tmp_path / "half")
+    run.create(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, callback=StopAfter(3))
+    assert max(losses(run)) == 3
+    cfg2 = load_config_file(run.config_path)
+    train(cfg2, run, resume_from=run.resolve_checkpoint("latest"))
+    assert losses(run) == losses(full)  # exact equality, every step
+    a = load_file(str(full.step_checkpoints()[-1] / ckpt.MODEL_FILE))
+    b = load_file(str(run.step_checkpoints()[-1] / ckpt.MODEL_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_drops_metrics_after_checkpoint(full_run, tmp_path):
+    cfg = micro_config()
+    run = RunDir(tmp_path / "again")
+    run.create(cfg)
+    train(cfg, run)
+    train(cfg, run, resume_from=run.resolve_checkpoint("step_000003"))
+    steps = [r["step"] for r in run.read_metrics() if "loss" in r]
+    assert steps == list(range(1, 7))
+
+
+def test_schedule_warmup_cosine_and_extension():
+    s = Schedule(lr=1.0, warmup_steps=10, steps=100, min_lr_ratio=0.1)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(99) == pytest.approx(0.1, abs=1e-3)
+    assert all(s(i) >= s(i + 1) for i in range(10, 99))
+    before = s(60)
+    s.extend(60, 200)
+    assert s(60) == pytest.approx(before)  # no jump at the extension point
+    assert s(200) == pytest.approx(0.1) and s(130) < before
+
+
+def test_schedule_round_trips():
+    s = Schedule(lr=1e-3, warmup_steps=3, steps=10, min_lr_ratio=0.0)
+    s.extend(10, 20)
+    assert Schedule.from_dict(json.loads(json.dumps(s.to_dict()))) == s
