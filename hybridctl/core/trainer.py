@@ -251,6 +251,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
     train_time = prior_time
     interval_loss = torch.zeros((), device=device)
     interval_steps, interval_tokens = 0, 0
+    aux_sums: dict[str, torch.Tensor] = {}
     tick = time.perf_counter()
     last_eval: dict[str, Any] = {}
     flag: dict[str, Any] = {}
@@ -268,6 +269,8 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
                     out = train_model(x[i : i + micro], y[i : i + micro])
                 (out.loss / t.grad_accum).backward()
                 loss_sum += out.ce_loss.detach().float()
+                for key, value in out.aux.items():  # e.g. MoE balance loss, indexer KL: logged, not synced
+                    aux_sums[key] = aux_sums.get(key, 0) + value.detach().float() / t.grad_accum
             loss = loss_sum / t.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
@@ -297,6 +300,8 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
                     train_time += elapsed
                 record = {"step": step, "tokens": tokens_seen, "loss": mean_loss, "lr": lr,
                           "grad_norm": float(grad_norm), "tok_s": interval_tokens / max(elapsed, 1e-9)}
+                record.update({key: (value / max(interval_steps, 1)).item() for key, value in aux_sums.items()})
+                aux_sums.clear()
                 run.append_metrics(record)
                 emit("log", record)
                 interval_loss.zero_()
