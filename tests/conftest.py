@@ -55,3 +55,14 @@ def cli_args_for_micro(extra: list[str] | None = None) -> list[str]:
     for item in MICRO + (extra or []):
         out += ["--set", item]
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

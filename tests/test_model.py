@@ -27,3 +27,33 @@ def test_tied_embeddings_and_loss_at_init():
     assert out.logits.shape == (2, 40, 257)
     # a fresh model is close to uniform over the (padded) vocabulary
     assert abs(out.loss.item() - torch.log(torch.tensor(320.0)).item()) < 0.5
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_chunked_linear_cross_entropy_matches_plain(chunk):
+    from hybridctl.core.model import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(70, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 70, (3, 50))
+    plain = torch.nn.functional.cross_entropy((h @ w.t()).view(-1, 70), y.view(-1))
+    gh, gw = torch.autograd.grad(plain * 2.5, (h, w))
+    fused = linear_cross_entropy(h, w, y, chunk_tokens=chunk)
+    fh, fw = torch.autograd.grad(fused * 2.5, (h, w))
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(fh, gh)
+    torch.testing.assert_close(fw, gw)
+
+
+def test_training_loss_equals_eval_loss():
+    """The chunked loss used in training and the plain one used in eval are the same function."""
+    cfg = load_config("tiny")
+    cfg.model.vocab_size = 257
+    torch.manual_seed(0)
+    model = HybridLM(cfg.model)
+    x, y = torch.randint(0, 257, (2, 40)), torch.randint(0, 257, (2, 40))
+    train_loss = model(x, y).loss
+    with torch.no_grad():
+        eval_loss = model(x, y).loss
+    torch.testing.assert_close(train_loss.detach(), eval_loss, rtol=1e-5, atol=1e-5)

@@ -228,8 +228,14 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
+        fused = use_fla(x, self.head_k_dim, self.backend)
         qkv = self.qkv_proj(x)
-        qkv = F.silu(self.qkv_conv(qkv.transpose(1, 2))[..., :T].transpose(1, 2))
+        if fused:  # fla's Triton short conv works on [B, T, D] directly: no transposes, SiLU fused
+            from fla.modules.convolution import causal_conv1d
+
+            qkv, _ = causal_conv1d(qkv, self.qkv_conv.weight.squeeze(1), activation="silu")
+        else:
+            qkv = F.silu(self.qkv_conv(qkv.transpose(1, 2))[..., :T].transpose(1, 2))
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, T, self.num_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_heads, self.head_k_dim)
@@ -237,5 +243,10 @@ class GatedDeltaNet(nn.Module):
         o = gated_delta_rule(q, k, v, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias,
                              backend=self.backend, chunk_size=self.chunk_size)
         gate = self.g_proj(x).reshape(B, T, self.num_heads, self.head_v_dim)
-        o = self.o_norm(o, gate).reshape(B, T, self.value_dim)
-        return self.o_proj(o)
+        if fused:
+            from fla.modules.fused_norm_gate import rms_norm_gated
+
+            o = rms_norm_gated(o, gate, self.o_norm.weight, None, activation="swish", eps=self.o_norm.eps)
+        else:
+            o = self.o_norm(o, gate)
+        return self.o_proj(o.reshape(B, T, self.value_dim))

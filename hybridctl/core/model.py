@@ -80,6 +80,48 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h @ weight.T) against targets, chunk by chunk over tokens.
+
+    The full [tokens, vocab] logits are never held at once (49152-token vocab x 49152 tokens would be 9.7 GB in
+    fp32): each chunk's logits are made, turned into the loss and into the gradients for h and weight, and
+    dropped. Same three matmuls as the plain version, so it costs memory traffic, not time.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_tokens: int):
+        compute = torch.get_autocast_dtype("cuda") if h.is_cuda and torch.is_autocast_enabled("cuda") else h.dtype
+        acc = torch.float64 if compute == torch.float64 else torch.float32  # accumulation precision
+        n = h.shape[0]
+        w = weight.to(compute)
+        grad_h = torch.empty(h.shape, dtype=compute, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, n, chunk_tokens):
+            hc, tc = h[start : start + chunk_tokens].to(compute), targets[start : start + chunk_tokens]
+            logits = (hc @ w.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            grad[torch.arange(len(tc), device=h.device), tc] -= 1.0
+            grad = (grad / n).to(compute)
+            grad_h[start : start + chunk_tokens] = grad @ w
+            grad_w += (grad.t() @ hc).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk_tokens)
+
+
 @dataclass
 class ModelOutput:
     loss: torch.Tensor | None  # what backward sees: cross-entropy plus weighted auxiliary losses
@@ -141,8 +183,12 @@ class HybridLM(nn.Module):
         h, aux = self.hidden_states(idx)
         if targets is None:
             return ModelOutput(None, None, self.lm_head(h)[..., : self.vocab_size], aux)
-        logits = self.lm_head(h)
-        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        logits = None
+        if return_logits or not torch.is_grad_enabled():
+            logits = self.lm_head(h)
+            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        else:
+            ce = linear_cross_entropy(h, self.lm_head.weight, targets)
         loss = ce
         for key, value in aux.items():
             loss = loss + self.aux_weight(key) * value
