@@ -346,11 +346,17 @@ def validate(cfg: Config) -> Config:
     _require(m.attention.window >= 0, f"model.attention.window must be >= 0 (0 = full causal), got {m.attention.window}")
     _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = follow the tokenizer), got {m.vocab_size}")
     _require(m.dsa.topk >= 1, f"model.dsa.topk must be >= 1, got {m.dsa.topk}")
+    dsa = m.dsa
+    _require(dsa.indexer_heads >= 1, f"model.dsa.indexer_heads must be >= 1, got {dsa.indexer_heads}")
+    _require(dsa.indexer_dim >= 2 and dsa.indexer_dim % 2 == 0, f"model.dsa.indexer_dim must be even and >= 2 (RoPE rotates pairs), got {dsa.indexer_dim}")
+    _require(dsa.aux_loss_weight >= 0, f"model.dsa.aux_loss_weight must be >= 0, got {dsa.aux_loss_weight}")
     moe = m.moe
     _require(moe.n_experts >= 0, f"model.moe.n_experts must be >= 0, got {moe.n_experts}")
     if moe.n_experts:
         _require(1 <= moe.top_k <= moe.n_experts, f"model.moe.top_k must be in 1..{moe.n_experts}, got {moe.top_k}")
         _require(moe.moe_every >= 1, f"model.moe.moe_every must be >= 1, got {moe.moe_every}")
+        _require(moe.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {moe.capacity_factor}")
+        _require(moe.balance_loss_weight >= 0, f"model.moe.balance_loss_weight must be >= 0, got {moe.balance_loss_weight}")
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every", "save_every"):
         value = getattr(t, key)
         _require(value >= 1, f"train.{key} must be >= 1, got {value}")

@@ -1,0 +1,81 @@
+"""Mixture-of-experts MLP: SwiGLU experts behind a token-choice top-k router with a capacity limit.
+
+Routing, per token: softmax over the router logits, keep the top_k experts, renormalise their probabilities
+so the gates sum to 1 (with top_k = 1 the gate stays the raw probability, as in Switch). Each expert takes at most capacity = ceil(capacity_factor * tokens * top_k / n_experts)
+(token, expert) assignments per forward; slots are filled in priority order (every token's first choice
+before any second choice, and within one rank earlier tokens first, batch-major). An assignment past
+capacity is dropped: it contributes zero and the gates are not renormalised, so the residual stream alone
+carries that part of the token.
+
+Load balancing (Switch Transformer): n_experts * sum_i f_i * P_i, with f_i the fraction of assignments routed
+to expert i (before capacity drops) and P_i the mean router probability of expert i. It is 1 for a uniform
+router and grows as routing concentrates; only P carries gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybridctl.core.config import MoEConfig
+from hybridctl.core.model import SwiGLU
+
+
+@dataclass
+class Routing:
+    probs: torch.Tensor  # [N, E] router softmax
+    experts: torch.Tensor  # [N, top_k] chosen experts, best first
+    gates: torch.Tensor  # [N, top_k] renormalised weights, sum to 1 per token (top_k > 1)
+    keep: torch.Tensor  # [N, top_k] False where the expert was full
+
+
+def balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    n_experts = probs.shape[-1]
+    counts = torch.bincount(experts.reshape(-1), minlength=n_experts).to(probs.dtype)
+    fraction = counts / experts.numel()
+    return n_experts * (fraction * probs.mean(0)).sum()
+
+
+class MoE(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.capacity_factor = cfg.n_experts, cfg.top_k, cfg.capacity_factor
+        self.router = nn.Linear(d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d_model, d_ff) for _ in range(cfg.n_experts))
+        self.aux_losses: dict[str, torch.Tensor] = {}
+
+    def capacity(self, n_tokens: int) -> int:
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """x: [N, C] tokens."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32 even under bf16 autocast
+            logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        probs = logits.softmax(-1)
+        top_probs, experts = probs.topk(self.top_k, dim=-1)
+        # A single renormalised gate would be the constant 1 and leave the router without a language-model
+        # gradient, so top-1 keeps the raw probability (as Switch does).
+        gates = top_probs / top_probs.sum(-1, keepdim=True) if self.top_k > 1 else top_probs
+        # Slot of each assignment inside its expert, counted in priority order: rank-major, then token order.
+        one_hot = F.one_hot(experts.t().reshape(-1), self.n_experts)  # [top_k * N, E]
+        slot = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
+        keep = (slot < self.capacity(x.shape[0])).view(self.top_k, -1).t()
+        return Routing(probs, experts, gates, keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        routing = self.route(x)
+        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        for e, expert in enumerate(self.experts):
+            # An expert with no tokens still runs (on zero rows) so every parameter gets a gradient, zeros or not.
+            token, rank = torch.where((routing.experts == e) & routing.keep)
+            y = expert(x[token]) * routing.gates[token, rank, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        self.aux_losses = {"moe_balance": balance_loss(routing.probs, routing.experts)}
+        return out.to(x.dtype).view(shape)

@@ -1,0 +1,117 @@
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2): a small "lightning indexer" scores every earlier token for
+each query, and softmax attention runs over the top-k of them only.
+
+Index score, per query t and earlier key s (H_I indexer heads sharing one key per token):
+
+    I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s))
+
+The top-k selection has no gradient, so the indexer is taught by an auxiliary loss instead: the KL divergence
+from the main attention distribution over the selected keys (summed over heads, L1-normalised, detached) to
+softmax(I) over the same keys. The indexer reads a detached copy of the layer input, so the KL trains the
+indexer alone and the language-modelling loss trains everything else.
+
+The selection becomes a dense [B, T, T] boolean mask for scaled_dot_product_attention: exact and simple, but
+O(T^2) in time and memory like full attention; the O(T * k) saving of the real kernel is not realised here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybridctl.core.attention import Rotary
+from hybridctl.core.config import ModelConfig
+
+
+def causal_mask(T: int, device) -> torch.Tensor:
+    """Boolean [T, T], True where query i may see key j (j <= i)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 tensors, fp64 for fp64 ones (tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class LightningIndexer(nn.Module):
+    """Scores I(t, s) for all query/key pairs; future keys get -inf. Query and key carry RoPE so that the
+    indexer can prefer recent tokens; the key is LayerNorm-ed as in the reference model."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, rope_theta: float = 10000.0):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(head_dim)
+        self.weights_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.rotary = Rotary(head_dim, rope_theta)
+        self.scale = (head_dim * n_heads) ** -0.5  # keeps scores O(1) whatever the head count and width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, C] -> scores [B, T, T] in fp32 (fp64 for fp64 input)."""
+        B, T, _ = x.shape
+        dtype = compute_dtype(x)
+        q = self.rotary(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2))  # [B, H, T, D]
+        k = self.rotary(self.k_norm(self.k_proj(x)).unsqueeze(1))  # [B, 1, T, D]
+        per_head = F.relu(q @ k.transpose(-1, -2)).to(dtype)  # [B, H, T, T]
+        weights = self.weights_proj(x).to(dtype) * self.scale  # [B, T, H]
+        scores = torch.einsum("bhts,bth->bts", per_head, weights)
+        return scores.masked_fill(~causal_mask(T, x.device), float("-inf"))
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [B, T, T]: True for the k highest-scoring earlier keys (the query itself included) of each query.
+    Queries with fewer than k earlier keys keep all of them."""
+    T = scores.shape[-1]
+    causal = causal_mask(T, scores.device)
+    if k >= T:
+        return causal.expand(scores.shape)
+    chosen = scores.topk(k, dim=-1).indices  # early rows may pick -inf future slots; the causal mask drops them
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, chosen, True)
+    return mask & causal
+
+
+def indexer_kl(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(p_t || softmax(I_t)) over the selected keys, where p_t is the main attention
+    (q, k: [B, H, T, D] after RoPE) summed over heads and L1-normalised; p is detached."""
+    dtype = compute_dtype(scores)
+    with torch.no_grad():
+        logits = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        attention = logits.masked_fill(~selected[:, None], float("-inf")).softmax(-1)
+        target = attention.sum(1)
+        target = target / target.sum(-1, keepdim=True)
+    log_pred = scores.masked_fill(~selected, float("-inf")).log_softmax(-1).masked_fill(~selected, 0.0)
+    kl = torch.xlogy(target, target) - target * log_pred  # xlogy: 0 * log 0 = 0 for keys attention ignores
+    return kl.sum(-1).mean()
+
+
+class DeepSeekSparseAttention(nn.Module):
+    """Causal softmax attention with RoPE (projections as in CausalSelfAttention) over the top-k keys that the
+    lightning indexer picks for each query. With topk >= sequence length it is exactly full causal attention.
+
+    During training, `aux_losses["indexer_kl"]` holds the indexer's KL loss after each forward."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.topk = cfg.dsa.topk
+        self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rotary = Rotary(self.head_dim, cfg.attention.rope_theta)
+        self.indexer = LightningIndexer(cfg.d_model, cfg.dsa.indexer_heads, cfg.dsa.indexer_dim, cfg.attention.rope_theta)
+        self.aux_losses: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rotary(q), self.rotary(k)
+        if self.training or self.topk < T:  # at inference with topk >= T every earlier key is selected anyway
+            scores = self.indexer(x.detach())
+            selected = topk_mask(scores, self.topk)
+        if self.topk >= T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=selected[:, None])
+        self.aux_losses = {"indexer_kl": indexer_kl(q.detach(), k.detach(), scores, selected)} if self.training else {}
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
