@@ -24,11 +24,14 @@ def op_inputs(B, T, H, K, V, dtype, seed=0):
     return [q, k, v, a, b, A_log, dt_bias]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 5e-3)])
-@pytest.mark.parametrize("T", [256, 300])
-def test_fla_op_matches_reference(dtype, tol, T):
-    assert fla_status(128)[0], fla_status(128)[1]
-    inputs = op_inputs(2, T, 4, 128, 256, dtype)
+# One shape for every test (B=2, T=256, 4 heads of 128, V=256): each new shape costs minutes of autotuning.
+B, T, H, K, V = 2, 256, 4, 128, 256
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2)])
+def test_fla_op_matches_reference(dtype, tol):
+    assert fla_status(K)[0], fla_status(K)[1]
+    inputs = op_inputs(B, T, H, K, V, dtype)
     names = "q k v a b A_log dt_bias".split()
     out_fla = gated_delta_rule(*inputs, backend="fla")
     ref_inputs = [x.detach().clone().requires_grad_() for x in inputs]
@@ -44,10 +47,10 @@ def test_fla_op_matches_reference(dtype, tol, T):
 
 def test_fused_layer_matches_reference_layer():
     torch.manual_seed(0)
-    fused = GatedDeltaNet(256, num_heads=2, head_dim=128, expand_v=2.0).cuda()
-    ref = GatedDeltaNet(256, num_heads=2, head_dim=128, expand_v=2.0, backend="torch").cuda()
+    fused = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K).cuda()
+    ref = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K, backend="torch").cuda()
     ref.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 200, 256, device="cuda")
+    x = torch.randn(B, T, 512, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_fused, y_ref = fused(x), ref(x)
     w = torch.randn_like(y_ref.float())
@@ -81,7 +84,8 @@ def test_training_steps_on_cuda(tmp_path):
     from hybridctl.core.runs import RunDir
     from hybridctl.core.trainer import train
 
-    cfg = micro_config(["model.gdn.head_dim=128", "model.d_model=256", "model.n_heads=4", "train.seq_len=128"])
+    cfg = micro_config([f"model.gdn.head_dim={K}", f"model.gdn.num_heads={H}", "model.d_model=256", "model.n_heads=4",
+                        f"train.seq_len={T}", f"train.batch_size={B}"])
     run = RunDir(tmp_path / "cuda")
     run.create(cfg)
     summary = train(cfg, run)
