@@ -144,6 +144,7 @@ def test_interrupted_replacement_is_put_back(finished_micro_run, tmp_path):
     (run.path / ".best.tmp-x1").mkdir()
     (run.path / ".best.tmp-x1" / ckpt.MODEL_FILE).write_bytes(b"partial")
     os.replace(run.checkpoints_dir / "step_000003", run.checkpoints_dir / ".step_000003.del-4242")  # a prune cut short
+    (run.path / ".summary.json.tmp-4242").write_text("{")
     run.remove_partial_checkpoints()
     ckpt.verify_checkpoint(run.best_dir)
     assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".")) == []

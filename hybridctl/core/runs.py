@@ -255,6 +255,8 @@ class RunDir:
             if not folder.is_dir():
                 continue
             for p in sorted(folder.iterdir()):
+                if p.name.startswith(".") and ".tmp-" in p.name and p.is_file():
+                    p.unlink()  # an atomic write of config.toml, summary.json or metrics.jsonl cut short
                 if not (p.name.startswith(".") and p.is_dir()):
                     continue
                 if ".old-" in p.name:
