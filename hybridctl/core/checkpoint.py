@@ -3,8 +3,8 @@
 Layout of one checkpoint folder:
     model.safetensors      weights by parameter name (a tied output head is stored once)
     optimizer.safetensors  AdamW moments and step counts, keyed "<param name>/<state key>"
-    state.json             step, RNG states, schedule, data position, config hash, and a manifest of the two
-                           tensor files (bytes and sha256) that loading verifies
+    state.json             step, RNG states, schedule, data position, the run's config and its hash, and a
+                           manifest of the two tensor files (bytes and sha256) that loading verifies
 
 A checkpoint is written into a temporary sibling folder and renamed into place, so a crash mid-write leaves
 the previous checkpoints untouched and no half-written folder under a checkpoint's name.
