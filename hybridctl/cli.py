@@ -18,6 +18,11 @@ from hybridctl.core.errors import HybridctlError
 
 ENTRY_POINT_GROUP = "hybridctl.commands"
 
+# Newer Typer releases carry their own copy of click, whose exceptions do not derive from click's: catch both.
+EXIT_ERRORS = (click.exceptions.Exit, typer.Exit)
+ABORT_ERRORS = (click.exceptions.Abort, typer.Abort)
+USAGE_ERRORS = (click.ClickException, getattr(typer.exceptions, "TyperException", click.ClickException))
+
 # Used when the package runs from a source tree that was never installed (no entry-point metadata).
 BUILTIN_COMMANDS = {
     "train": "hybridctl.commands.train:train",
@@ -91,15 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app()
         result = app(args=args, prog_name="hybridctl", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as e:
+    except EXIT_ERRORS as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except ABORT_ERRORS:
         print("error: aborted", file=sys.stderr)
         return 130
-    except click.UsageError as e:
-        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+    except USAGE_ERRORS as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except HybridctlError as e:
         if debug:
             traceback.print_exc()

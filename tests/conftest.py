@@ -41,6 +41,22 @@ def micro_config(extra: list[str] | None = None, preset: str = "tiny"):
     return load_config(preset, MICRO + (extra or []))
 
 
+@pytest.fixture(scope="session")
+def finished_micro_run(tmp_path_factory) -> Path:
+    """A finished micro run (checkpoints at steps 3 and 6, best/); copy it before changing anything in it."""
+    from hybridctl.core.runs import RunDir
+    from hybridctl.core.trainer import train
+
+    cfg = micro_config()
+    run = RunDir(tmp_path_factory.mktemp("finished") / "micro")
+    run.create(cfg)
+    try:
+        train(cfg, run)
+    finally:
+        run.release_lock()
+    return run.path
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real `hybridctl` entry point in a child process."""
     full_env = {**os.environ, **(env or {})}

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from hybridctl.core.config import config_to_toml
+from hybridctl.core.checkpoint import read_state, verify_checkpoint
 from hybridctl.core.errors import RunError
-from hybridctl.core.render import TrainProgress, console, summary_table
+from hybridctl.core.render import TrainProgress, console, err_console, summary_table
 from hybridctl.core.runs import RunDir
 from hybridctl.core.trainer import train as run_training
 
@@ -31,13 +31,13 @@ def resume(
     run.acquire_lock()
     try:
         run.remove_partial_checkpoints()
-        checkpoint = run.resolve_checkpoint(from_)
-        from hybridctl.core.checkpoint import read_state
-
-        step = read_state(checkpoint)["step"]
+        skipped = lambda path, reason: err_console.print(f"warning: passing over {path.name}: {reason}", style="yellow", markup=False, soft_wrap=True)  # noqa: E731
+        checkpoint = run.resolve_checkpoint(from_, on_skip=skipped)
+        # Check the chosen checkpoint before anything is written ('latest' is checked as it is picked).
+        step = (read_state(checkpoint) if from_ == "latest" else verify_checkpoint(checkpoint))["step"]
         if extend_steps:
             cfg.train.steps = max(cfg.train.steps, step) + extend_steps
-            run.config_path.write_text(config_to_toml(cfg))
+            run.write_config(cfg)
         elif step >= cfg.train.steps:
             raise RunError(f"run {run.path} already finished its {cfg.train.steps} steps; add --extend-steps N to train further")
         console.print(f"resuming {run.path} from {checkpoint.name} (step {step}) to step {cfg.train.steps}")

@@ -45,6 +45,9 @@ def train(
     progress = TrainProgress(run.name)
     try:
         summary = run_training(cfg, run, callback=progress)
+    except BaseException:
+        run.discard_if_unstarted()  # failed before step 1 (bad data, no room...): leave nothing that blocks a retry
+        raise
     finally:
         progress.close()
         run.release_lock()

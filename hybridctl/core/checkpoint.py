@@ -3,8 +3,8 @@
 Layout of one checkpoint folder:
     model.safetensors      weights by parameter name (a tied output head is stored once)
     optimizer.safetensors  AdamW moments and step counts, keyed "<param name>/<state key>"
-    state.json             step, RNG states, schedule, data position, config hash, and a manifest of the two
-                           tensor files (bytes and sha256) that loading verifies
+    state.json             step, RNG states, schedule, data position, the run's config and its hash, and a
+                           manifest of the two tensor files (bytes and sha256) that loading verifies
 
 A checkpoint is written into a temporary sibling folder and renamed into place, so a crash mid-write leaves
 the previous checkpoints untouched and no half-written folder under a checkpoint's name.
@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hybridctl.core.config import config_diff
 from hybridctl.core.errors import CheckpointError
 
 MODEL_FILE = "model.safetensors"
@@ -150,6 +151,10 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except (OSError, SafetensorError) as e:  # disk full, folder gone: the tensor writer reports these too
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}; earlier checkpoints are intact") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -159,11 +164,44 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def read_state(path: Path) -> dict[str, Any]:
     state_path = Path(path) / STATE_FILE
     try:
-        return json.loads(state_path.read_text())
+        state = json.loads(state_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a checkpoint (no {STATE_FILE}); pick one listed under the run's checkpoints/") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{state_path} is corrupt (not valid JSON); resume from an earlier checkpoint with --from") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{state_path} was not written by hybridctl (no step number); resume from another checkpoint with --from")
+    return state
+
+
+def safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a .safetensors file, or None when the file does not start with a readable one."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(100_000_000, Path(path).stat().st_size - 8):
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def damage(f: Path, expected: dict[str, Any]) -> str | None:
+    """Why a manifest file fails its check, in words; None when it passes."""
+    size = f.stat().st_size
+    if size == expected["bytes"] and sha256_file(f) == expected["sha256"]:
+        return None
+    header = safetensors_header(f) if f.suffix == ".safetensors" else {}
+    if header is None:
+        return "is corrupt (not readable as safetensors)"
+    metadata = header.get("__metadata__")
+    if f.suffix == ".safetensors" and not (isinstance(metadata, dict) and metadata.get("format") == "hybridctl"):
+        names = ", ".join(k for k in header if k != "__metadata__")
+        return f"was not written by hybridctl (it holds tensors {names[:80] or 'none'})"
+    if size != expected["bytes"]:
+        return f"is truncated or altered ({size} bytes, expected {expected['bytes']})"
+    return "is corrupt (checksum mismatch)"
 
 
 def verify_checkpoint(path: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -173,14 +211,9 @@ def verify_checkpoint(path: Path, state: dict[str, Any] | None = None) -> dict[s
         f = Path(path) / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}; resume from an earlier checkpoint with --from")
-        size = f.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(
-                f"checkpoint file {f} is truncated or altered ({size} bytes, expected {expected['bytes']}); "
-                "resume from an earlier checkpoint with --from"
-            )
-        if sha256_file(f) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint file {f} is corrupt (checksum mismatch); resume from an earlier checkpoint with --from")
+        problem = damage(f, expected)
+        if problem:
+            raise CheckpointError(f"checkpoint file {f} {problem}; resume from an earlier checkpoint with --from")
     return state
 
 
@@ -212,13 +245,26 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Verify, then load weights (and optimizer state); returns state.json's content."""
     path = Path(path)
     state = verify_checkpoint(path)
-    load_model_weights(model, read_tensors(path / MODEL_FILE), source=f"checkpoint {path}")
+    try:
+        load_model_weights(model, read_tensors(path / MODEL_FILE), source=f"checkpoint {path}")
+    except CheckpointError as e:
+        # Name what differs between the checkpoint's config and this model's, not only the first tensor.
+        saved, current = state.get("config", {}).get("model"), getattr(model, "cfg", None)
+        differences = config_diff(saved, current, "model") if saved and current is not None else []
+        if differences:
+            raise CheckpointError(f"{e} ({', '.join(differences[:4])}, checkpoint vs this config)") from None
+        raise
     if optimizer is not None:
         if not (path / OPTIMIZER_FILE).is_file():
             raise CheckpointError(f"checkpoint {path} has no optimizer state; it can be evaluated but not resumed")
         names = {id(p): n for n, p in model.named_parameters()}
         load_optimizer_tensors(optimizer, read_tensors(path / OPTIMIZER_FILE), names)
     return state
+
+
+def estimated_bytes(model: torch.nn.Module) -> int:
+    """Disk size of one checkpoint with optimizer state, about: the weights plus AdamW's two moments."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def is_complete(path: Path) -> bool:

@@ -164,7 +164,8 @@ def available_presets() -> list[str]:
 def find_preset(name_or_path: str, relative_to: Path | None = None) -> Path:
     """A preset by name (presets/NAME.toml) or by path; relative paths resolve against the extending file."""
     candidates = []
-    if name_or_path.endswith(".toml") or "/" in name_or_path:
+    is_path = name_or_path.endswith(".toml") or "/" in name_or_path
+    if is_path:
         p = Path(name_or_path).expanduser()
         if not p.is_absolute() and relative_to is not None:
             candidates.append(relative_to / p)
@@ -174,6 +175,8 @@ def find_preset(name_or_path: str, relative_to: Path | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c.resolve()
+    if is_path:
+        raise ConfigError(f"preset file '{name_or_path}' does not exist; check the path or pass a preset name (see `hybridctl train --list-presets`)")
     hint = suggest(name_or_path, available_presets())
     raise ConfigError(
         f"unknown preset '{name_or_path}'{hint}; list them with `hybridctl train --list-presets` or pass a path to a .toml file"
@@ -391,6 +394,23 @@ def load_config(preset: str, overrides: list[str] | None = None) -> Config:
 def load_config_file(path: Path) -> Config:
     """A resolved config.toml from a run folder (no `extends`)."""
     return config_from_dict(read_toml(path))
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"d_model": 32}} -> {"model.d_model": 32}."""
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_diff(old, new, prefix: str = "") -> list[str]:
+    """One 'key: old vs new' string per setting that differs; each side a Config, a config dataclass or a dict."""
+    a, b = (flatten(dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c, prefix) for c in (old, new))
+    missing = object()
+    return [f"{k}: {_toml_value(a[k]) if k in a else '(unset)'} vs {_toml_value(b[k]) if k in b else '(unset)'}"
+            for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,22 +3,24 @@
     runs/<name>/config.toml     the resolved config
     runs/<name>/metrics.jsonl   one JSON object per logged step or eval
     runs/<name>/summary.json    final and best values, throughput, wall time, params
-    runs/<name>/run.lock        pid of the process writing the run (removed when it ends)
+    runs/<name>/run.lock        pid of the process writing the run, locked with flock while it runs (so a
+                                crashed owner's lock is free again at once)
     runs/<name>/checkpoints/step_NNNNNN/   and   runs/<name>/best/
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core.config import Config, config_to_toml, load_config_file
-from hybridctl.core.errors import RunError
+from hybridctl.core.errors import CheckpointError, RunError
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -26,20 +28,31 @@ SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """A crash leaves either the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+# Locks this process holds, by run folder: {real path: open file descriptor of its run.lock}. flock belongs to the
+# open file, so several RunDir objects for one folder in one process share the entry instead of locking each other out.
+_held_locks: dict[str, int] = {}
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunDir:
@@ -62,51 +75,89 @@ class RunDir:
         return self.config_path.is_file()
 
     # creation and locking
+    def is_unstarted(self) -> bool:
+        """True for a run folder that holds nothing but its config (and lock): training never reached step 1."""
+        if not self.path.is_dir():
+            return False
+        names = {p.name for p in self.path.iterdir() if not p.name.startswith(".")}
+        return names <= {CONFIG_FILE, LOCK_FILE}
+
     def create(self, cfg: Config, force: bool = False) -> None:
-        """Make a fresh run folder; an existing run is kept unless force."""
-        if self.path.exists() and any(self.path.iterdir()):
-            if not force:
-                raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
-            self.acquire_lock()  # refuse to wipe a run another process is writing
-            shutil.rmtree(self.path)
+        """Make a fresh run folder; an existing run is kept unless force.
+
+        A folder left by a run that failed before its first step (only config.toml) is reused, so fixing the
+        cause and running the same command again works without --force."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            blocker = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
+            if blocker is not None:
+                raise RunError(f"cannot create run folder {self.path}: {blocker} is a file, not a folder; choose another --out or --name")
+            if self.path.is_dir() and any(self.path.iterdir()):
+                if force:
+                    self.acquire_lock()  # refuse to wipe a run another process is writing
+                    shutil.rmtree(self.path)
+                elif self.is_unstarted():
+                    self.acquire_lock()
+                else:
+                    raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
             probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"x" * 4096)
-            probe.unlink()
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"x" * 4096)
+            finally:
+                probe.unlink(missing_ok=True)
+            self.acquire_lock()
+            self.write_config(cfg)
         except OSError as e:
+            self.release_lock()
             _remove_if_empty(self.path)
             reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise RunError(f"cannot write to {self.path}: {reason}; choose another --out folder") from None
-        self.acquire_lock()
-        self.config_path.write_text(config_to_toml(cfg))
+            raise RunError(f"cannot write to {self.path}: {reason}; free some space or choose another --out folder") from None
+
+    def write_config(self, cfg: Config) -> None:
+        write_text_atomic(self.config_path, config_to_toml(cfg))
+
+    def discard_if_unstarted(self) -> None:
+        """Remove what a run that failed before its first step wrote, so a retry starts clean."""
+        if self.is_unstarted():
+            self.config_path.unlink(missing_ok=True)
+            self.release_lock()
+            _remove_if_empty(self.path)
 
     def acquire_lock(self) -> None:
+        """Lock the run for this process; another live process holding it raises RunError naming its pid.
+
+        The lock is an flock on run.lock, which the kernel drops when its owner exits, however it exits: a lock
+        left by a killed process is free, so it is taken over without guessing from pids (which get reused)."""
         self.path.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.path)
+        held = _held_locks.get(key)
+        if held is not None:
+            if _same_file(held, self.lock_path):
+                return
+            os.close(_held_locks.pop(key))  # the folder was wiped (--force) since: lock it afresh
         while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.lock_path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise RunError(f"run {self.path} is in use by process {pid}; wait for it to finish or stop it first") from None
-                if pid == os.getpid():
-                    return
-                self.lock_path.unlink(missing_ok=True)  # stale lock from a process that died
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunError(f"run {self.path} is in use by process {owner}; wait for it to finish or stop it first") from None
+            if not _same_file(fd, self.lock_path):  # the owner removed run.lock just as we opened it: retry
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            _held_locks[key] = fd
             return
 
     def release_lock(self) -> None:
-        try:
-            if int(self.lock_path.read_text().strip() or 0) == os.getpid():
-                self.lock_path.unlink()
-        except (OSError, ValueError):
-            pass
+        fd = _held_locks.pop(os.path.realpath(self.path), None)
+        if fd is None:
+            return
+        if _same_file(fd, self.lock_path):
+            self.lock_path.unlink(missing_ok=True)
+        os.close(fd)
 
     # contents
     def load_config(self) -> Config:
@@ -135,9 +186,7 @@ class RunDir:
     def truncate_metrics(self, last_step: int) -> None:
         """Drop records after a checkpoint's step, so a resumed run's log has no stale future."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
-        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.metrics_path)
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)
@@ -157,8 +206,11 @@ class RunDir:
         found = [p for p in self.checkpoints_dir.iterdir() if p.name.startswith("step_") and ckpt.is_complete(p)]
         return sorted(found, key=lambda p: p.name)
 
-    def resolve_checkpoint(self, which: str = "latest") -> Path:
-        """'latest', 'best', 'step_000200' (or just 200) -> a complete checkpoint folder."""
+    def resolve_checkpoint(self, which: str = "latest", on_skip: Callable[[Path, str], None] | None = None) -> Path:
+        """'latest', 'best', 'step_000200' (or just 200) -> a complete checkpoint folder.
+
+        'latest' is the newest step checkpoint that passes verification; each newer one that fails is reported
+        to on_skip(path, reason) and passed over, so one damaged file does not cost the run."""
         if which == "best":
             if ckpt.is_complete(self.best_dir):
                 return self.best_dir
@@ -167,7 +219,17 @@ class RunDir:
         if which == "latest":
             if not steps:
                 raise RunError(f"run {self.path} has no complete checkpoint to resume from; start it again with `hybridctl train --force`")
-            return steps[-1]
+            damaged = []
+            for path in reversed(steps):
+                try:
+                    ckpt.verify_checkpoint(path)
+                except CheckpointError as e:
+                    damaged.append((path, str(e)))
+                    continue
+                for bad, reason in damaged if on_skip else ():
+                    on_skip(bad, reason)
+                return path
+            raise RunError(f"run {self.path} has no intact checkpoint ({', '.join(p.name for p in steps)} are damaged); start it again with `hybridctl train --force`")
         name = which if which.startswith("step_") else (ckpt.step_dir_name(int(which)) if which.isdigit() else which)
         for p in steps:
             if p.name == name:
@@ -179,15 +241,39 @@ class RunDir:
         if keep <= 0:
             return
         for p in self.step_checkpoints()[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+            # Renamed away first, so a crash mid-delete never leaves a half-deleted folder under a checkpoint's name.
+            trash = p.with_name(f".{p.name}.del-{os.getpid()}")
+            os.replace(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def remove_partial_checkpoints(self) -> None:
-        """Delete leftovers of checkpoint writes that were killed mid-way (the run lock is held)."""
+        """Clean up after checkpoint writes and deletes that were killed mid-way (the run lock is held).
+
+        A replaced checkpoint is moved to `.NAME.old-PID` just before the new one is renamed into place; if the
+        process died between the two renames, the old one is the only copy and is put back."""
         for folder in (self.checkpoints_dir, self.path):
-            if folder.is_dir():
-                for p in folder.iterdir():
-                    if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and p.is_dir():
-                        shutil.rmtree(p, ignore_errors=True)
+            if not folder.is_dir():
+                continue
+            for p in sorted(folder.iterdir()):
+                if p.name.startswith(".") and ".tmp-" in p.name and p.is_file():
+                    p.unlink()  # an atomic write of config.toml, summary.json or metrics.jsonl cut short
+                if not (p.name.startswith(".") and p.is_dir()):
+                    continue
+                if ".old-" in p.name:
+                    target = folder / p.name[1:].split(".old-")[0]
+                    if not target.exists() and _intact(p):
+                        os.replace(p, target)
+                        continue
+                if any(tag in p.name for tag in (".tmp-", ".old-", ".del-")):
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+def _intact(path: Path) -> bool:
+    try:
+        ckpt.verify_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
 
 
 def _remove_if_empty(path: Path) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ import numpy as np
 import torch
 
 from hybridctl.core import checkpoint as ckpt
-from hybridctl.core.config import Config, config_to_toml
+from hybridctl.core.config import Config, config_diff
 from hybridctl.core.data import BatchSampler, TokenData, eval_batches, load_token_data, windows_to_batch
-from hybridctl.core.errors import ConfigError, TrainingError
+from hybridctl.core.errors import CheckpointError, ConfigError, TrainingError
 from hybridctl.core.model import HybridLM, build_model
 from hybridctl.core.runs import RunDir
 
@@ -198,7 +199,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
     data = data or load_token_data(cfg.data)
     model = prepare_model(cfg, data).to(device)
     if resume_from is None:
-        run.config_path.write_text(config_to_toml(cfg))  # the resolved config, vocab size filled in
+        run.write_config(cfg)  # the resolved config, vocab size filled in
     optimizer = build_optimizer(model, cfg, device)
     schedule = Schedule(t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
     start_step, best_val, best_step, tokens_seen, bad_in_row, skipped = 0, math.inf, -1, 0, 0, 0
@@ -206,11 +207,15 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer)
         if state.get("config_hash") not in (None, cfg.hash()):
-            raise TrainingError(f"checkpoint {resume_from} was made with a different model or data config; resume the run it came from")
+            saved, current = state.get("config", {}), cfg.to_dict()
+            differences = config_diff({k: saved.get(k, {}) for k in ("model", "data")}, {k: current[k] for k in ("model", "data")})
+            detail = f" ({', '.join(differences[:4])}, checkpoint vs run config)" if saved and differences else ""
+            raise TrainingError(f"checkpoint {resume_from} was made with a different model or data config{detail}; resume the run it came from")
         start_step = state["step"]
         schedule = Schedule.from_dict(state["schedule"])
         best_val, best_step = state.get("best_val_loss", math.inf), state.get("best_step", -1)
         tokens_seen, skipped = state.get("tokens", 0), state.get("skipped_steps", 0)
+        bad_in_row = state.get("bad_in_row", 0)
         prior_time = state.get("train_time_s", 0.0)
         ckpt.set_rng_state(state["rng"])
         run.truncate_metrics(start_step)
@@ -222,16 +227,30 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
         train_model = model
     sampler = BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)
     n_params = model.num_params()
+    need, free = ckpt.estimated_bytes(model), shutil.disk_usage(run.path).free
+    if free < need:  # fail now rather than at the first checkpoint
+        raise TrainingError(
+            f"only {free / 1e6:.1f} MB free on the disk of {run.path}, but one checkpoint of this model takes about "
+            f"{need / 1e6:.1f} MB; free some space or choose another --out folder"
+        )
     emit("start", {"step": start_step, "steps": t.steps, "params": n_params, "device": str(device),
                    "train_tokens": len(data.train), "val_tokens": len(data.val), "layer_types": "".join(cfg.model.layer_types())})
 
     def train_state(step: int) -> dict[str, Any]:
         return {"step": step, "tokens": tokens_seen, "schedule": schedule.to_dict(), "best_val_loss": best_val,
                 "best_step": best_step, "config_hash": cfg.hash(), "data": {"sampler": "epoch-permutation", "position": step,
-                "epoch": sampler.epoch_of(step)}, "skipped_steps": skipped, "train_time_s": train_time}
+                "epoch": sampler.epoch_of(step)}, "skipped_steps": skipped, "bad_in_row": bad_in_row,
+                "train_time_s": train_time, "config": cfg.to_dict()}
+
+    def write_checkpoint(path: Path, step: int) -> Path:
+        try:
+            return ckpt.save_checkpoint(path, model, optimizer, train_state(step))
+        except CheckpointError as e:  # e.g. the disk filled up: say how to carry on once there is room
+            then = f"continue with `hybridctl resume {run.path}`" if run.step_checkpoints() else "start the run again with --force"
+            raise TrainingError(f"{e}; free some space, then {then}") from e
 
     def save(step: int) -> None:
-        path = ckpt.save_checkpoint(run.checkpoints_dir / ckpt.step_dir_name(step), model, optimizer, train_state(step))
+        path = write_checkpoint(run.checkpoints_dir / ckpt.step_dir_name(step), step)
         run.prune_checkpoints(t.keep_checkpoints)
         emit("checkpoint", {"step": step, "path": str(path)})
 
@@ -242,7 +261,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
         run.append_metrics(record)
         if metrics["val_loss"] < best_val:
             best_val, best_step = metrics["val_loss"], step
-            ckpt.save_checkpoint(run.best_dir, model, optimizer, train_state(step))
+            write_checkpoint(run.best_dir, step)
         emit("eval", record)
         return record
 
@@ -292,7 +311,8 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
             step += 1
             tokens_seen += t.batch_size * t.seq_len
             interval_tokens += t.batch_size * t.seq_len
-            if step % t.log_every == 0 or step == t.steps or step == start_step + 1:
+            # An interval whose steps were all skipped has no loss to log; its time and tokens go to the next one.
+            if (step % t.log_every == 0 or step == t.steps or step == start_step + 1) and interval_steps:
                 mean_loss = (interval_loss / max(interval_steps, 1)).item()
                 now = time.perf_counter()
                 elapsed = now - tick
@@ -313,12 +333,14 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
             if step % t.save_every == 0 or step == t.steps:
                 save(step)
                 tick = time.perf_counter()
-            if flag.get("signal"):
-                if step % t.save_every != 0 and step != t.steps:
+            if flag.get("signal") and step < t.steps:  # at the last step the run simply finishes
+                if step % t.save_every != 0:
                     save(step)
-                raise TrainingError(
+                stopped = TrainingError(
                     f"stopped by {flag['signal']} at step {step}; checkpoint saved, continue with `hybridctl resume {run.path}`",
                 )
+                stopped.exit_code = 128 + signal.Signals[flag["signal"]]  # the shell's convention: 130 for Ctrl-C
+                raise stopped
     timed_tokens = (step - start_step - 1) * t.batch_size * t.seq_len
     summary = build_summary(cfg, run, model, n_params, step, tokens_seen, best_val, best_step, last_eval,
                             train_time, prior_time, timed_tokens, time.perf_counter() - wall_start, skipped, device)
