@@ -21,7 +21,7 @@ import torch
 
 from hybridctl.core.config import DataConfig, load_config
 from hybridctl.core.data import BatchSampler, get_tokenizer, load_token_data
-from hybridctl.core.render import console, fmt_count
+from hybridctl.core.render import fmt_count
 from hybridctl.core.trainer import build_optimizer, prepare_model, seed_everything
 
 
@@ -83,14 +83,14 @@ def main():
     if args.text and glob.glob(args.text):
         rows += [tokenise(args.text, tok, 0, cache) for tok in ("bytes", args.bpe)]
     else:
-        console.print(f"[dim]--text {args.text!r} matches no files: local text skipped[/]")
-    console.print(f"tokenising + caching on {torch.get_num_threads()} CPU threads:")
+        print(f"--text {args.text!r} matches no files: local text skipped")
+    print(f"tokenising + caching on {torch.get_num_threads()} CPU threads:")
     for r in rows:
-        console.print(f"  {r['dataset']:<28} {r['tokenizer']:<9} {fmt_count(r['tokens']):>7} tokens  "
+        print(f"  {r['dataset']:<28} {r['tokenizer']:<9} {fmt_count(r['tokens']):>7} tokens  "
                       f"{fmt_count(r['tok_s']):>6} tok/s  fresh {r['fresh_s']:.2f}s  cached load {1e3 * r['cached_s']:.1f} ms"
                       + (f"  (BPE training {r['bpe_train_s']:.1f}s)" if r["bpe_train_s"] else ""))
     o = loader_overhead(args.steps, cache)
-    console.print(f"loader overhead, tiny preset ({o['shape']} tokens/step, CPU, {o['threads']} threads): "
+    print(f"loader overhead, tiny preset ({o['shape']} tokens/step, CPU, {o['threads']} threads): "
                   f"batch {o['batch_ms']:.3f} ms of a {o['step_ms']:.1f} ms step = {100 * o['fraction']:.3f}%")
 
 

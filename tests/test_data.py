@@ -1,5 +1,6 @@
 import itertools
 import json
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -12,10 +13,10 @@ import torch
 
 from conftest import micro_config, run_cli
 from hybridctl.core import data as data_mod
-from hybridctl.core import sources, synthetic, tokenization
+from hybridctl.core import sources, tokenization
 from hybridctl.core.config import DataConfig, load_config_file
 from hybridctl.core.data import (
-    ByteTokenizer, builtin_documents, is_val_document, load_token_data, token_cache_dir, training_documents,
+    builtin_documents, is_val_document, load_token_data, token_cache_dir, training_documents,
 )
 from hybridctl.core.errors import DataError
 from hybridctl.core.runs import RunDir
@@ -159,8 +160,6 @@ def test_cached_load_does_not_import_datasets(corpus):
         "from hybridctl.core.config import DataConfig\nfrom hybridctl.core.data import load_token_data\n"
         f"d = load_token_data(DataConfig(dataset={corpus.jsonl!r}, tokenizer='bpe:300'))\nprint(d.info['cached'])\n"
     )
-    import subprocess
-
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"

@@ -280,10 +280,13 @@ def build_token_cache(data_cfg: DataConfig, folder: Path, progress: Callable[[in
     dtype = token_dtype(tokenizer.vocab_size)
     train = SplitWriter(folder / "train.bin", data_cfg.max_tokens, dtype)
     val = SplitWriter(folder / "val.bin", val_cap(data_cfg), dtype)
+
+    def carved_split(index: int) -> str:
+        return "val" if is_val_document(index, data_cfg.val_fraction) else "train"
+
     with train.file, val.file:
         if carves_val(data_cfg):
-            split = lambda i: "val" if is_val_document(i, data_cfg.val_fraction) else "train"  # noqa: E731
-            pack_documents(docs, tokenizer, {"train": train, "val": val}, split, progress)
+            pack_documents(docs, tokenizer, {"train": train, "val": val}, carved_split, progress)
         else:
             pack_documents(docs, tokenizer, {"train": train}, lambda i: "train", progress)
             if data_cfg.val_split:
