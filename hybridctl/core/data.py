@@ -4,13 +4,20 @@ The trainer needs only `load_token_data(data_cfg)` (train and val token arrays p
 `BatchSampler`, whose batch for step s depends only on (seed, s): resuming at step s therefore continues with
 exactly the batches an uninterrupted run would have seen.
 
-Built-in corpora work offline on any machine: `builtin:stdlib` is the Python standard library's own source,
-`builtin:python` adds every installed package's source (tens of millions of tokens).
+Corpora (`data.dataset`): `builtin:stdlib` is the Python standard library's own source and `builtin:python` adds
+every installed package's source (hundreds of MB on a typical machine): both work offline anywhere. Hub names and
+local files (.txt, .jsonl, .parquet, globs) go through `datasets` (sources.py); `synthetic:mqar` is generated
+(synthetic.py). Tokenizers (`data.tokenizer`): `bytes` here, everything else in tokenization.py.
+
+Documents are joined with an end-of-document token and split into train and val by document. The tokens are
+written once to cache_root()/tokens/<key>/ (train.bin, val.bin as uint16/uint32, meta.json, and the tokenizer's
+tokenizer.json) and memory-mapped from there by every later run, so no run tokenises twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -21,7 +28,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -63,16 +70,24 @@ class ByteTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode_array(t) for t in texts]
+
     def decode(self, ids) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def get_tokenizer(spec: str, data_cfg: DataConfig | None = None, texts: Iterator[str] | None = None) -> Tokenizer:
+def get_tokenizer(spec: str, data_cfg: DataConfig | None = None, texts: Iterable[str] | None = None) -> Tokenizer:
+    """`texts` (the training documents) is read only by a `bpe:N` tokenizer that is not cached yet."""
     if spec == "bytes":
         return ByteTokenizer()
-    from hybridctl.core import tokenizers as hf_tokenizers  # real tokenizers live with the `tokenizers` code
+    from hybridctl.core import tokenization  # `tokenizers` is imported only for subword tokenizers
 
-    return hf_tokenizers.load_tokenizer(spec, data_cfg, texts)
+    return tokenization.load_tokenizer(spec, data_cfg, texts)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,7 +121,7 @@ def builtin_documents(name: str) -> Iterator[str]:
 
 BUILTIN_CORPORA = {
     "stdlib": "Python standard library source (offline, ~10M tokens)",
-    "python": "standard library plus every installed package's source (offline, tens of millions of tokens)",
+    "python": "standard library plus every installed package's source (offline; hundreds of MB on most machines)",
 }
 
 
@@ -127,6 +142,19 @@ def iter_documents(data_cfg: DataConfig) -> Iterator[str]:
     yield from sources.iter_documents(data_cfg)
 
 
+def carves_val(data_cfg: DataConfig) -> bool:
+    """Validation comes out of the training documents unless data.val_split names its own documents."""
+    return not data_cfg.val_split and data_cfg.val_fraction > 0
+
+
+def training_documents(data_cfg: DataConfig) -> Iterator[str]:
+    """The documents that go to the training split, in order (what a `bpe:N` tokenizer learns from)."""
+    carve = carves_val(data_cfg)
+    for i, text in enumerate(iter_documents(data_cfg)):
+        if text and not (carve and is_val_document(i, data_cfg.val_fraction)):
+            yield text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenised cache
 
@@ -137,98 +165,210 @@ class TokenData:
     val: np.ndarray
     tokenizer: Tokenizer
     info: dict = field(default_factory=dict)
+    # Synthetic tasks: for each val token that is an answer, its distance back to the first token of its example
+    # (0 elsewhere); evaluation scores those positions apart (info["answer_metric"]).
+    val_answers: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
 
-def cache_key(data_cfg: DataConfig) -> str:
+def corpus_key(data_cfg: DataConfig) -> dict:
+    """What determines the documents and their train/val assignment (local files by path, size and mtime)."""
     key = {
-        "dataset": data_cfg.dataset, "config": data_cfg.config, "split": data_cfg.split,
-        "val_split": data_cfg.val_split, "text_field": data_cfg.text_field,
-        "val_fraction": data_cfg.val_fraction, "max_tokens": data_cfg.max_tokens,
-        "tokenizer": data_cfg.tokenizer, "format": 1,
+        "dataset": data_cfg.dataset, "config": data_cfg.config, "split": data_cfg.split, "val_split": data_cfg.val_split,
+        "text_field": data_cfg.text_field, "val_fraction": data_cfg.val_fraction,
     }
-    if data_cfg.dataset.startswith("builtin:"):
+    spec = data_cfg.dataset
+    if spec.startswith("builtin:"):
         key["python"] = sys.version.split()[0]  # the corpus is this interpreter's own source
+        if spec == "builtin:python":
+            from importlib.metadata import distributions
+
+            installed = sorted(f"{d.metadata['Name']}=={d.version}" for d in distributions())
+            key["packages"] = hashlib.sha256("\n".join(installed).encode()).hexdigest()
+    elif not spec.startswith("synthetic:"):
+        from hybridctl.core import sources
+
+        key["files"] = sources.fingerprint(spec)
+        if data_cfg.val_split and sources.is_local(spec):
+            key["val_files"] = sources.fingerprint(data_cfg.val_split)
+    return key
+
+
+def cache_key(data_cfg: DataConfig) -> str:
+    key = {"corpus": corpus_key(data_cfg), "max_tokens": data_cfg.max_tokens, "tokenizer": data_cfg.tokenizer, "format": 2}
+    tokenizer_file = Path(data_cfg.tokenizer).expanduser()
+    if data_cfg.tokenizer.endswith(".json") and tokenizer_file.is_file():
+        key["tokenizer_file"] = [tokenizer_file.stat().st_size, tokenizer_file.stat().st_mtime_ns]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _tokenize_documents(docs: Iterator[str], tokenizer: Tokenizer, data_cfg: DataConfig):
-    """Documents joined with EOS; split into train and val by document; train capped at max_tokens."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
-    parts = {"train": [], "val": []}
-    counts = {"train": 0, "val": 0, "documents": 0}
-    limit = data_cfg.max_tokens
-    val_limit = max(1, int(limit * data_cfg.val_fraction / max(1e-9, 1 - data_cfg.val_fraction))) if limit else 0
-    encode_array = getattr(tokenizer, "encode_array", None)
+def token_cache_dir(data_cfg: DataConfig) -> Path:
+    return cache_root(data_cfg) / "tokens" / cache_key(data_cfg)
+
+
+class SplitWriter:
+    """Appends documents (each followed by EOS) to a split's .bin file, up to `cap` tokens (0 = no cap)."""
+
+    def __init__(self, path: Path, cap: int, dtype: np.dtype):
+        self.file, self.cap, self.dtype = open(path, "wb"), cap, dtype
+        self.tokens = self.documents = 0
+
+    def full(self) -> bool:
+        return self.cap > 0 and self.tokens >= self.cap
+
+    def add(self, ids: np.ndarray, eos_id: int) -> None:
+        if self.full():
+            return
+        doc = np.empty(len(ids) + 1, dtype=self.dtype)
+        doc[:-1], doc[-1] = ids, eos_id
+        if self.cap:
+            doc = doc[: self.cap - self.tokens]  # the last document is cut at the cap
+        self.file.write(doc.tobytes())
+        self.tokens += len(doc)
+        self.documents += 1
+
+
+FLUSH_CHARS = 1 << 20  # documents are encoded in batches of about this much text
+
+
+def pack_documents(docs: Iterable[str], tokenizer: Tokenizer, writers: dict[str, SplitWriter],
+                   split_of: Callable[[int], str], progress: Callable[[int], None] | None = None) -> None:
+    """Encode documents in batches and append each to writers[split_of(index)]; stop once every split is full."""
+    encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda texts: [np.asarray(tokenizer.encode(t)) for t in texts])
+    batch: list[tuple[SplitWriter, str]] = []
+    chars = 0
+
+    def flush():
+        for (writer, _), ids in zip(batch, encode_batch([text for _, text in batch])):
+            writer.add(ids, tokenizer.eos_id)
+        batch.clear()
+        if progress:
+            progress(sum(w.tokens for w in writers.values()))
+
     for i, text in enumerate(docs):
         if not text:
             continue
-        split = "val" if is_val_document(i, data_cfg.val_fraction) else "train"
-        cap = val_limit if split == "val" else limit
-        if cap and counts[split] >= cap:
-            if counts["train"] >= limit and (counts["val"] >= val_limit or data_cfg.val_fraction == 0):
+        writer = writers[split_of(i)]
+        if writer.full():
+            if all(w.full() for w in writers.values()):
                 break
             continue
-        ids = encode_array(text) if encode_array else np.asarray(tokenizer.encode(text), dtype=dtype)
-        parts[split] += [ids.astype(dtype, copy=False), eos]
-        counts[split] += len(ids) + 1
-        counts["documents"] += 1
-    train = np.concatenate(parts["train"]) if parts["train"] else np.zeros(0, dtype)
-    val = np.concatenate(parts["val"]) if parts["val"] else np.zeros(0, dtype)
-    if limit:
-        train = train[:limit]
-    return train, val, counts["documents"]
+        batch.append((writer, text))
+        chars += len(text)
+        if chars >= FLUSH_CHARS:
+            flush()
+            chars = 0
+    flush()
 
 
-def _write_array(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        f.write(array.tobytes())
+def val_cap(data_cfg: DataConfig) -> int:
+    """max_tokens caps the training tokens; validation gets val_fraction of the total (no cap without max_tokens)."""
+    limit, vf = data_cfg.max_tokens, data_cfg.val_fraction
+    return max(1, int(limit * vf / (1 - vf))) if limit and vf > 0 else 0
 
 
-def load_token_data(data_cfg: DataConfig, rebuild: bool = False) -> TokenData:
-    """Tokenise the configured corpus once and memory-map the cached tokens afterwards."""
-    root = cache_root(data_cfg) / "tokens" / cache_key(data_cfg)
-    meta_path = root / "meta.json"
-    if meta_path.is_file() and not rebuild:
-        meta = json.loads(meta_path.read_text())
-        tokenizer = get_tokenizer(data_cfg.tokenizer, data_cfg)
-        dtype = np.dtype(meta["dtype"])
-        train = np.memmap(root / "train.bin", dtype=dtype, mode="r")
-        val = np.memmap(root / "val.bin", dtype=dtype, mode="r") if meta["val_tokens"] else np.zeros(0, dtype)
-        return TokenData(train, val, tokenizer, {**meta, "cache": str(root), "cached": True})
+def build_token_cache(data_cfg: DataConfig, folder: Path, progress: Callable[[int], None] | None = None) -> dict:
+    """Tokenise the corpus into folder/{train,val}.bin (+ tokenizer.json); returns the metadata."""
     start = time.perf_counter()
-    tokenizer = get_tokenizer(data_cfg.tokenizer, data_cfg, texts=iter_documents(data_cfg))
-    train, val, n_docs = _tokenize_documents(iter_documents(data_cfg), tokenizer, data_cfg)
-    if data_cfg.val_split:
-        from hybridctl.core import sources
+    docs = iter_documents(data_cfg)
+    first = next(docs, None)  # open the corpus first: a missing dataset is reported before a missing tokenizer
+    docs = itertools.chain([] if first is None else [first], docs)
+    tokenizer = get_tokenizer(data_cfg.tokenizer, data_cfg, texts=training_documents(data_cfg))
+    dtype = token_dtype(tokenizer.vocab_size)
+    train = SplitWriter(folder / "train.bin", data_cfg.max_tokens, dtype)
+    val = SplitWriter(folder / "val.bin", val_cap(data_cfg), dtype)
 
-        val_docs = sources.iter_documents(data_cfg, split=data_cfg.val_split)
-        val_cfg = DataConfig(**{**data_cfg.__dict__, "val_fraction": 0.0})
-        val, _, _ = _tokenize_documents(val_docs, tokenizer, val_cfg)
-    if len(train) == 0:
+    def carved_split(index: int) -> str:
+        return "val" if is_val_document(index, data_cfg.val_fraction) else "train"
+
+    with train.file, val.file:
+        if carves_val(data_cfg):
+            pack_documents(docs, tokenizer, {"train": train, "val": val}, carved_split, progress)
+        else:
+            pack_documents(docs, tokenizer, {"train": train}, lambda i: "train", progress)
+            if data_cfg.val_split:
+                from hybridctl.core import sources
+
+                val_docs = sources.iter_documents(data_cfg, split=data_cfg.val_split)
+                pack_documents(val_docs, tokenizer, {"val": val}, lambda i: "val", progress)
+    if train.tokens == 0:
         raise DataError(f"dataset '{data_cfg.dataset}' produced no training tokens; check the path, split and text_field")
-    meta = {
-        "dataset": data_cfg.dataset, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-        "documents": n_docs, "train_tokens": int(len(train)), "val_tokens": int(len(val)),
-        "dtype": str(train.dtype), "seconds": round(time.perf_counter() - start, 3),
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(folder / "tokenizer.json")
+    return {
+        "dataset": data_cfg.dataset, "config": data_cfg.config, "split": data_cfg.split, "val_split": data_cfg.val_split,
+        "tokenizer": data_cfg.tokenizer, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+        "train_documents": train.documents, "val_documents": val.documents,
+        "train_tokens": train.tokens, "val_tokens": val.tokens, "dtype": dtype.name,
+        "seconds": round(time.perf_counter() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def open_token_cache(folder: Path, data_cfg: DataConfig) -> TokenData:
+    meta = json.loads((folder / "meta.json").read_text())
+    if data_cfg.tokenizer == "bytes":
+        tokenizer = ByteTokenizer()
+    else:
+        from hybridctl.core import tokenization
+
+        tokenizer = tokenization.from_file(folder / "tokenizer.json", data_cfg.tokenizer)
+    dtype = np.dtype(meta["dtype"])
+    train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
+    val = np.memmap(folder / "val.bin", dtype=dtype, mode="r") if meta["val_tokens"] else np.zeros(0, dtype)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return TokenData(train, val, tokenizer, {**meta, "cache": str(folder), "cache_bytes": size})
+
+
+def load_token_data(data_cfg: DataConfig, rebuild: bool = False, progress: Callable[[int], None] | None = None) -> TokenData:
+    """Tokenise the configured corpus once and memory-map the cached tokens afterwards.
+
+    `progress(tokens_so_far)` is called while a fresh cache is built; `rebuild` rebuilds it even if present.
+    """
+    if data_cfg.dataset.startswith("synthetic:"):
+        from hybridctl.core import synthetic
+
+        return synthetic.load(data_cfg)  # generated in well under a second: nothing to cache
+    start = time.perf_counter()
+    root = token_cache_dir(data_cfg)
+    if (root / "meta.json").is_file() and not rebuild:
+        data = open_token_cache(root, data_cfg)
+        data.info.update(cached=True, seconds=round(time.perf_counter() - start, 3))
+        return data
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        _write_array(tmp / "train.bin", train)
-        _write_array(tmp / "val.bin", val)
+        meta = build_token_cache(data_cfg, tmp, progress)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return TokenData(train, val, tokenizer, {**meta, "cache": str(root), "cached": False})
+        if root.exists() and (rebuild or not (root / "meta.json").is_file()):
+            shutil.rmtree(root)  # the old cache, or one left incomplete
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not (root / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same cache first; its tokens are the same
+    finally:
+        if tmp.exists() and tmp != root:
+            shutil.rmtree(tmp, ignore_errors=True)
+    data = open_token_cache(root, data_cfg)  # memory-mapped like every later run, so both see the same arrays
+    data.info.update(cached=False, seconds=round(time.perf_counter() - start, 3))
+    return data
+
+
+def cached_token_sets(data_cfg: DataConfig | None = None) -> list[dict]:
+    """meta.json of every token cache under cache_root(), newest first."""
+    found = []
+    for meta_path in (cache_root(data_cfg) / "tokens").glob("*/meta.json"):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        size = sum(p.stat().st_size for p in meta_path.parent.iterdir() if p.is_file())
+        found.append({**meta, "cache": str(meta_path.parent), "cache_bytes": size})
+    return sorted(found, key=lambda m: m.get("created", ""), reverse=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -119,3 +119,33 @@ def summary_table(summary: dict[str, Any], title: str = "Run summary") -> Table:
 
 def print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def data_table(info: dict[str, Any], title: str = "Data") -> Table:
+    """What `hybridctl data prepare` made or found: one token set (load_token_data(...).info)."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    status = "generated (not cached)" if info.get("generated") else ("cached" if info.get("cached") else "fresh")
+    rows = [
+        ("dataset", info.get("dataset")),
+        ("tokenizer", f"{info.get('tokenizer')} (vocab {info.get('vocab_size')}, eos id {info.get('eos_id')})"),
+        ("documents", f"{info.get('train_documents')} train, {info.get('val_documents')} val"),
+        ("tokens", f"{fmt_count(info.get('train_tokens'))} train, {fmt_count(info.get('val_tokens'))} val ({info.get('dtype')})"),
+        ("cache", info.get("cache", "-")),
+        ("size", fmt_bytes(info.get("cache_bytes"))),
+        ("time", fmt_duration(info.get("seconds"))),
+        ("status", status),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return table

@@ -1,0 +1,151 @@
+"""Documents from Hugging Face `datasets`: hub names and local files, one string per document, in a fixed order.
+
+`data.dataset` is either a local path (a file, a folder, or a glob such as `data/*.jsonl`) or a hub name
+(`owner/name`, with `data.config` and `data.split`). Local files go through the `datasets` builders too:
+
+    .txt .text .md    "text" builder; one document per paragraph: text between blank or whitespace-only lines
+    .jsonl .json      "json" builder; the document is the `data.text_field` of each record
+    .parquet          "parquet" builder; the document is the `data.text_field` column of each row
+
+For local data `data.val_split`, when set, is a second path or glob of validation files.
+`datasets` is imported only here, and only when such a dataset is used.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from hybridctl.core import hub
+from hybridctl.core.config import DataConfig
+from hybridctl.core.errors import DataError
+
+LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BATCH_ROWS = 1000
+LOCAL_HINT = "or point data.dataset at local files (.txt, .jsonl, .parquet, a folder or a glob)"
+
+
+def is_local(spec: str) -> bool:
+    """Local when it exists, is a glob, or looks like a file path; anything else is a hub name."""
+    return (
+        Path(spec).expanduser().exists()
+        or glob.has_magic(spec)
+        or spec.startswith((".", "/", "~"))
+        or Path(spec).suffix in LOCAL_BUILDERS
+    )
+
+
+def local_files(spec: str, key: str = "data.dataset") -> list[Path]:
+    """The files a local spec names, sorted; a folder means every supported file below it."""
+    path = Path(spec).expanduser()
+    if glob.has_magic(spec):
+        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+    elif path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_BUILDERS]
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{key} '{spec}': no such file or folder; give a path to .txt, .jsonl or .parquet files or a glob like 'data/*.txt'")
+    if not files:
+        raise DataError(f"{key} '{spec}' matches no .txt, .jsonl or .parquet files; check the path or glob")
+    return sorted(files)
+
+
+def builder_for(files: list[Path], spec: str) -> str:
+    kinds = {LOCAL_BUILDERS.get(p.suffix) for p in files}
+    if None in kinds:
+        odd = next(p for p in files if p.suffix not in LOCAL_BUILDERS)
+        raise DataError(f"'{odd}' is not a supported file type; use .txt, .jsonl or .parquet files (narrow the glob '{spec}')")
+    if len(kinds) > 1:
+        raise DataError(f"'{spec}' mixes file types ({', '.join(sorted(kinds))}); use one kind of file per dataset")
+    return kinds.pop()
+
+
+def fingerprint(spec: str) -> list:
+    """What identifies local files for the token cache: path, size and modification time of each."""
+    if not is_local(spec):
+        return []
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in local_files(spec)]
+
+
+def _import_datasets(for_hub: bool):
+    # for a hub name: probe first, so offline mode is on before `datasets` reads it when the hub cannot be asked
+    reason = hub.offline_reason() if for_hub else ""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"the `datasets` package is needed for this dataset but cannot be imported ({hub.one_line(e)}); "
+                        "`pip install datasets`, or use data.dataset=builtin:stdlib") from None
+    datasets.disable_progress_bars()  # the CLI prints its own summary
+    datasets.logging.set_verbosity_error()
+    return datasets, reason
+
+
+PARAGRAPH_BREAK = re.compile(r"\n\s*\n")  # a blank or whitespace-only line
+
+
+def _paragraphs(chunks: Iterable[str]) -> Iterator[str]:
+    """The "text" builder's paragraphs (cut at empty lines, never across files) cut again at whitespace-only lines."""
+    for chunk in chunks:
+        for piece in PARAGRAPH_BREAK.split(chunk):
+            piece = piece.strip("\n")
+            if piece.strip():
+                yield piece
+
+
+def _rows(dataset, text_field: str, where: str) -> Iterator[str]:
+    for batch in dataset.iter(batch_size=BATCH_ROWS):
+        if text_field not in batch:
+            fields = ", ".join(batch) or "none"
+            raise DataError(f"{where} has no field '{text_field}' (its fields: {fields}); set data.text_field to one of them")
+        for text in batch[text_field]:
+            if isinstance(text, str) and text:
+                yield text
+
+
+def iter_local(spec: str, text_field: str, key: str = "data.dataset") -> Iterator[str]:
+    files = local_files(spec, key)
+    builder = builder_for(files, spec)
+    datasets, _ = _import_datasets(for_hub=False)
+    options = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **options)
+        if builder == "text":
+            yield from _paragraphs(_rows(dataset, "text", spec))
+        else:
+            yield from _rows(dataset, text_field, spec)
+    except DataError:
+        raise
+    except Exception as e:  # malformed JSON, unreadable parquet, undecodable text
+        raise DataError(f"cannot read {key} '{spec}': {hub.one_line(e)}") from None
+
+
+def iter_hub(data_cfg: DataConfig, split: str) -> Iterator[str]:
+    name = data_cfg.dataset
+    datasets, reason = _import_datasets(for_hub=True)
+    label = f"dataset '{name}'" + (f" (config '{data_cfg.config}')" if data_cfg.config else "")
+    try:
+        dataset = datasets.load_dataset(name, data_cfg.config or None, split=split, streaming=data_cfg.streaming)
+        yield from _rows(dataset, data_cfg.text_field, label)
+    except DataError:
+        raise
+    except Exception as e:
+        if reason and isinstance(e, OSError):  # ConnectionError, LocalEntryNotFoundError: not in the cache
+            raise DataError(f"cannot load {label} from the Hugging Face hub: {reason} and it is not in the local cache; "
+                            f"download it once where the hub is reachable, {LOCAL_HINT}") from None
+        raise DataError(f"cannot load {label} split '{split}': {hub.one_line(e)}; check data.dataset, data.config and "
+                        f"data.split, {LOCAL_HINT}") from None
+
+
+def iter_documents(data_cfg: DataConfig, split: str | None = None) -> Iterator[str]:
+    """Documents of the training split, or of `split` (data.val_split: a hub split, or local validation files)."""
+    spec = data_cfg.dataset
+    if is_local(spec):
+        if split is None or split == data_cfg.split:
+            yield from iter_local(spec, data_cfg.text_field)
+        else:
+            yield from iter_local(split, data_cfg.text_field, key="data.val_split")
+        return
+    yield from iter_hub(data_cfg, split or data_cfg.split)
