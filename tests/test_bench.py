@@ -98,7 +98,8 @@ def test_arc_scores_match_direct_computation(tiny_run, batch_size, max_len):
     questions = evaluation.read_arc_file(data)
     result = evaluation.score_arc(model, ByteTokenizer(), questions, torch.device("cpu"), batch_size=batch_size, max_len=max_len)
     acc, acc_norm = [], []
-    for q, got in zip(questions, result["questions"]):
+    for r, q, got in zip(RECORDS, questions, result["questions"]):
+        assert (q.choices, q.gold) == (r["choices"]["text"], r["choices"]["label"].index(r["answerKey"]))
         ref = reference_logliks(model, q, max_len)
         assert got["logliks"] == pytest.approx(ref, rel=1e-5, abs=1e-4)
         gaps = sorted(ref)
