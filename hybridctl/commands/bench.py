@@ -1,12 +1,180 @@
-"""`hybridctl bench` (not implemented yet)."""
+"""`hybridctl bench`: benchmarks as subcommands. Built in: `arc` (ARC-Challenge accuracy of a trained run) and
+`speed` (training-step throughput and MFU per architecture). Other packages add benchmarks through the
+entry-point group `hybridctl.benchmarks` (value: a Typer app or a function), the same way commands are added."""
+
+from __future__ import annotations
+
+import contextlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
-app = typer.Typer(help="Not implemented yet.", invoke_without_command=True)
+from hybridctl.cli import load_object, register, warn
+from hybridctl.core import evaluation
+from hybridctl.core.errors import ConfigError
+from hybridctl.core.render import console, err_console, fmt_count, fmt_num
+
+ENTRY_POINT_GROUP = "hybridctl.benchmarks"
+
+# Used when the package runs from a source tree that was never installed (no entry-point metadata).
+BUILTIN_BENCHMARKS = {
+    "arc": "hybridctl.commands.bench:arc",
+    "speed": "hybridctl.commands.bench:speed",
+}
 
 
-@app.callback()
-def main():
-    """Not implemented yet."""
-    typer.echo("hybridctl bench: not implemented yet", err=True)
-    raise typer.Exit(2)
+# ---------------------------------------------------------------------------------------------------------
+# arc
+
+
+def arc(
+    target: Path = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="A run folder, or a checkpoint folder inside one (best/, checkpoints/step_NNNNNN)."),
+    split: str = typer.Option("test", "--split", help="test or validation (with --data: the split the file holds)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N questions."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Local JSONL or parquet in the ai2_arc schema instead of the hub."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Continuations scored per forward pass."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best, latest or step_NNNNNN (default: best if saved, else latest)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest context in tokens (default: the run's train.seq_len)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bench/arc.json."),
+):
+    """ARC-Challenge (zero-shot, scored like lm-evaluation-harness) on a trained run; writes RUN/bench/arc.json."""
+    with progress_bar("arc") as update:
+        result = evaluation.bench_arc(target, checkpoint, split, data, limit, batch_size, max_len, device, force, progress=update)
+    console.print(f"[bold]{result['run']}[/] @ {result['checkpoint']} (step {result['checkpoint_step']})", highlight=False)
+    console.print(arc_table(result))
+    console.print(f"saved {result['path']}", highlight=False)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str):
+    """A Rich bar on stderr (none when stderr is not a terminal); yields the library's progress callback."""
+    progress = Progress(TextColumn(f"[bold blue]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=True,
+                        disable=not err_console.is_terminal)
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def arc_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"ARC-Challenge ({result['split']})", title_justify="left")
+    for column in ("metric", "value", "± stderr", "chance"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric in ("acc", "acc_norm"):
+        table.add_row(metric, fmt_num(result[metric]), fmt_num(result[f"{metric}_stderr"]), fmt_num(result["chance"]))
+    table.caption = f"{result['n']} questions, zero-shot"
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# speed
+
+
+def int_list(text: Optional[str], option: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated integers like 1024,4096, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} values must be positive integers, got '{text}'")
+    return values
+
+
+def speed(
+    presets: list[str] = typer.Option([], "--preset", "-p", help="Architectures: presets, comma-separated or repeated (default: deltanet,hybrid_sparse,transformer)."),
+    patterns: Optional[str] = typer.Option(None, "--patterns", help="Architectures as layer patterns on one preset, e.g. LLLL,LLFL,FFFF (n_layers follows each)."),
+    seq: Optional[str] = typer.Option(None, "--seq", help="Sequence lengths, e.g. 1024,4096,16384 (default: the preset's)."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, e.g. 8,48 (default: the preset's)."),
+    tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="Batch = N // seq for each seq length (constant work per step)."),
+    steps: int = typer.Option(10, "--steps", help="Timed steps."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compilation, autotuning, allocator)."),
+    forward_only: bool = typer.Option(False, "--forward-only", help="Time inference forward passes instead of training steps."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key for every architecture, e.g. --set model.d_model=64."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", help=f"Vocabulary size (default: the preset's when known, else {evaluation.DEFAULT_VOCAB})."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the preset's train.device)."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders; results go to OUT/bench/speed-<time>.json."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this file instead."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
+):
+    """Training-step throughput (tok/s), model FLOPs utilisation and peak memory per architecture."""
+    names = [p.strip() for item in presets for p in item.split(",") if p.strip()]
+    pattern_list = [p.strip() for p in (patterns or "").split(",") if p.strip()]
+    if not names:
+        names = ["base_study_a"] if pattern_list else ["deltanet", "hybrid_sparse", "transformer"]
+    if device is not None:
+        overrides = [*overrides, f'train.device="{device}"']
+    report = evaluation.bench_speed(
+        evaluation.speed_configs(names, pattern_list, overrides, vocab), int_list(seq, "--seq"), int_list(batch, "--batch"),
+        tokens_per_step, steps, warmup, forward_only, json_path or evaluation.default_speed_path(out), force,
+        on_start=lambda name, s, b: err_console.print(f"{name}: seq {s}, batch {b} ...", highlight=False),
+    )
+    console.print(speed_table(report))
+    console.print(f"saved {report['path']}", highlight=False)
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def speed_table(report: dict[str, Any]) -> Table:
+    mode = "inference forward" if report["mode"] == "forward" else "training step"
+    peak = report["peak_bf16_tflops"]
+    table = Table(title=f"Speed ({mode}) on {report['device']}" + (f", bf16 peak {peak:g} TFLOP/s" if peak else ""),
+                  title_justify="left")
+    rows = report["results"]
+    show_layers = any(r["name"] != r["layer_types"] for r in rows)  # a --patterns arch is named by its layers
+    columns = ["arch", *(["layers"] if show_layers else []), "params", "seq", "batch", "tok/s", "ms/step", "TFLOP/s",
+               "MFU", "peak mem"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("arch", "layers") else "right")
+    for r in rows:
+        head = [r["name"], *([r["layer_types"]] if show_layers else []), fmt_count(r.get("params")), str(r["seq_len"]),
+                str(r["batch_size"])]
+        if r.get("error"):
+            table.add_row(*head, f"[red]{r['error']}[/]", "-", "-", "-", "-")
+            continue
+        memory = r["peak_memory_bytes"] if r["peak_memory_bytes"] is not None else r["rss_bytes"]
+        step_ms = r["step_ms"]
+        table.add_row(*head, fmt_count(r["tok_s"]), f"{step_ms:.0f}" if step_ms >= 100 else f"{step_ms:.1f}",
+                      f"{r['tflops']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", fmt_bytes(memory))
+    table.caption = "model FLOPs: train = 3 x forward, causal attention counts (T+1)/2 keys (see README); " + (
+        "memory: the process's peak RSS" if report["device"] == "cpu" else "memory: torch.cuda.max_memory_allocated")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bench app: built-in and plugin benchmarks alike come from the entry-point group.
+
+
+def build_bench_app() -> typer.Typer:
+    app = typer.Typer(help="Benchmarks: arc (ARC-Challenge accuracy), speed (throughput and MFU), and plugins.",
+                      no_args_is_help=True)
+    seen: set[str] = set()
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in seen:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must not take `bench` down
+            warn(f"plugin benchmark '{ep.name}' ({ep.value}) failed to load: {type(e).__name__}: {e}; skipping it")
+            continue
+        if register(app, ep.name, obj, ep.value):
+            seen.add(ep.name)
+    for name, spec in BUILTIN_BENCHMARKS.items():
+        if name not in seen:
+            register(app, name, load_object(spec), spec)
+    return app
+
+
+app = build_bench_app()

@@ -1,0 +1,318 @@
+import json
+import math
+import statistics
+import textwrap
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import micro_config, run_cli
+from hybridctl.cli import main
+from hybridctl.core import checkpoint as ckpt
+from hybridctl.core import evaluation
+from hybridctl.core.data import ByteTokenizer
+from hybridctl.core.model import build_model
+from hybridctl.core.runs import RunDir
+
+LONG = "a long answer that keeps going for many characters"
+
+
+def record(i, question, texts, answer, labels=None):
+    labels = labels or list("ABCDE"[: len(texts)])
+    return {"id": f"q{i}", "question": question, "choices": {"text": texts, "label": labels}, "answerKey": answer}
+
+
+# Ordinary questions (3 to 5 choices, numeric labels too) and questions whose gold answer is much longer than the
+# other choices: its summed log-likelihood is far lower, its per-character one is not, so acc and acc_norm differ.
+RECORDS = [
+    record(0, "Which gas do plants take in for photosynthesis?", ["oxygen", "carbon dioxide", "helium", "argon"], "B"),
+    record(1, "What is frozen water called?", ["ice", "steam", "sand"], "A"),
+    record(2, "How many legs does a spider have?", ["six", "eight", "ten", "four", "two"], "2", labels=list("12345")),
+    record(3, "Which one is long?", ["x", LONG, "y", "z"], "B"),
+    record(4, "Pick the sentence.", [LONG + " indeed", "q", "r"], "A"),
+    record(5, "And again?", ["k", "m", LONG.upper()], "C"),
+]
+
+
+# Micro shapes gain nothing from threads, and on a shared 2-core machine a second thread mostly waits.
+SERIAL = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder with a randomly initialised micro model (wide init, so choices are far from tied)."""
+    cfg = micro_config(["train.seq_len=256", "model.vocab_size=257", "model.init_std=0.3"])
+    root = tmp_path_factory.mktemp("bench")
+    run = RunDir(root / "runs" / "micro")
+    run.create(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    ckpt.save_checkpoint(run.checkpoints_dir / ckpt.step_dir_name(2), model, None, {"step": 2})
+    ckpt.save_checkpoint(run.best_dir, model, None, {"step": 2})
+    run.release_lock()
+    data = root / "arc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return run, model, data
+
+
+def cli(capsys, *args):
+    """The CLI in this process (for errors raised before any model work): exit code and stderr."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def reference_logliks(model, question, max_len=None):
+    """Each choice's log-likelihood from its own unbatched forward pass over the full logits."""
+    tok = ByteTokenizer()
+    context = f"Question: {question.question}\nAnswer:"
+    out = []
+    for text in question.choices:
+        whole = tok.encode(context + " " + text)
+        n_cont = len(whole) - len(tok.encode(context))
+        if max_len:
+            whole = whole[-(max_len + 1):]
+        with torch.no_grad():
+            logp = model(torch.tensor([whole[:-1]])).logits[0].float().log_softmax(-1)
+        positions = range(len(whole) - 1 - n_cont, len(whole) - 1)
+        out.append(sum(logp[p, whole[p + 1]].item() for p in positions))
+    return out
+
+
+def first_max(values):
+    return values.index(max(values))
+
+
+@pytest.mark.parametrize("batch_size,max_len", [(4, None), (1, None), (7, 64)])
+def test_arc_scores_match_direct_computation(tiny_run, batch_size, max_len):
+    _, model, data = tiny_run
+    questions = evaluation.read_arc_file(data)
+    result = evaluation.score_arc(model, ByteTokenizer(), questions, torch.device("cpu"), batch_size=batch_size, max_len=max_len)
+    acc, acc_norm = [], []
+    for r, q, got in zip(RECORDS, questions, result["questions"]):
+        assert (q.choices, q.gold) == (r["choices"]["text"], r["choices"]["label"].index(r["answerKey"]))
+        ref = reference_logliks(model, q, max_len)
+        assert got["logliks"] == pytest.approx(ref, rel=1e-5, abs=1e-4)
+        gaps = sorted(ref)
+        assert gaps[-1] - gaps[-2] > 1e-3, "choices nearly tied: the comparison below would be meaningless"
+        pred, pred_norm = first_max(ref), first_max([ll / len(t) for ll, t in zip(ref, q.choices)])
+        assert (got["pred"], got["pred_norm"], got["gold"]) == (pred, pred_norm, q.gold)
+        acc.append(float(pred == q.gold))
+        acc_norm.append(float(pred_norm == q.gold))
+    assert result["n"] == len(RECORDS)
+    assert result["acc"] == pytest.approx(statistics.mean(acc))
+    assert result["acc_norm"] == pytest.approx(statistics.mean(acc_norm))
+    assert result["acc_stderr"] == pytest.approx(statistics.stdev(acc) / math.sqrt(len(acc)))
+    assert result["acc_norm_stderr"] == pytest.approx(statistics.stdev(acc_norm) / math.sqrt(len(acc)))
+    assert result["chance"] == pytest.approx(statistics.mean(1 / len(r["choices"]["text"]) for r in RECORDS))
+    # the long-answer questions: length normalisation changes the pick, and so the score
+    for got in result["questions"][3:]:
+        assert got["pred"] != got["pred_norm"]
+    assert result["acc"] != result["acc_norm"]
+
+
+def test_arc_cli_writes_results_and_keeps_them(tiny_run, capsys):
+    run, model, data = tiny_run
+    (run.path / "bench" / "arc.json").unlink(missing_ok=True)
+    result = run_cli("bench", "arc", str(run.path), "--data", str(data), "--batch-size", "5", env=SERIAL)
+    assert result.returncode == 0, result.stderr
+    assert "acc_norm" in result.stdout and "chance" in result.stdout and "best" in result.stdout
+    saved = evaluation.read_bench_result(run, "arc")
+    expected = evaluation.score_arc(model, ByteTokenizer(), evaluation.read_arc_file(data), torch.device("cpu"), max_len=256)
+    for key in ("n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance"):
+        assert saved[key] == pytest.approx(expected[key]), key
+    assert saved["task"] == "arc_challenge" and saved["split"] == "test"
+    assert saved["checkpoint"] == "best" and saved["checkpoint_step"] == 2
+    assert json.loads((run.path / "bench" / "arc.json").read_text()) == saved
+
+    code, err = cli(capsys, "bench", "arc", str(run.path), "--data", str(data))
+    assert code == 1 and "--force" in err and len(err.strip().splitlines()) == 1
+    assert evaluation.read_bench_result(run, "arc") == saved
+
+
+def test_arc_cli_checkpoint_folder_parquet_and_limit(tiny_run, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run, _, _ = tiny_run
+    data = tmp_path / "arc.parquet"
+    pq.write_table(pa.Table.from_pylist(RECORDS), data)
+    step = run.checkpoints_dir / "step_000002"
+    result = run_cli("bench", "arc", str(step), "--data", str(data), "--limit", "2", "--force", env=SERIAL)
+    assert result.returncode == 0, result.stderr
+    saved = evaluation.read_bench_result(run, "arc")
+    assert saved["n"] == 2 and saved["checkpoint"] == "step_000002" and saved["limit"] == 2
+
+
+def test_arc_offline_without_data_is_one_line_error(tiny_run, tmp_path):
+    run, _, _ = tiny_run
+    # an empty hub cache, so a copy of ARC downloaded earlier on this machine is not found
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = run_cli("bench", "arc", str(run.path), "--force", env=env)
+    assert result.returncode == 1
+    assert "pass --data FILE" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("not_a_run", "neither a run folder"),
+    ("missing_data", "does not exist"),
+    ("bad_json", "line 2 is not valid JSON"),
+    ("bad_answer", "answerKey 'Z' is not one of the labels"),
+    ("bad_split", "unknown ARC split"),
+    ("bad_checkpoint", "has no checkpoint 'step_000009'"),
+    ("checkpoint_and_folder", "pass --checkpoint only with a run folder"),
+])
+def test_arc_cli_errors_are_one_line(tiny_run, tmp_path, capsys, case, needle):
+    run, _, data = tiny_run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({**RECORDS[1], "answerKey": "Z"}) + "\n")
+    args = {
+        "not_a_run": [str(tmp_path), "--data", str(data)],
+        "missing_data": [str(run.path), "--data", str(tmp_path / "nope.jsonl")],
+        "bad_json": [str(run.path), "--data", str(bad)],
+        "bad_answer": [str(run.path), "--data", str(wrong)],
+        "bad_split": [str(run.path), "--split", "train"],
+        "bad_checkpoint": [str(run.path), "--checkpoint", "step_000009", "--data", str(data)],
+        "checkpoint_and_folder": [str(run.best_dir), "--checkpoint", "best", "--data", str(data)],
+    }[case]
+    code, err = cli(capsys, "bench", "arc", *args, "--force")
+    assert code == 1
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+MICRO_SPEED = ["--set", "model.d_model=32", "--set", "model.n_heads=2", "--set", "model.gdn.num_heads=2",
+               "--set", "model.gdn.head_dim=16", "--set", "model.gdn.chunk_size=16", "--vocab", "300"]
+
+
+def test_speed_cli_on_cpu(tmp_path):
+    out = tmp_path / "speed.json"
+    result = run_cli("bench", "speed", "--patterns", "LF,LL", "--seq", "16,32", "--tokens-per-step", "64",
+                     "--steps", "2", "--warmup", "1", "--json", str(out), *MICRO_SPEED, env=SERIAL)
+    assert result.returncode == 0, result.stderr
+    assert "tok/s" in result.stdout and "MFU" in result.stdout and str(out.name) in result.stdout
+    report = json.loads(out.read_text())
+    assert report["task"] == "speed" and report["device"] == "cpu" and report["mode"] == "train"
+    rows = report["results"]
+    assert [(r["layer_types"], r["seq_len"], r["batch_size"]) for r in rows] == [
+        ("LF", 16, 4), ("LF", 32, 2), ("LL", 16, 4), ("LL", 32, 2)]
+    for r in rows:
+        assert r["tok_s"] > 0 and r["step_ms"] > 0 and r["tokens_per_step"] == 64
+        assert r["flops_per_token"] == pytest.approx(3 * r["flops_breakdown"]["forward"])
+        assert r["mfu"] is None and r["peak_memory_bytes"] is None and r["rss_bytes"] > 0
+        assert r["error"] is None
+    lf = rows[0]["flops_breakdown"]
+    assert lf["attention"] > 0 and lf["gdn"] > 0 and rows[2]["flops_breakdown"]["attention"] == 0
+    assert "tok/s" in result.stdout and "LF" in result.stdout
+
+    before = out.read_text()
+    code = main(["bench", "speed", "--patterns", "LL", "--seq", "16", "--batch", "2", "--json", str(out), *MICRO_SPEED])
+    assert code == 1 and out.read_text() == before
+
+
+def test_speed_forward_only_default_path(tmp_path):
+    result = run_cli("bench", "speed", "--patterns", "FL", "--seq", "32", "--batch", "2", "--steps", "1",
+                     "--warmup", "0", "--forward-only", "--out", str(tmp_path), *MICRO_SPEED, env=SERIAL)
+    assert result.returncode == 0, result.stderr
+    (path,) = (tmp_path / "bench").glob("speed-*.json")
+    report = json.loads(path.read_text())
+    (row,) = report["results"]
+    assert report["mode"] == "forward" and row["mode"] == "forward" and row["tok_s"] > 0
+    assert row["flops_per_token"] == pytest.approx(row["flops_breakdown"]["forward"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--batch", "2", "--tokens-per-step", "64"], "not both"),
+    (["--seq", "10,x"], "comma-separated integers"),
+    (["--seq", "64", "--tokens-per-step", "32"], "less than one sequence"),
+    (["--preset", "tiny,deltanet", "--patterns", "LL"], "one preset"),
+    (["--preset", "nope_preset"], "unknown preset"),
+    (["--patterns", "LXL"], "unknown letter"),
+])
+def test_speed_cli_errors(capsys, args, needle):
+    code, err = cli(capsys, "bench", "speed", *args)
+    assert code != 0
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_forward_flops_match_pytorch_flop_counter():
+    """The formula's forward FLOPs against torch's own count of the model's matmuls and convolutions. The counter
+    sees every key of attention (the math backend computes the full T x T scores) and has no count for the
+    triangular solve, so those two are put on its footing; the convolution's K - 1 padded outputs stay as slack."""
+    T, B = 64, 2
+    for pattern in ("LL", "FF", "LF"):
+        cfg = micro_config([f'model.pattern="{pattern}"', "model.vocab_size=257"]).model
+        model = build_model(cfg)
+        x = torch.randint(0, 257, (B, T))
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x)
+        f = evaluation.flops_per_token(model, T)
+        comparable = f["dense"] + f["head"] + f["gdn"] + f["attention"] * T / evaluation.keys_per_query(T)
+        assert counter.get_total_flops() / (B * T) == pytest.approx(comparable, rel=2e-3), pattern
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_speed_on_gpu_reports_memory_and_mfu():
+    configs = evaluation.speed_configs(["tiny"], ["LLFL"], ['train.device="cuda"'])
+    report = evaluation.bench_speed(configs, [256], [4], steps=2, warmup=2)
+    (row,) = report["results"]
+    assert row["error"] is None and row["tok_s"] > 0 and row["peak_memory_bytes"] > 0
+    assert (row["mfu"] is not None) == (evaluation.peak_bf16_tflops(report["device"]) is not None)
+
+
+def test_keys_per_query_counts_causal_and_windowed_keys():
+    for T, window in ((8, 0), (8, 3), (5, 8)):
+        seen = [min(i + 1, window) if window else i + 1 for i in range(T)]
+        assert evaluation.keys_per_query(T, window) == pytest.approx(sum(seen) / T)
+
+
+def test_peak_table_by_device_name():
+    assert evaluation.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert evaluation.peak_bf16_tflops("NVIDIA H100 PCIe") == 756
+    assert evaluation.peak_bf16_tflops("NVIDIA H200") == 989
+    assert evaluation.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert evaluation.peak_bf16_tflops("Tesla T4") is None
+
+
+def _write_plugin(root, body, entry="hellaswag = hybridctl_bench_plugin:hellaswag"):
+    (root / "hybridctl_bench_plugin.py").write_text(textwrap.dedent(body))
+    dist = root / "hybridctl_bench_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hybridctl-bench-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[hybridctl.benchmarks]\n{entry}\n")
+
+
+def test_plugin_benchmark_through_entry_point(tmp_path):
+    _write_plugin(tmp_path, """
+        import typer
+        def hellaswag(limit: int = typer.Option(10, "--limit")):
+            '''HellaSwag from a plugin.'''
+            print(f"hellaswag on {limit} questions")
+    """)
+    env = {"PYTHONPATH": str(tmp_path)}
+    listing = run_cli("bench", "--help", env=env)
+    assert listing.returncode == 0 and "hellaswag" in listing.stdout and "arc" in listing.stdout
+    result = run_cli("bench", "hellaswag", "--limit", "3", env=env)
+    assert result.returncode == 0 and "hellaswag on 3 questions" in result.stdout
+
+
+def test_broken_plugin_benchmark_warns_but_bench_works(tmp_path):
+    _write_plugin(tmp_path, "raise RuntimeError('benchmark exploded')\n")
+    result = run_cli("bench", "--help", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0
+    assert "warning: plugin benchmark 'hellaswag'" in result.stderr and "benchmark exploded" in result.stderr
+    assert "arc" in result.stdout and "speed" in result.stdout
