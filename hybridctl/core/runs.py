@@ -101,6 +101,14 @@ class RunDir:
                 f.write(str(os.getpid()))
             return
 
+    def lock_owner(self) -> int | None:
+        """pid of the live process writing this run, or None."""
+        try:
+            pid = int(self.lock_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        return pid if pid and _pid_alive(pid) else None
+
     def release_lock(self) -> None:
         try:
             if int(self.lock_path.read_text().strip() or 0) == os.getpid():
