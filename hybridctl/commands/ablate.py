@@ -1,12 +1,91 @@
-"""`hybridctl ablate` (not implemented yet)."""
+"""`hybridctl ablate`: sweep the learning rate or the architecture, one ordinary run per value, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-app = typer.Typer(help="Not implemented yet.", invoke_without_command=True)
+from hybridctl.core import experiments as ex
+from hybridctl.core.render import TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, results_table
+from hybridctl.core.runs import RunDir
+
+app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value under runs/ablations/<sweep>/.",
+                  no_args_is_help=True)
+
+STEPS_HELP = "Steps per run (default: 200 for lr, 300 for arch, or a --set train.steps=N)."
+OUT_HELP = "Folder that holds run folders; the sweep goes to OUT/ablations/<sweep>/."
+FORCE_HELP = "Run even if the sweep folder holds a different plan: runs that differ are replaced, identical ones kept."
 
 
-@app.callback()
-def main():
-    """Not implemented yet."""
-    typer.echo("hybridctl ablate: not implemented yet", err=True)
-    raise typer.Exit(2)
+@app.command("lr")
+def lr(
+    preset: str = typer.Option("deltanet", "--preset", "-p", help="Preset name or .toml path."),
+    values: str = typer.Option(",".join(fmt_lr(v) for v in ex.DEFAULT_LRS), "--values", help="Comma-separated learning rates."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
+    out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: lr_<preset>)."),
+    metric: str = typer.Option("best_val_loss", "--metric", help="Value that ranks the runs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+):
+    """One run per learning rate on one preset; ranks them and plots val loss against LR."""
+    ex.check_metric(metric)
+    plan = ex.plan_lr_sweep(preset, ex.parse_lr_values(values), steps, overrides, name)
+    execute(plan, out, dry_run, force, metric)
+
+
+@app.command("arch")
+def arch(
+    patterns: str = typer.Option("all", "--patterns", help=f"Presets and groups ({', '.join(ex.ARCH_GROUPS)}), comma-separated."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
+    out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: arch_<patterns>)."),
+    metric: str = typer.Option("best_val_loss", "--metric", help="Value that ranks the runs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+):
+    """One run per architecture preset (same data and seed, each preset's own LR); ranks them by val loss."""
+    ex.check_metric(metric)
+    label = patterns if patterns in ex.ARCH_GROUPS else ""
+    plan = ex.plan_arch_sweep(ex.parse_patterns(patterns), steps, overrides, name, label=label)
+    execute(plan, out, dry_run, force, metric)
+
+
+def execute(plan: ex.SweepPlan, out: Path, dry_run: bool, force: bool, metric: str) -> None:
+    path = ex.sweep_path(out, plan.name)
+    if dry_run:
+        console.print(plan_table(plan, ex.preview_actions(plan, path)))
+        console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {len(plan.runs)} runs")
+        conflict = ex.sweep_conflict(plan, path)
+        if conflict:
+            console.print(f"note: {conflict}; running this plan needs --force or another --name", markup=False)
+        console.print(f"dry run: nothing written (sweep folder {path})", markup=False)
+        return
+    total = len(plan.runs)
+
+    def notify(planned, index, action):
+        where = f"[{index + 1}/{total}] {planned.name}"
+        words = {"done": "finished, skipping", "diverged": "diverged before, skipping (delete its folder to retry)",
+                 "start": "training", "resume": f"resuming from step {action.step}"}
+        err_console.print(f"{where}: {words[action.kind]}", markup=False, highlight=False)
+
+    ex.run_sweep(plan, path, force, progress=lambda planned, i: TrainProgress(f"[{i + 1}/{total}] {planned.name}"),
+                 notify=notify)
+    results = [ex.load_result(RunDir(path / r.name)) for r in plan.runs if RunDir(path / r.name).exists()]
+    ex.label_results(results)
+    rows = ex.rank_results(results, metric)
+    console.print(results_table(rows, metric, title=f"Sweep {plan.name}: ranked by {metric}"))
+    print_chart(ex.lr_chart(rows, metric) if plan.kind == "lr" else ex.attention_chart(rows, metric))
+    best = next((r for r in rows if r.rank == 1), None)
+    if best is None:
+        console.print("no run finished, so there is no best value")
+    elif plan.kind == "lr":
+        console.print(f"best lr: {fmt_lr(best.result.get('lr'))} ({metric} {best.value:.4f})", markup=False)
+    else:
+        console.print(f"best architecture: {best.result.label} ({metric} {best.value:.4f})", markup=False)
+    console.print(f"sweep folder: {path} (compare it with `hybridctl compare {path}`, report with `hybridctl report {path}`)",
+                  markup=False, highlight=False, soft_wrap=True)

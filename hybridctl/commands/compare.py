@@ -1,9 +1,50 @@
-"""`hybridctl compare` (not implemented yet)."""
+"""`hybridctl compare`: rank runs by validation loss in a table and plot their loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from hybridctl.core import experiments as ex
+from hybridctl.core.errors import ConfigError
+from hybridctl.core.render import console, markdown_table, print_chart, results_rows, results_table
 
-def compare(args: list[str] = typer.Argument(None)):
-    """Not implemented yet."""
-    typer.echo("hybridctl compare: not implemented yet", err=True)
-    raise typer.Exit(2)
+
+def compare(
+    paths: Optional[list[Path]] = typer.Argument(None, help="Run folders, sweep folders or folders of runs (default: runs)."),
+    metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(ex.METRICS)}."),
+    sort: str = typer.Option("rank", "--sort", help=f"Row order: {', '.join(ex.SORT_KEYS)}."),
+    x: str = typer.Option("steps", "--x", help="x axis of the curves: steps or tokens."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw loss curves (a table of points when not on a terminal)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the ranking as JSON to stdout instead of tables."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the ranking as JSON to this file."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the ranking as a Markdown table to this file."),
+    force: bool = typer.Option(False, "--force", help="Replace existing --json-out / --markdown files."),
+):
+    """Rank runs by validation loss (or --metric) and plot their loss curves."""
+    if x not in ("steps", "tokens"):
+        raise ConfigError(f"--x must be steps or tokens, got '{x}'")
+    for target in (json_out, markdown):
+        if target is not None:
+            ex.ensure_new_file(target, force)
+    results = ex.collect_results(paths or [Path("runs")])
+    rows = ex.rank_results(results, metric, sort)
+    records = [ex.result_record(row, metric) for row in rows]
+    if json_out is not None:
+        json_out.write_text(json.dumps(records, indent=2) + "\n")
+    if markdown is not None:
+        markdown.write_text(f"Ranked by {metric}.\n\n" + markdown_table(*results_rows(rows, metric)))
+    if as_json:
+        print(json.dumps(records, indent=2))
+        return
+    console.print(results_table(rows, metric, title=f"{len(rows)} runs ranked by {metric}"))
+    if plots:
+        shown = [row.result for row in rows]
+        print_chart(ex.curves_chart(shown, "val_loss", x))
+        print_chart(ex.curves_chart(shown, "loss", x))
+    for target in (json_out, markdown):
+        if target is not None:
+            console.print(f"wrote {target}", markup=False, highlight=False)

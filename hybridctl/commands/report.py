@@ -1,9 +1,30 @@
-"""`hybridctl report` (not implemented yet)."""
+"""`hybridctl report`: findings of a run, sweep or folder of runs, printed and written as Markdown with plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from hybridctl.core import experiments as ex
+from hybridctl.core.render import console, print_report, write_report
 
-def report(args: list[str] = typer.Argument(None)):
-    """Not implemented yet."""
-    typer.echo("hybridctl report: not implemented yet", err=True)
-    raise typer.Exit(2)
+
+def report(
+    path: Path = typer.Argument(..., help="A run folder, a sweep folder (runs/ablations/<sweep>) or a folder of runs."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Markdown file to write (default: PATH/report.md)."),
+    metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(ex.METRICS)}."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report file."),
+):
+    """Winner and margin, ranking, loss vs attention share, throughput vs quality, LR sensitivity, curves."""
+    ex.check_metric(metric)
+    out = out or (path / "report.md" if path.is_dir() else path.with_suffix(".md"))
+    ex.ensure_new_file(out, force)
+    results = ex.collect_results([path])
+    sweep = ex.read_sweep(path) if path.is_dir() else None
+    findings = ex.build_report(results, metric, title=f"Findings: {path.resolve().name}", sweep=sweep)
+    print_report(findings)
+    plots = write_report(findings, out)
+    where = f" and {len(plots)} plot files in {plots[0].parent}" if plots else ""
+    console.print(f"wrote {out}{where}", markup=False, highlight=False, soft_wrap=True)

@@ -1,14 +1,20 @@
-"""Terminal rendering: Rich progress and tables. The library reports events; this module draws them."""
+"""Terminal rendering: Rich progress, tables, charts and reports. The library reports events and data; this
+module draws them."""
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+from hybridctl.core.plots import chart_size, render_chart, save_chart
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,6 +35,18 @@ def fmt_count(n: float | None) -> str:
         if abs(n) >= size:
             return f"{n / size:.1f}{unit}"
     return f"{n:.0f}"
+
+
+def fmt_lr(value: float) -> str:
+    """1.5e-3 -> '1.5e-3', 0.0003 -> '3e-4': short, exact, and safe in a folder name."""
+    mantissa, exponent = f"{value:e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def loss_view(metric: str) -> str:
+    """'final' when ranking by a final_* metric, else 'best': which loss, acc and ppl a ranking shows."""
+    return "final" if metric.startswith("final_") else "best"
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -149,3 +167,167 @@ def data_table(info: dict[str, Any], title: str = "Data") -> Table:
     for key, value in rows:
         table.add_row(key, str(value))
     return table
+
+# ---------------------------------------------------------------------------------------------------------
+# Experiment tables, charts and reports (data from core.experiments, charts from core.plots)
+
+
+def fmt_pct(fraction: float | None, digits: int = 1) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.{digits}f}%"
+
+
+def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Headers and text cells of a ranking (a list of core.experiments.Ranked); columns that would say
+    nothing (one LR for all, every run complete) are left out."""
+    view = loss_view(metric)
+    results = [row.result for row in rows]
+    show_lr = len({r.get("lr") for r in results}) > 1
+    show_steps = len({r.get("steps") for r in results}) > 1
+    show_arc = any(r.get("arc_acc") is not None for r in results)
+    show_status = any(r.status != "complete" for r in results)
+    shown_loss = f"{view}_val_loss"
+    headers = ["#", "run", "attn"] + (["lr"] if show_lr else []) + (["steps"] if show_steps else [])
+    headers += ["val loss" if view == "best" else "final loss", "acc", "ppl", "time", "tok/s", "Δ vs best" if metric == shown_loss else f"Δ {metric}"]
+    headers += ["ARC acc", "ARC acc_norm"] if show_arc else []
+    headers += ["status"] if show_status else []
+    table = []
+    for row in rows:
+        r = row.result
+        cells = [str(row.rank) if row.rank else "-", r.label, fmt_pct(r.get("attention_fraction"))]
+        if show_lr:
+            cells.append(fmt_lr(r.get("lr")) if r.get("lr") else "-")
+        if show_steps:
+            cells.append(fmt_num(r.get("steps")))
+        cells += [
+            fmt_num(r.get(shown_loss)), fmt_pct(r.get(f"{view}_val_acc"), 2), fmt_num(r.get(f"{view}_val_ppl"), 2),
+            fmt_duration(r.get("train_time_s")), fmt_count(r.get("tok_s")),
+            "best" if row.rank == 1 else ("-" if row.delta_pct is None else f"{row.delta_pct:+.2f}%"),
+        ]
+        if show_arc:
+            cells += [fmt_pct(r.get("arc_acc"), 2), fmt_pct(r.get("arc_acc_norm"), 2)]
+        if show_status:
+            cells.append(r.status if r.status == "complete" else f"{r.status} ({r.get('steps')}/{r.get('planned_steps') or '?'})")
+        table.append(cells)
+    return headers, table
+
+
+def text_table(headers: list[str], rows: list[list[str]], title: str | None = None,
+               no_wrap_column: int | None = None) -> Table:
+    """A compact table (no vertical rules, so ten columns fit in 80); numbers right-aligned."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    for i, h in enumerate(headers):
+        numeric = bool(rows) and all(_numeric(row[i]) or row[i] in ("-", "best") for row in rows)
+        # numbers are never cut short: when space runs out, headers and names wrap instead
+        widest = max((len(row[i]) for row in rows), default=0)
+        widest = widest if numeric else min(widest, 14)
+        table.add_column(h, justify="right" if numeric else "left", no_wrap=i == no_wrap_column, min_width=widest,
+                         overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _numeric(cell: str) -> bool:
+    return cell[:1].isdigit() or cell[:1] in "+-." and cell[1:2].isdigit()
+
+
+def results_table(rows, metric: str, title: str | None = None) -> Table:
+    headers, cells = results_rows(rows, metric)
+    return text_table(headers, cells, title)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(escape, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def chart_table(chart) -> Table:
+    """A chart's points as a table: what a pipe or a log file gets instead of a plot."""
+    ticks = dict(chart.xticks)
+    multi = len(chart.series) > 1
+    headers = (["run"] if multi else []) + [chart.xlabel, chart.ylabel]
+    rows = []
+    for s in chart.series:
+        for x, y in zip(s.xs, s.ys):
+            rows.append(([s.label] if multi else []) + [ticks.get(x, f"{x:g}"), fmt_num(y)])
+    return text_table(headers, rows, title=chart.title)
+
+
+def print_chart(chart, out: Console = console) -> None:
+    """A plotext plot on a terminal (sized to it); the same data as a table anywhere else."""
+    if chart.is_empty():
+        return
+    if out.is_terminal:
+        width, height = chart_size(out.width)
+        out.print(Text.from_ansi(render_chart(chart, width, height)), soft_wrap=True)
+    else:
+        out.print(chart_table(chart))
+
+
+def plan_table(plan, actions) -> Table:
+    """A sweep plan (core.experiments.SweepPlan) with what running it now would do to each run."""
+    words = {"start": "train", "done": "finished: skip", "diverged": "diverged: skip"}
+    rows = []
+    for planned, action in zip(plan.runs, actions):
+        t = planned.cfg.train
+        rows.append([planned.name, "".join(planned.cfg.model.layer_types()), fmt_lr(t.lr), str(t.steps),
+                     fmt_count(planned.tokens), words.get(action.kind, f"resume from step {action.step}")])
+    title = f"Sweep {plan.name} ({plan.kind}): {len(plan.runs)} runs, {plan.steps} steps each"
+    table = text_table(["run", "layers", "lr", "steps", "tokens", "action"], rows, title, no_wrap_column=0)
+    return table
+
+
+def print_report(report, out: Console = console) -> None:
+    out.rule(f"[bold]{report.title}")
+    for section in report.sections:
+        out.print()
+        out.print(section.heading, style="bold underline")
+        for paragraph in section.paragraphs:
+            out.print(paragraph, markup=False, highlight=False)
+        if section.ranking is not None:
+            out.print(results_table(section.ranking, report.metric))
+        if section.table is not None:
+            out.print(text_table(*section.table))
+        for chart in section.charts:
+            print_chart(chart, out)
+
+
+def report_markdown(report, plot_files: dict[str, list[str]] | None = None, width: int = 80) -> str:
+    """The report as Markdown: tables, and each chart as text in a code block with links to its saved files."""
+    plot_files = plot_files or {}
+    parts = [f"# {report.title}\n"]
+    for section in report.sections:
+        parts.append(f"## {section.heading}\n")
+        if section.paragraphs:
+            parts.append("\n".join(p if p.startswith("- ") else p + "\n" for p in section.paragraphs))
+        if section.ranking is not None:
+            parts.append(markdown_table(*results_rows(section.ranking, report.metric)))
+        if section.table is not None:
+            parts.append(markdown_table(*section.table))
+        for chart in section.charts:
+            if chart.is_empty():
+                continue
+            parts.append(f"```text\n{render_chart(chart, width, color=False)}\n```\n")
+            links = ", ".join(f"[{Path(f).suffix[1:]}]({f})" for f in plot_files.get(chart.name, []))
+            if links:
+                parts.append(f"Plot files: {links}\n")
+    return "\n".join(parts)
+
+
+def write_report(report, md_path: Path) -> list[Path]:
+    """Write the Markdown report and its plots (text and HTML) into <stem>_plots/ beside it; returns the plot files."""
+    md_path = Path(md_path)
+    plots_dir = md_path.with_name(f"{md_path.stem}_plots")
+    files: dict[str, list[str]] = {}
+    written: list[Path] = []
+    for section in report.sections:
+        for chart in section.charts:
+            if not chart.is_empty():
+                paths = save_chart(chart, plots_dir)
+                written += paths
+                files[chart.name] = [p.relative_to(md_path.parent).as_posix() for p in paths]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(report_markdown(report, files))
+    return written

@@ -151,6 +151,14 @@ class RunDir:
             _held_locks[key] = fd
             return
 
+    def lock_owner(self) -> int | None:
+        """pid of the live process writing this run, or None."""
+        try:
+            pid = int(self.lock_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        return pid if pid and _pid_alive(pid) else None
+
     def release_lock(self) -> None:
         fd = _held_locks.pop(os.path.realpath(self.path), None)
         if fd is None:

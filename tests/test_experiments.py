@@ -1,0 +1,387 @@
+"""Sweeps (`ablate`), `compare` and `report` on micro runs: files, exit codes, output, resumption."""
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import textwrap
+
+import pytest
+from rich.console import Console
+
+from conftest import MICRO, cli_args_for_micro, run_cli
+from hybridctl.core import experiments as ex
+from hybridctl.core.config import load_config, load_config_file
+from hybridctl.core.errors import ConfigError, RunError, TrainingError
+from hybridctl.core.plots import Chart, Series, chart_size, render_chart
+from hybridctl.core.render import fmt_lr, print_chart, results_rows
+from hybridctl.core.runs import RunDir
+
+LRS = ["1e-3", "3e-3"]
+STEPS = 4  # checkpoints at steps 3 and 4 (MICRO saves every 3)
+SWEEP_ARGS = ["ablate", "lr", "--preset", "tiny", "--values", ",".join(LRS), "--steps", str(STEPS)]
+
+
+def run_names():
+    return [f"tiny_lr{v}" for v in LRS]
+
+
+def losses(run: RunDir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in run.read_metrics() if "loss" in r}
+
+
+def snapshot(root):
+    return {str(p): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One LR sweep of two micro runs, made through the CLI; the compare and report tests read it."""
+    out = tmp_path_factory.mktemp("exp") / "runs"
+    result = run_cli(*SWEEP_ARGS, "--out", str(out), *cli_args_for_micro())
+    assert result.returncode == 0, result.stderr
+    return out, out / "ablations" / "lr_tiny", result
+
+
+def best_by_summary(path):
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in path.glob("*/summary.json")}
+    return min(summaries, key=lambda n: summaries[n]["best_val_loss"]), summaries
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ablate lr
+
+
+def test_lr_sweep_writes_run_folders_and_plan(sweep):
+    out, path, result = sweep
+    state = json.loads((path / "sweep.json").read_text())
+    assert state["kind"] == "lr" and state["steps"] == STEPS
+    assert [r["name"] for r in state["plan"]] == run_names()
+    assert state["status"] == {n: "complete" for n in run_names()}
+    for entry, lr in zip(state["plan"], LRS):
+        assert entry["overrides"][-2:] == [f"train.steps={STEPS}", f"train.lr={float(lr)!r}"]
+        run = RunDir(path / entry["name"])
+        cfg = load_config_file(run.config_path)
+        assert cfg.train.lr == float(lr) and cfg.train.steps == STEPS and cfg.model.d_model == 32
+        summary = run.read_summary()
+        assert summary["status"] == "complete" and summary["steps"] == STEPS
+        assert sorted(losses(run)) == list(range(1, STEPS + 1))
+        assert [p.name for p in run.step_checkpoints()] == ["step_000003", "step_000004"]
+        assert not run.lock_path.exists()
+    best, summaries = best_by_summary(path)
+    assert f"best lr: {best.split('_lr')[1]} " in result.stdout
+    # ranked table: the best run's row comes first, and the LR chart falls back to a table without a terminal
+    rows = [line for line in result.stdout.splitlines() if re.match(r"^\s*\d+\s+tiny_lr", line)]
+    assert [line.split()[1] for line in rows] == sorted(summaries, key=lambda n: summaries[n]["best_val_loss"])
+    assert "learning rate" in result.stdout and "┤" not in result.stdout
+
+
+def test_second_invocation_skips_finished_runs(sweep):
+    out, path, _ = sweep
+    before = snapshot(path)
+    again = run_cli(*SWEEP_ARGS, "--out", str(out), *cli_args_for_micro())
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("finished, skipping") == 2 and "training" not in again.stderr
+    after = snapshot(path)
+    for name in run_names():
+        for f in ("summary.json", "metrics.jsonl", "checkpoints/step_000004/model.safetensors"):
+            key = str(path / name / f)
+            assert after[key] == before[key], key
+
+
+def test_dry_run_writes_nothing(sweep, tmp_path):
+    out, path, _ = sweep
+    fresh = tmp_path / "runs"
+    result = run_cli(*SWEEP_ARGS, "--out", str(fresh), "--dry-run", *cli_args_for_micro())
+    assert result.returncode == 0, result.stderr
+    assert not fresh.exists()
+    per_run = STEPS * 4 * 32  # steps * batch * seq of MICRO
+    assert f"{2 * per_run:,}" in result.stdout and all(n in result.stdout for n in run_names())
+    assert result.stdout.count(" train ") + result.stdout.count(" train\n") == 2
+
+    # a different plan under the same sweep name is refused, one line, and nothing changes
+    before = snapshot(out)
+    changed = ["ablate", "lr", "--preset", "tiny", "--values", "1e-3,2e-3", "--steps", str(STEPS), "--out", str(out)]
+    refused = run_cli(*changed, *cli_args_for_micro())
+    assert refused.returncode == 1 and "planned differently" in refused.stderr and "+tiny_lr2e-3" in refused.stderr
+    assert "--force" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert snapshot(out) == before
+
+
+def test_forced_replan_keeps_identical_runs_and_drops_the_rest(sweep, tmp_path):
+    _, path, _ = sweep
+    copy = tmp_path / "lr_tiny"
+    shutil.copytree(path, copy)
+    keep_marker = copy / "tiny_lr1e-3" / "marker"
+    keep_marker.write_text("kept")
+    plan = ex.plan_lr_sweep("tiny", [1e-3, 2e-3], STEPS, list(MICRO), name="lr_tiny")
+    assert [a.kind for a in ex.preview_actions(ex.plan_lr_sweep("tiny", [1e-3, 3e-3], STEPS, list(MICRO)), copy)] == ["done", "done"]
+    assert "+tiny_lr2e-3" in ex.sweep_conflict(plan, copy)
+    with pytest.raises(RunError, match="planned differently"):
+        ex.prepare_sweep(plan, copy)
+    state = ex.prepare_sweep(plan, copy, force=True)
+    assert keep_marker.read_text() == "kept"  # same plan entry: finished run kept
+    assert not (copy / "tiny_lr3e-3").exists()  # left the plan: removed
+    assert [r["name"] for r in state["plan"]] == ["tiny_lr1e-3", "tiny_lr2e-3"]
+    actions = ex.preview_actions(plan, copy)
+    assert [a.kind for a in actions] == ["done", "start"]
+
+
+def test_next_action_by_run_state(sweep, tmp_path):
+    _, path, _ = sweep
+    plan = ex.plan_lr_sweep("tiny", [float(LRS[0])], STEPS, list(MICRO))
+    planned = plan.runs[0]
+    run = RunDir(tmp_path / planned.name)
+    assert ex.next_action(run, planned, None).kind == "start"  # no folder
+    shutil.copytree(path / planned.name, run.path)
+    assert ex.next_action(run, planned, "complete").kind == "done"
+    run.summary_path.unlink()  # stopped after its last checkpoint but before the summary
+    action = ex.next_action(run, planned, "interrupted")
+    assert (action.kind, action.step, action.checkpoint.name) == ("resume", 3, "step_000003")
+    assert ex.next_action(run, planned, "diverged").kind == "diverged"
+    shutil.rmtree(run.checkpoints_dir)  # config but no checkpoint: trained again from the start
+    assert ex.next_action(run, planned, "interrupted").kind == "start"
+
+
+def test_interrupted_sweep_resumes_from_checkpoint(sweep, tmp_path):
+    """A real SIGINT in the second run (the trainer saves a checkpoint and stops); the rerun skips the finished
+    first run and continues the second from step 3, ending where an uninterrupted run ends."""
+    _, reference, _ = sweep
+    out = tmp_path / "runs"
+    plan = ex.plan_lr_sweep("tiny", [float(v) for v in LRS], STEPS, list(MICRO))
+    path = ex.sweep_path(out, plan.name)
+
+    def progress(planned, index):
+        def callback(kind, record):
+            if index == 1 and kind == "log" and record["step"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return callback
+
+    ex.prepare_sweep(plan, path)
+    shutil.copytree(reference / plan.runs[0].name, path / plan.runs[0].name)  # finished earlier
+    with pytest.raises(TrainingError, match="run the same ablate command again"):
+        ex.run_sweep(plan, path, progress=progress)
+    first, second = (RunDir(path / n) for n in run_names())
+    state = ex.read_sweep(path)
+    assert state["status"] == {first.name: "complete", second.name: "interrupted"}
+    assert first.read_summary()["status"] == "complete" and not second.summary_path.exists()
+    assert [p.name for p in second.step_checkpoints()] == ["step_000003"]
+    (second.path / "marker").write_text("a restart would delete this")
+    finished = first.summary_path.stat().st_mtime_ns
+
+    result = run_cli(*SWEEP_ARGS, "--out", str(out), *cli_args_for_micro())
+    assert result.returncode == 0, result.stderr
+    assert f"{first.name}: finished, skipping" in result.stderr
+    assert f"{second.name}: resuming from step 3" in result.stderr
+    assert (second.path / "marker").exists() and first.summary_path.stat().st_mtime_ns == finished
+    assert ex.read_sweep(path)["status"][second.name] == "complete"
+    assert sorted(losses(second)) == list(range(1, STEPS + 1))  # no step logged twice
+    expected = losses(RunDir(reference / second.name))
+    assert losses(second) == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    extra = ["train.max_bad_steps=1", "train.grad_clip=0"]  # an absurd LR blows up within a few steps
+    plan = ex.plan_lr_sweep("tiny", [1e4, 1e-3], STEPS, list(MICRO) + extra)
+    path = tmp_path / "sweep"
+    state = ex.run_sweep(plan, path)
+    assert state["status"] == {"tiny_lr1e4": "diverged", "tiny_lr1e-3": "complete"}
+    assert "not finite" in state["errors"]["tiny_lr1e4"]
+    heard = []
+    ex.run_sweep(plan, path, notify=lambda planned, i, action: heard.append(action.kind))
+    assert heard == ["diverged", "done"]  # not retried, not retrained
+    rows = ex.rank_results(ex.collect_results([path]))
+    assert [(r.result.label, r.rank) for r in rows][0] == ("tiny_lr1e-3", 1) and rows[1].rank is None
+    report = ex.build_report([r.result for r in rows], sweep=ex.read_sweep(path))
+    assert any("Diverged (loss not finite): tiny_lr1e4" in p for p in report.sections[0].paragraphs)
+
+
+def test_sweep_options_are_checked():
+    with pytest.raises(ConfigError, match="--values"):
+        ex.plan_lr_sweep("tiny", [1e-3], 2, list(MICRO) + ["train.lr=1e-2"])
+    with pytest.raises(ConfigError, match="not a number"):
+        ex.parse_lr_values("1e-3,fast")
+    assert ex.resolve_steps("lr", None, ["train.steps=7"]) == 7  # --set train.steps counts when --steps is absent
+    assert ex.resolve_steps("lr", 5, ["train.steps=7"]) == 5  # --steps wins
+    assert ex.resolve_steps("arch", None, []) == 300 and ex.resolve_steps("lr", None, []) == 200
+    assert ex.parse_patterns("study_c") == ex.STUDY_C and len(ex.parse_patterns("all,deltanet")) == 13
+    for value in (3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 0.25):
+        assert float(fmt_lr(value)) == value
+    assert fmt_lr(1.5e-3) == "1.5e-3" and fmt_lr(3e-4) == "3e-4"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ablate arch
+
+
+def test_arch_sweep_each_preset_with_its_own_lr(tmp_path):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    for stem, pattern, lr in (("pure_linear", "LL", 1e-3), ("half_attention", "LF", 3e-3)):
+        (presets / f"{stem}.toml").write_text(textwrap.dedent(f"""
+            extends = "tiny"
+            [model]
+            n_layers = 2
+            pattern = "{pattern}"
+            [train]
+            lr = {lr}
+        """))
+    shape = [s for s in MICRO if not s.startswith(("model.pattern", "model.n_layers", "train.steps"))]
+    args = [a for s in shape for a in ("--set", s)]
+    patterns = f"{presets / 'pure_linear.toml'},{presets / 'half_attention.toml'}"
+    out = tmp_path / "runs"
+    result = run_cli("ablate", "arch", "--patterns", patterns, "--steps", "3", "--out", str(out), "--name", "arch", *args)
+    assert result.returncode == 0, result.stderr
+    path = out / "ablations" / "arch"
+    configs = {n: load_config_file(path / n / "config.toml") for n in ("pure_linear", "half_attention")}
+    assert configs["pure_linear"].train.lr == 1e-3 and configs["half_attention"].train.lr == 3e-3
+    assert configs["pure_linear"].model.layer_types() == ["L", "L"]
+    assert configs["half_attention"].model.layer_types() == ["L", "F"]
+    assert configs["pure_linear"].train.seed == configs["half_attention"].train.seed
+    assert configs["pure_linear"].data == configs["half_attention"].data
+    best, _ = best_by_summary(path)
+    assert f"best architecture: {best} " in result.stdout
+    assert "attention layers (%)" in result.stdout
+
+
+def test_arch_dry_run_of_study_a(tmp_path):
+    result = run_cli("ablate", "arch", "--patterns", "all", "--dry-run", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "runs").exists()
+    for name in ex.STUDY_A:
+        assert re.search(rf"^\s*{name}\s", result.stdout, re.M), name
+    t = load_config("hybrid_sparse").train
+    per_run = 300 * t.batch_size * t.seq_len
+    assert f"({13 * per_run:,})" in result.stdout
+    with pytest.raises(ConfigError, match="did you mean 'hybrid_sparse'"):
+        ex.plan_arch_sweep(ex.parse_patterns("deltanet,hybrid_sparce"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compare
+
+
+def test_compare_table_and_curve_fallback(sweep):
+    out, path, _ = sweep
+    result = run_cli("compare", cwd=out.parent)  # default: ./runs
+    assert result.returncode == 0, result.stderr
+    _, summaries = best_by_summary(path)
+    ranked = sorted(summaries, key=lambda n: summaries[n]["best_val_loss"])
+    rows = [line.split() for line in result.stdout.splitlines() if re.match(r"^\s*\d+\s+tiny_lr", line)]
+    assert [r[1] for r in rows] == ranked and [r[0] for r in rows] == ["1", "2"]
+    assert rows[0][-1] == "best" and rows[1][-1].startswith("+")
+    assert f"{summaries[ranked[0]]['best_val_loss']:.4f}" in rows[0]
+    # no terminal: the curves come as tables of points, not plots
+    assert "validation loss vs steps" in result.stdout and "training loss vs steps" in result.stdout
+    assert "┤" not in result.stdout and not re.search("[\u2800-\u28ff]", result.stdout)
+
+
+def test_compare_json_and_markdown(sweep, tmp_path):
+    _, path, _ = sweep
+    md, js = tmp_path / "table.md", tmp_path / "table.json"
+    result = run_cli("compare", str(path), "--json", "--json-out", str(js), "--markdown", str(md))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert json.loads(js.read_text()) == records
+    _, summaries = best_by_summary(path)
+    assert [r["rank"] for r in records] == [1, 2]
+    for r in records:
+        assert r["best_val_loss"] == summaries[r["name"]]["best_val_loss"] and r["status"] == "complete"
+        assert r["attention_fraction"] == 0.5 and r["lr"] in (1e-3, 3e-3)
+    assert records[0]["delta_pct"] == 0 and records[1]["delta_pct"] > 0
+    lines = md.read_text().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0].startswith("| # | run | attn |") and set(table[1]) <= set("|-")
+    assert [row.split("|")[2].strip() for row in table[2:]] == [r["name"] for r in records]
+
+
+def test_compare_without_runs_says_how_to_make_them(tmp_path):
+    (tmp_path / "runs").mkdir()
+    result = run_cli("compare", cwd=tmp_path)
+    assert result.returncode == 1 and "no runs found under runs" in result.stderr and "hybridctl train" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(RunError, match="does not exist.*hybridctl train"):
+        ex.collect_results([tmp_path / "nope"])
+
+
+def test_unfinished_runs_and_arc_columns(sweep, tmp_path):
+    _, path, _ = sweep
+    copy = tmp_path / "runs"
+    shutil.copytree(path, copy)
+    best, summaries = best_by_summary(path)
+    (copy / best / "summary.json").unlink()  # the best run now looks stopped before its end
+    other = next(n for n in summaries if n != best)
+    (copy / other / "bench").mkdir()
+    arc = {"task": "arc_challenge", "split": "test", "n": 1172, "acc": 0.2312, "acc_stderr": 0.012,
+           "acc_norm": 0.2654, "acc_norm_stderr": 0.013}
+    (copy / other / "bench" / "arc.json").write_text(json.dumps(arc))
+    rows = ex.rank_results(ex.collect_results([copy]))
+    assert [(r.result.label, r.rank) for r in rows] == [(other, 1), (best, None)]  # an unfinished run is not ranked
+    assert rows[1].result.status == "partial" and rows[1].value == summaries[best]["best_val_loss"]
+    headers, cells = results_rows(rows, "best_val_loss")
+    assert headers[-3:] == ["ARC acc", "ARC acc_norm", "status"]
+    assert cells[0][-3:] == ["23.12%", "26.54%", "complete"] and cells[1][-3:-1] == ["-", "-"]
+    assert cells[1][0] == "-" and cells[1][-1].startswith("partial")
+    assert ex.rank_results(ex.collect_results([copy]), "arc_acc")[0].value == arc["acc"]
+    with pytest.raises(ConfigError, match="did you mean 'final_val_loss'"):
+        ex.rank_results(rows and [r.result for r in rows], "final_val_los")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def test_report_markdown_and_plots(sweep, tmp_path):
+    _, path, _ = sweep
+    md = tmp_path / "out" / "findings.md"
+    result = run_cli("report", str(path), "--out", str(md))
+    assert result.returncode == 0, result.stderr
+    text = md.read_text()
+    best, summaries = best_by_summary(path)
+    second = next(n for n in summaries if n != best)
+    a, b = summaries[best]["best_val_loss"], summaries[second]["best_val_loss"]
+    assert f"Winner: {best} " in text and f"{100 * (b - a) / b:.2f}% lower than the runner-up {second}" in text
+    for heading in ("## Ranking", "## Learning-rate sensitivity", "## Throughput vs quality", "## Training curves"):
+        assert heading in text
+    assert f"Best LR: {best.split('_lr')[1]} " in text
+    links = re.findall(r"\]\((findings_plots/[^)]+)\)", text)
+    assert {"findings_plots/loss_vs_lr.txt", "findings_plots/val_loss_vs_steps.html"} <= set(links)
+    for link in links:
+        assert (md.parent / link).stat().st_size > 0
+    plot = (md.parent / "findings_plots" / "loss_vs_lr.txt").read_text()
+    assert "┤" in plot and "\x1b[" not in plot and "1e-3" in plot and "3e-3" in plot
+    assert "Winner:" in result.stdout  # also printed
+
+    again = run_cli("report", str(path), "--out", str(md))
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots
+
+
+def test_chart_renders_to_the_requested_size():
+    chart = Chart("curve", "val loss vs steps", "step", "loss",
+                  [Series("a", [1, 2, 3, 4], [4.0, 3.5, 3.2, 3.1]), Series("b", [1, 2, 3, 4], [4.1, 3.9, 3.8, 3.7])])
+    plain = render_chart(chart, width=60, height=15, color=False)
+    lines = plain.splitlines()
+    assert len(lines) == 15 and max(len(line) for line in lines) <= 60
+    assert "val loss vs steps" in lines[0] and "4.10" in plain and "3.10" in plain
+    assert "a" in plain and "b" in plain  # legend
+    assert "\x1b[" in render_chart(chart, width=60, height=15)  # colours on a terminal
+    assert chart_size(None)[0] == 80 and chart_size(200)[0] == 120 and chart_size(70)[0] == 70
+
+
+def test_print_chart_plots_on_a_terminal_and_tabulates_elsewhere():
+    chart = Chart("lr", "loss vs lr", "learning rate", "loss", [Series("loss", [1e-3, 3e-3], [5.6, 5.4])], xlog=True,
+                  points=True, xticks=[(1e-3, "1e-3"), (3e-3, "3e-3")])
+    tty = Console(file=io.StringIO(), force_terminal=True, width=72)
+    print_chart(chart, tty)
+    drawn = tty.file.getvalue()
+    assert "┤" in drawn and max(len(line) for line in re.sub(r"\x1b\[[0-9;]*m", "", drawn).splitlines()) <= 72
+    pipe = Console(file=io.StringIO(), force_terminal=False, width=80)
+    print_chart(chart, pipe)
+    table = pipe.file.getvalue()
+    assert "┤" not in table and re.search(r"1e-3\s+5\.6000", table) and re.search(r"3e-3\s+5\.4000", table)
