@@ -118,7 +118,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: bool = True  # torch.compile the model on CUDA (ignored on CPU): measured 1.45x on the hybrid
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
 
 
