@@ -72,18 +72,23 @@ def build_app() -> typer.Typer:
     def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
         """Train, resume, sweep, compare, benchmark and report hybrid language models."""
 
+    return register_entry_points(app, ENTRY_POINT_GROUP, BUILTIN_COMMANDS, kind="command")
+
+
+def register_entry_points(app: typer.Typer, group: str, builtins: dict[str, str], kind: str) -> typer.Typer:
+    """Add every entry point of `group` to app; built-ins missing from the metadata come from `builtins`."""
     seen: set[str] = set()
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
         if ep.name in seen:
             continue
         try:
             obj = ep.load()
-        except Exception as e:  # a broken plugin must not take the whole CLI down
-            warn(f"plugin command '{ep.name}' ({ep.value}) failed to load: {type(e).__name__}: {e}; skipping it")
+        except Exception as e:  # a broken plugin must not take the CLI down
+            warn(f"plugin {kind} '{ep.name}' ({ep.value}) failed to load: {type(e).__name__}: {e}; skipping it")
             continue
         if register(app, ep.name, obj, ep.value):
             seen.add(ep.name)
-    for name, spec in BUILTIN_COMMANDS.items():
+    for name, spec in builtins.items():
         if name not in seen:
             register(app, name, load_object(spec), spec)
     return app

@@ -5,7 +5,6 @@ entry-point group `hybridctl.benchmarks` (value: a Typer app or a function), the
 from __future__ import annotations
 
 import contextlib
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from hybridctl.cli import load_object, register, warn
+from hybridctl.cli import register_entry_points
 from hybridctl.core import evaluation
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.render import console, err_console, fmt_count, fmt_num
@@ -160,21 +159,7 @@ def speed_table(report: dict[str, Any]) -> Table:
 def build_bench_app() -> typer.Typer:
     app = typer.Typer(help="Benchmarks: arc (ARC-Challenge accuracy), speed (throughput and MFU), and plugins.",
                       no_args_is_help=True)
-    seen: set[str] = set()
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if ep.name in seen:
-            continue
-        try:
-            obj = ep.load()
-        except Exception as e:  # a broken plugin must not take `bench` down
-            warn(f"plugin benchmark '{ep.name}' ({ep.value}) failed to load: {type(e).__name__}: {e}; skipping it")
-            continue
-        if register(app, ep.name, obj, ep.value):
-            seen.add(ep.name)
-    for name, spec in BUILTIN_BENCHMARKS.items():
-        if name not in seen:
-            register(app, name, load_object(spec), spec)
-    return app
+    return register_entry_points(app, ENTRY_POINT_GROUP, BUILTIN_BENCHMARKS, kind="benchmark")
 
 
 app = build_bench_app()
