@@ -57,6 +57,17 @@ def finished_micro_run(tmp_path_factory) -> Path:
     return run.path
 
 
+class StopAfter:
+    """Callback that simulates a crash right after the checkpoint of a given step is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, kind, record):
+        if kind == "checkpoint" and record["step"] == self.step:
+            raise KeyboardInterrupt
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real `hybridctl` entry point in a child process."""
     full_env = {**os.environ, **(env or {})}

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from conftest import REPO, cli_args_for_micro, micro_config
+from conftest import REPO, StopAfter, cli_args_for_micro, micro_config
 from hybridctl.cli import main
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core import trainer
@@ -29,17 +29,6 @@ from hybridctl.core.data import BatchSampler
 from hybridctl.core.errors import CheckpointError, RunError
 from hybridctl.core.model import build_model
 from hybridctl.core.runs import RunDir
-
-
-class StopAfter:
-    """Callback that simulates a crash right after the checkpoint of a given step is written."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, kind, record):
-        if kind == "checkpoint" and record["step"] == self.step:
-            raise KeyboardInterrupt
 
 
 def losses(run: RunDir) -> dict[int, float]:

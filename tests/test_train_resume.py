@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import micro_config
+from conftest import StopAfter, micro_config
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core.config import load_config_file
 from hybridctl.core.runs import RunDir
@@ -13,17 +13,6 @@ from hybridctl.core.trainer import Schedule, train
 
 def losses(run: RunDir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in run.read_metrics() if "loss" in r}
-
-
-class StopAfter:
-    """Callback that simulates a crash right after the checkpoint of a given step is written."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, kind, record):
-        if kind == "checkpoint" and record["step"] == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ from hybridctl.core.data import Tokenizer, get_tokenizer
 from hybridctl.core.errors import ConfigError, DataError, RunError
 from hybridctl.core.model import HybridLM, build_model, uses_moe
 from hybridctl.core.runs import RunDir, write_json_atomic
-from hybridctl.core.trainer import autocast_for, build_optimizer, micro_batch_size, resolve_device
+from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size, resolve_device
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -499,12 +499,7 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
         model.train()
 
         def step():
-            loss = torch.zeros((), device=device)
-            for i in range(0, t.batch_size, micro):
-                with autocast:
-                    out = step_model(x[i:i + micro], y[i:i + micro])
-                (out.loss / t.grad_accum).backward()
-                loss += out.ce_loss.detach().float()
+            loss = forward_backward(step_model, x, y, micro, t.grad_accum, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
             if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 optimizer.step()

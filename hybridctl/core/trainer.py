@@ -190,6 +190,23 @@ def micro_batch_size(cfg: Config) -> int:
     return t.batch_size // t.grad_accum
 
 
+def forward_backward(model, x, y, micro: int, grad_accum: int, autocast, aux_sums: dict | None = None) -> torch.Tensor:
+    """Forward and backward over the batch in micro-batches; returns the mean cross-entropy (not synced).
+
+    Auxiliary losses (MoE balance, indexer KL) are added into aux_sums for logging when it is given.
+    """
+    loss_sum = torch.zeros((), device=x.device)
+    for i in range(0, x.shape[0], micro):
+        with autocast:
+            out = model(x[i : i + micro], y[i : i + micro])
+        (out.loss / grad_accum).backward()
+        loss_sum += out.ce_loss.detach().float()
+        if aux_sums is not None:
+            for key, value in out.aux.items():
+                aux_sums[key] = aux_sums.get(key, 0) + value.detach().float() / grad_accum
+    return loss_sum / grad_accum
+
+
 def prepare_model(cfg: Config, data: TokenData) -> HybridLM:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
@@ -295,15 +312,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = sampler.batch(step, device)
-            loss_sum = torch.zeros((), device=device)
-            for i in range(0, t.batch_size, micro):
-                with autocast:
-                    out = train_model(x[i : i + micro], y[i : i + micro])
-                (out.loss / t.grad_accum).backward()
-                loss_sum += out.ce_loss.detach().float()
-                for key, value in out.aux.items():  # e.g. MoE balance loss, indexer KL: logged, not synced
-                    aux_sums[key] = aux_sums.get(key, 0) + value.detach().float() / t.grad_accum
-            loss = loss_sum / t.grad_accum
+            loss = forward_backward(train_model, x, y, micro, t.grad_accum, autocast, aux_sums)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
