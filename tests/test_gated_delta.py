@@ -3,9 +3,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hybridctl.core.gated_delta import (
-    GatedDeltaNet, chunk_gated_delta_rule_torch, gated_delta_rule, gdn_decay, l2norm, recurrent_gated_delta_rule,
+    GatedDeltaNet, causal_conv_silu, chunk_gated_delta_rule_torch, gated_delta_rule, gdn_decay, l2norm, recurrent_gated_delta_rule,
 )
 
 
@@ -53,6 +54,15 @@ def test_entry_point_applies_norm_sigmoid_and_gate():
     ref, _ = recurrent_gated_delta_rule(l2norm(q), l2norm(k), v, gdn_decay(a, A_log, dt_bias), torch.sigmoid(b))
     torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-5)
     assert (gdn_decay(a, A_log, dt_bias) <= 0).all()  # decays never amplify the state
+
+
+def test_shifted_sum_conv_is_a_causal_depthwise_conv1d():
+    gen = torch.Generator().manual_seed(2)
+    B, T, C, W = 2, 13, 6, 4
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    weight = torch.randn(C, W, generator=gen, dtype=torch.float64)
+    conv = F.conv1d(x.transpose(1, 2), weight[:, None, :], groups=C, padding=W - 1)[..., :T].transpose(1, 2)
+    torch.testing.assert_close(causal_conv_silu(x, weight), F.silu(conv), rtol=1e-12, atol=1e-12)
 
 
 def test_layer_outputs_and_gradients_are_finite():

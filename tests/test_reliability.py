@@ -363,7 +363,7 @@ def test_checkpoint_into_another_model_names_tensor_and_keys(finished_micro_run)
     with pytest.raises(CheckpointError) as e:
         ckpt.load_checkpoint(finished_micro_run / "checkpoints" / "step_000006", build_model(cfg.model))
     message = str(e.value)
-    assert "tensor 'blocks.0.mixer.a_proj.weight' has shape (2, 32) but this model expects (2, 64)" in message
+    assert "tensor 'blocks.0.mixer.ab_proj.weight' has shape (4, 32) but this model expects (4, 64)" in message
     assert "model.d_model: 32 vs 64, model.n_heads: 2 vs 4, checkpoint vs this config" in message
 
 

@@ -11,7 +11,7 @@ The continuation's tokens are those of encode(context + continuation) past the t
 pair longer than the model's context keeps its last max_len + 1 tokens, both as lm-eval does.
 
 Speed counts model FLOPs per token, for a sequence of T tokens (d = d_model, V_pad = embedding rows):
-  forward = 2 * N_matmul                    every Linear and Conv1d weight inside the blocks (a multiply-add per
+  forward = 2 * N_matmul                    every Linear weight inside the blocks (a multiply-add per
                                             weight per token); MoE layers count top_k / n_experts of theirs
           + 2 * V_pad * d                   the output head (tied to the embedding, still a matmul)
           + per F layer: 4 * d * k(T)       QK^T and AV over k(T) keys per query; causal attention counts only the
@@ -25,8 +25,8 @@ Speed counts model FLOPs per token, for a sequence of T tokens (d = d_model, V_p
               + 2 C^3 / 3                        (the unit-triangular solve, C^3 / 3 multiply-adds)
             divided by C tokens, with T padded up to whole chunks
   train   = 3 * forward                     (backward = 2 * forward; no recomputation counted)
-MFU = tok/s * FLOPs per token / the GPU's dense bf16 peak. Norms, activations, rotary embedding, gates and the
-loss are elementwise work and not counted.
+MFU = tok/s * FLOPs per token / the GPU's dense bf16 peak. Norms, activations, rotary embedding, gates, the
+Gated DeltaNet short convolution (4 multiply-adds per channel) and the loss are elementwise work and not counted.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from hybridctl.core import checkpoint as ckpt
 from hybridctl.core.config import Config, ModelConfig, load_config
 from hybridctl.core.data import Tokenizer, get_tokenizer
 from hybridctl.core.errors import ConfigError, DataError, RunError
-from hybridctl.core.model import HybridLM, build_model, uses_moe
+from hybridctl.core.model import HybridLM, build_model, use_chunked_loss, uses_moe
 from hybridctl.core.runs import RunDir, write_json_atomic
 from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size, resolve_device
 
@@ -377,11 +377,11 @@ def gdn_flops_per_token(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
 
 
 def matmul_params(model: HybridLM) -> float:
-    """Weights of every Linear and Conv1d in the blocks; MoE layers count only the share each token uses."""
+    """Weights of every Linear in the blocks; MoE layers count only the share each token uses."""
     total = 0.0
     for layer, block in enumerate(model.blocks):
         for part in (block.mixer, block.mlp):
-            n = sum(m.weight.numel() for m in part.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+            n = sum(m.weight.numel() for m in part.modules() if isinstance(m, nn.Linear))
             if part is block.mlp and uses_moe(layer, model.cfg):
                 n *= model.cfg.moe.top_k / model.cfg.moe.n_experts
             total += n
@@ -484,7 +484,9 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
     model = build_model(cfg.model).to(device)
     flops = flops_per_token(model, t.seq_len)
     flops_per_step_token = flops["forward" if forward_only else "train"]
-    step_model = torch.compile(model) if t.compile and device.type == "cuda" else model
+    compiled = t.compile and device.type == "cuda"
+    step_model = torch.compile(model) if compiled else model
+    model.chunked_loss = use_chunked_loss(t.loss, compiled)
     tokens = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
     autocast = autocast_for(device, t.dtype)

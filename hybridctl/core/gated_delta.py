@@ -149,10 +149,11 @@ def use_fla(x: torch.Tensor, head_dim: int, backend: str) -> bool:
     return ok
 
 
+@torch.compiler.disable  # fla's Triton kernels run as they are; torch.compile fuses the code around them
 def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, backend: str = "auto", chunk_size: int = 64):
     """Gated DeltaNet recurrence from raw projections.
 
-    q, k: [B, T, H, K] (L2-normalised here); v: [B, T, H, V]; a, b: [B, T, H] raw gate and beta logits.
+    q, k: [B, T, H, K] (L2-normalised here); v: [B, T, H, V]; a, b: [B, T, H] raw decay and beta logits.
     """
     if use_fla(q, q.shape[-1], backend):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -172,8 +173,35 @@ def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, backend: str = "auto", chunk
     return o.to(v.dtype)
 
 
+@torch.compiler.disable
+def fla_short_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fla's Triton causal conv + SiLU; reads a strided x (a slice of the fused projection) in place."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    return causal_conv1d(x, weight, activation="silu")[0]
+
+
+@torch.compiler.disable
+def fla_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, norm: "GatedRMSNorm") -> torch.Tensor:
+    from fla.modules.fused_norm_gate import rms_norm_gated
+
+    return rms_norm_gated(x, gate, norm.weight, None, activation="swish", eps=norm.eps)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The layer
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU of a depthwise causal convolution over time. x: [B, T, C]; weight: [C, W], tap W - 1 on the current
+    token: the same function as a depthwise Conv1d with W - 1 zeros of left padding, as W shifted multiply-adds.
+    The PyTorch path; on CUDA fla's Triton kernel computes it."""
+    T, W = x.shape[1], weight.shape[-1]
+    padded = F.pad(x, (0, 0, W - 1, 0))
+    y = padded[:, W - 1 :] * weight[:, W - 1]
+    for i in range(W - 1):
+        y = y + padded[:, i : i + T] * weight[:, i]
+    return F.silu(y)
 
 
 class GatedRMSNorm(nn.Module):
@@ -187,15 +215,18 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x, gate):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return (x32 * F.silu(gate.float())).to(x.dtype)
+        return (x32 * F.silu(gate.float())).to(gate.dtype)
 
 
 class GatedDeltaNet(nn.Module):
     """fla's GatedDeltaNet parameterisation: q/k/v projections with a short causal depthwise conv and SiLU,
-    L2-normalised q/k, beta = sigmoid(b_proj x), decay from (A_log, dt_bias) in fp32, gated RMSNorm output.
+    L2-normalised q/k, beta = sigmoid(b), decay from (a, A_log, dt_bias) in fp32, gated RMSNorm output.
 
-    q, k and v projections (and their convolutions) are stored fused, which is the same function as three
-    separate ones and costs one matmul instead of three.
+    The q, k, v and output-gate projections are one matmul (`in_proj`), the decay and beta logits another
+    (`ab_proj`, kept apart so the large one's width stays a multiple of 128); both read the input in one compiled
+    region, so its gradient is summed there. On CUDA the short convolutions (one per q, k, v, each reading its
+    slice of the projection in place and writing the contiguous layout the chunk kernel wants), the recurrence and
+    the gated norm are fla's Triton kernels; elsewhere the same functions in PyTorch.
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, expand_v: float, conv_size: int = 4,
@@ -206,18 +237,16 @@ class GatedDeltaNet(nn.Module):
         self.key_dim = num_heads * head_dim
         self.value_dim = num_heads * self.head_v_dim
         self.backend, self.chunk_size = backend, chunk_size
-        qkv_dim = 2 * self.key_dim + self.value_dim
-        self.qkv_proj = nn.Linear(d_model, qkv_dim, bias=False)
+        self.in_proj = nn.Linear(d_model, 2 * self.key_dim + 2 * self.value_dim, bias=False)  # q, k, v, gate
+        self.ab_proj = nn.Linear(d_model, 2 * num_heads, bias=False)
         self.conv_size = conv_size
-        self.qkv_conv = nn.Conv1d(qkv_dim, qkv_dim, conv_size, groups=qkv_dim, bias=False, padding=conv_size - 1)
-        self.a_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.b_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(2 * self.key_dim + self.value_dim, conv_size))  # over q, k, v
         self.A_log = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
         self.o_norm = GatedRMSNorm(self.head_v_dim, norm_eps)
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
         self.reset_gates()
+        nn.init.normal_(self.conv_weight, 0.0, 1.0 / math.sqrt(conv_size))
 
     @torch.no_grad()
     def reset_gates(self):
@@ -228,25 +257,15 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        fused = use_fla(x, self.head_k_dim, self.backend)
-        qkv = self.qkv_proj(x)
-        if fused:  # fla's Triton short conv works on [B, T, D] directly: no transposes, SiLU fused
-            from fla.modules.convolution import causal_conv1d
-
-            qkv, _ = causal_conv1d(qkv, self.qkv_conv.weight.squeeze(1), activation="silu")
-        else:
-            qkv = F.silu(self.qkv_conv(qkv.transpose(1, 2))[..., :T].transpose(1, 2))
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(B, T, self.num_heads, self.head_k_dim)
-        k = k.reshape(B, T, self.num_heads, self.head_k_dim)
-        v = v.reshape(B, T, self.num_heads, self.head_v_dim)
-        o = gated_delta_rule(q, k, v, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias,
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        q, k, v, gate = self.in_proj(x).split([self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
+        a, b = self.ab_proj(x).split(H, dim=-1)
+        conv_q, conv_k, conv_v = self.conv_weight.split([self.key_dim, self.key_dim, self.value_dim])
+        fused = use_fla(x, K, self.backend)
+        conv = fla_short_conv if fused else causal_conv_silu
+        q, k, v = conv(q, conv_q), conv(k, conv_k), conv(v, conv_v)
+        o = gated_delta_rule(q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V), a, b, self.A_log, self.dt_bias,
                              backend=self.backend, chunk_size=self.chunk_size)
-        gate = self.g_proj(x).reshape(B, T, self.num_heads, self.head_v_dim)
-        if fused:
-            from fla.modules.fused_norm_gate import rms_norm_gated
-
-            o = rms_norm_gated(o, gate, self.o_norm.weight, None, activation="swish", eps=self.o_norm.eps)
-        else:
-            o = self.o_norm(o, gate)
+        gate = gate.reshape(B, T, H, V)
+        o = fla_gated_rms_norm(o, gate, self.o_norm) if fused else self.o_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim))

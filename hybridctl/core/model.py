@@ -148,6 +148,7 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, self.embed.num_embeddings, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.chunked_loss = True  # see use_chunked_loss; the trainer sets it from train.loss
         self.reset_parameters()
 
     @torch.no_grad()
@@ -163,7 +164,7 @@ class HybridLM(nn.Module):
         for m in self.modules():
             if isinstance(m, GatedDeltaNet):
                 m.reset_gates()
-                nn.init.normal_(m.qkv_conv.weight, 0.0, 1.0 / math.sqrt(m.conv_size))
+                nn.init.normal_(m.conv_weight, 0.0, 1.0 / math.sqrt(m.conv_size))
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -184,7 +185,7 @@ class HybridLM(nn.Module):
         if targets is None:
             return ModelOutput(None, None, self.lm_head(h)[..., : self.vocab_size], aux)
         logits = None
-        if return_logits or not torch.is_grad_enabled():
+        if return_logits or not torch.is_grad_enabled() or not self.chunked_loss:
             logits = self.lm_head(h)
             ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         else:
@@ -197,6 +198,12 @@ class HybridLM(nn.Module):
     def aux_weight(self, key: str) -> float:
         weights = {"indexer_kl": self.cfg.dsa.aux_loss_weight, "moe_balance": self.cfg.moe.balance_loss_weight}
         return weights.get(key, 1.0)
+
+
+def use_chunked_loss(loss: str, compiled: bool) -> bool:
+    """train.loss -> whether the model uses the chunked cross-entropy. Under torch.compile the plain loss is fused
+    by the compiler (no fp32 logits in full either) and is faster; eager mode needs the chunked one for memory."""
+    return loss == "chunked" or (loss == "auto" and not compiled)
 
 
 def build_model(cfg: ModelConfig) -> HybridLM:

@@ -1,0 +1,127 @@
+"""Where the time of a training step goes on a CUDA GPU: kernel time per step by category (matmul, attention,
+Gated DeltaNet kernels, compiled elementwise, optimizer, ...), the top kernels, and GPU idle time.
+
+    python benchmarks/profile_step.py --preset hybrid_sparse [--set train.compile=false] [--steps 5] [--json FILE]
+
+The step is the one `hybridctl bench speed` times (forward, backward, clipping, AdamW) on random tokens at the
+preset's shape; the first steps (compilation, autotuning) are run before profiling starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hybridctl.core.evaluation import speed_configs
+from hybridctl.core.model import build_model, use_chunked_loss
+from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size
+
+# Kernel name fragments -> category, first match wins. Inductor names its kernels triton_poi/red/per/tem_...;
+# flash-linear-attention's Triton kernels keep their Python function names.
+CATEGORIES = [
+    ("optimizer", ("multi_tensor_apply", "fused_adam", "_fused_adamw")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "triton_tem_", "splitkreduce")),
+    ("compiled", ("triton_",)),
+    ("gdn (fla)", ("chunk_", "recompute_w_u", "solve_tril", "merge_16x16", "l2norm", "causal_conv1d", "gdn_gate",
+                   "prepare_wy", "layer_norm", "rms_norm", "fused_beta", "wy_")),
+    ("copy", ("memcpy", "memset", "copy_kernel", "CatArrayBatched")),
+    ("reduce", ("reduce_kernel",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    for cat, fragments in CATEGORIES:
+        if any(f.lower() in lowered for f in fragments):
+            return cat
+    return "other"
+
+
+def profile_preset(cfg, steps: int, warmup: int) -> dict:
+    device = torch.device("cuda")
+    t = cfg.train
+    micro = micro_batch_size(cfg)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device)
+    step_model = torch.compile(model) if t.compile else model
+    model.chunked_loss = use_chunked_loss(t.loss, t.compile)
+    optimizer = build_optimizer(model, cfg, device)
+    tokens = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    autocast = autocast_for(device, t.dtype)
+
+    def step():
+        forward_backward(step_model, x, y, micro, t.grad_accum, autocast)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[event.name]
+            k[0] += event.device_time / 1000 / steps  # ms per step
+            k[1] += 1 / steps
+    by_category: dict[str, float] = collections.defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        by_category[category(name)] += ms
+    busy = sum(by_category.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    return {
+        "name": cfg.name, "compile": t.compile, "loss": t.loss, "warmup_s": warmup_s, "step_ms": 1000 * wall,
+        "tok_s": t.batch_size * t.seq_len / wall, "kernel_ms": busy, "idle_ms": 1000 * wall - busy,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": n[:110], "ms": ms, "calls": calls, "category": category(n)} for n, (ms, calls) in top],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", action="append", default=[], help="Preset(s), comma-separated or repeated.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="Override, e.g. train.compile=false.")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="Write the full results here.")
+    args = parser.parse_args()
+    names = [p for item in args.preset or ["hybrid_sparse"] for p in item.split(",") if p]
+    results = []
+    for cfg in speed_configs(names, [], args.overrides):
+        torch.cuda.reset_peak_memory_stats()
+        r = profile_preset(cfg, args.steps, args.warmup)
+        results.append(r)
+        print(f"\n== {r['name']} (compile={r['compile']}, loss={r['loss']}): {r['step_ms']:.1f} ms/step, {r['tok_s'] / 1e3:.0f}K tok/s, "
+              f"kernels {r['kernel_ms']:.1f} ms, idle {r['idle_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB, "
+              f"warm-up {r['warmup_s']:.0f} s")
+        for cat, ms in r["categories"].items():
+            print(f"  {cat:<12} {ms:8.2f} ms  {100 * ms / r['kernel_ms']:5.1f}%")
+        print("  top kernels (ms/step, calls/step):")
+        for k in r["top"][:25]:
+            print(f"    {k['ms']:7.2f} {k['calls']:5.0f}  [{k['category']}] {k['name']}")
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
