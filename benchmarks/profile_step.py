@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from hybridctl.core.evaluation import speed_configs
 from hybridctl.core.model import build_model, use_chunked_loss
-from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size
+from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size, optimizer_step
 
 # Kernel name fragments -> category, first match wins. Inductor names its kernels triton_poi/red/per/tem_...;
 # flash-linear-attention's Triton kernels keep their Python function names.
@@ -58,10 +58,8 @@ def profile_preset(cfg, steps: int, warmup: int) -> dict:
     autocast = autocast_for(device, t.dtype)
 
     def step():
-        forward_backward(step_model, x, y, micro, t.grad_accum, autocast)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward(step_model, x, y, micro, t.grad_accum, autocast)
+        optimizer_step(model, optimizer, loss, t.grad_clip)
 
     start = time.perf_counter()
     for _ in range(warmup):

@@ -1,7 +1,8 @@
 """The `hybridctl` command: a Typer app whose subcommands, built-in and third-party alike, are found through
 the entry-point group `hybridctl.commands` (value: a Typer app, or a function to register as a command).
 
-Errors the user can fix (HybridctlError) print one line and exit non-zero; `--debug` shows the traceback.
+Errors the user can fix (HybridctlError) print one line and exit non-zero; `--debug` shows the traceback. Under
+torchrun an error is printed by one process only (see core/distributed.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from importlib.metadata import entry_points
 import click
 import typer
 
+from hybridctl.core import distributed
 from hybridctl.core.errors import HybridctlError
 
 ENTRY_POINT_GROUP = "hybridctl.commands"
@@ -33,6 +35,10 @@ BUILTIN_COMMANDS = {
     "report": "hybridctl.commands.report:report",
     "data": "hybridctl.commands.data:app",
 }
+
+
+# The arguments of the command being run: `train --gpus N` starts itself again with them under torchrun.
+current_args: list[str] = []
 
 
 def warn(message: str) -> None:
@@ -96,6 +102,7 @@ def register_entry_points(app: typer.Typer, group: str, builtins: dict[str, str]
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    current_args[:] = args
     debug = "--debug" in args
     try:
         app = build_app()
@@ -112,17 +119,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         return e.exit_code
     except HybridctlError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.reports(e):
+            if debug:
+                traceback.print_exc()
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if distributed.reports(e):
+            print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if debug:
-            traceback.print_exc()
-        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        if distributed.reports(e):
+            if debug:
+                traceback.print_exc()
+            print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

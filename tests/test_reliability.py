@@ -265,6 +265,21 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(monkeypatch, tmp_path, capsys)
     assert "error: loss was not finite for 3 steps in a row (last at step 5)" in capsys.readouterr().err
 
 
+def test_bad_steps_are_counted_alike_when_checked_between_log_lines(monkeypatch, tmp_path, capsys):
+    """The trainer reads the steps' finiteness flags at log, eval and save steps only (no host sync per step);
+    the skipped steps, their numbers and the step that ends the run must come out as if each were checked."""
+    Poison(monkeypatch, steps=range(2, 100))
+    run = tmp_path / "runs" / "nan"
+    code = main(["train", "--preset", "tiny", "--out", str(run.parent), "--name", "nan",
+                 *cli_args_for_micro(["train.steps=20", "train.max_bad_steps=3", "train.log_every=4", "train.eval_every=6",
+                                      "train.save_every=6"])])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert [line.split(":")[0].strip() for line in err.splitlines() if "update skipped" in line] == ["step 3", "step 4", "step 5"]
+    assert err.strip().splitlines()[-1].startswith("error: loss was not finite for 3 steps in a row (last at step 5)")
+    assert not (run / "summary.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. Full disk, unwritable folder
 

@@ -1,15 +1,20 @@
-"""`hybridctl resume`: continue a run from a checkpoint, optionally past its planned end."""
+"""`hybridctl resume`: continue a run from a checkpoint, optionally past its planned end (on several GPUs with
+--gpus N, whatever number of processes wrote the checkpoint)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
+from hybridctl.commands.train import GPUS_HELP, check_config_for_gpus, check_gpus, launch_on_gpus
+from hybridctl.core import distributed as dist
 from hybridctl.core.checkpoint import read_state, verify_checkpoint
 from hybridctl.core.errors import RunError
 from hybridctl.core.render import TrainProgress, console, err_console, summary_table
 from hybridctl.core.runs import RunDir
+from hybridctl.core.trainer import resolve_device
 from hybridctl.core.trainer import train as run_training
 
 
@@ -22,30 +27,53 @@ def resume(
              "no jump in LR.",
     ),
     from_: str = typer.Option("latest", "--from", help="Checkpoint to continue from: latest, best, or step_000200."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help=GPUS_HELP),
 ):
     """Continue a run from its newest (or a chosen) checkpoint."""
+    if gpus is not None:
+        check_gpus(gpus, "resume")
     if extend_steps < 0:
         raise RunError(f"--extend-steps must be >= 0, got {extend_steps}")
     run = RunDir(run_path)
     cfg = run.load_config()
-    run.acquire_lock()
-    try:
-        run.remove_partial_checkpoints()
-        skipped = lambda path, reason: err_console.print(f"warning: passing over {path.name}: {reason}", style="yellow", markup=False, soft_wrap=True)  # noqa: E731
-        checkpoint = run.resolve_checkpoint(from_, on_skip=skipped)
-        # Check the chosen checkpoint before anything is written ('latest' is checked as it is picked).
-        step = (read_state(checkpoint) if from_ == "latest" else verify_checkpoint(checkpoint))["step"]
-        if extend_steps:
-            cfg.train.steps = max(cfg.train.steps, step) + extend_steps
-            run.write_config(cfg)
-        elif step >= cfg.train.steps:
-            raise RunError(f"run {run.path} already finished its {cfg.train.steps} steps; add --extend-steps N to train further")
-        console.print(f"resuming {run.path} from {checkpoint.name} (step {step}) to step {cfg.train.steps}")
-        progress = TrainProgress(run.name)
+    if gpus is not None:
+        check_config_for_gpus(cfg, gpus)
+        if gpus > 1:
+            run.acquire_lock()  # refused here, in one line, while another process writes the run
+            run.release_lock()
+            return launch_on_gpus(gpus)
+    with dist.session(resolve_device(cfg.train.device)):
+        main = dist.is_main()
+        checkpoint = step = None
         try:
-            summary = run_training(cfg, run, resume_from=checkpoint, extend_steps=extend_steps, callback=progress)
+            with dist.together():  # rank 0 locks the run, tidies it and picks the checkpoint; the others wait
+                if main:
+                    run.acquire_lock()
+                    run.remove_partial_checkpoints()
+                    skipped = lambda path, reason: err_console.print(f"warning: passing over {path.name}: {reason}", style="yellow", markup=False, soft_wrap=True)  # noqa: E731
+                    checkpoint = run.resolve_checkpoint(from_, on_skip=skipped)
+                    # Check the chosen checkpoint before anything is written ('latest' is checked as it is picked).
+                    step = (read_state(checkpoint) if from_ == "latest" else verify_checkpoint(checkpoint))["step"]
+            checkpoint = Path(dist.share_text(str(checkpoint) if main else ""))  # every process resumes from rank 0's pick
+            with dist.together():
+                if not main:
+                    step = read_state(checkpoint)["step"]
+                if extend_steps:
+                    cfg.train.steps = max(cfg.train.steps, step) + extend_steps
+                    if main:
+                        run.write_config(cfg)
+                elif step >= cfg.train.steps:
+                    raise RunError(f"run {run.path} already finished its {cfg.train.steps} steps; add --extend-steps N to train further")
+            if main:
+                console.print(f"resuming {run.path} from {checkpoint.name} (step {step}) to step {cfg.train.steps}")
+            progress = TrainProgress(run.name) if main else None
+            try:
+                summary = run_training(cfg, run, resume_from=checkpoint, extend_steps=extend_steps, callback=progress)
+            finally:
+                if progress is not None:
+                    progress.close()
         finally:
-            progress.close()
-    finally:
-        run.release_lock()
-    console.print(summary_table(summary, title=f"Run summary: {run.path}"))
+            if main:
+                run.release_lock()
+    if main:
+        console.print(summary_table(summary, title=f"Run summary: {run.path}"))

@@ -1,17 +1,81 @@
-"""`hybridctl train`: resolve a preset, create the run folder, train."""
+"""`hybridctl train`: resolve a preset, create the run folder, train (on several GPUs with --gpus N)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
+from hybridctl import cli
+from hybridctl.core import distributed as dist
 from hybridctl.core.config import available_presets, load_config, read_toml, find_preset
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.render import TrainProgress, console, summary_table
 from hybridctl.core.runs import RunDir
+from hybridctl.core.trainer import micro_batch_size, resolve_device
 from hybridctl.core.trainer import train as run_training
+
+GPUS_HELP = "Train on N GPUs of this machine: starts N processes under torchrun, one per GPU (global batch unchanged)."
+
+
+def without_gpus(args: list[str]) -> list[str]:
+    """The command line minus its --gpus option."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            out.append(arg)
+    return out
+
+
+def check_gpus(gpus: int, command: str) -> None:
+    if dist.launched():
+        raise ConfigError("--gpus starts torchrun itself; leave it out when running under torchrun")
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpus {gpus}: no CUDA GPUs are available here; to train with {gpus} processes on CPU, run "
+            f"`torchrun --nproc-per-node {gpus} -m hybridctl {command} ...` with the same options, without --gpus"
+        )
+    if gpus > torch.cuda.device_count():
+        raise ConfigError(f"--gpus {gpus}, but only {torch.cuda.device_count()} CUDA GPUs are visible here; pass --gpus {torch.cuda.device_count()} or fewer")
+
+
+def check_config_for_gpus(cfg, gpus: int) -> None:
+    """What would make every process of a --gpus run fail at once, checked here in one process and one line."""
+    if resolve_device(cfg.train.device).type != "cuda":
+        raise ConfigError(f"--gpus trains on GPUs, but train.device is '{cfg.train.device}'; leave it at auto or set it to cuda")
+    micro_batch_size(cfg, gpus)
+
+
+def launch_on_gpus(gpus: int) -> int:
+    """Run this same command as `gpus` processes under torchrun; returns torchrun's exit code."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+            "-m", "hybridctl", *without_gpus(cli.current_args)]
+    child = subprocess.Popen(args)
+
+    # Ctrl-C reaches torchrun directly (same terminal), and torchrun passes it on to the training processes,
+    # which save and stop; a SIGTERM sent to this process alone is passed on here.
+    def handler(signum, frame):
+        if signum != signal.SIGINT:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
 def train(
@@ -22,6 +86,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Shorthand for --set train.seed=N."),
     device: Optional[str] = typer.Option(None, "--device", help="Shorthand for --set train.device=cpu|cuda."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder of the same name."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help=GPUS_HELP),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
 ):
     """Train a model from a preset into runs/<name>/."""
@@ -30,6 +95,8 @@ def train(
             description = read_toml(find_preset(p)).get("description", "")
             console.print(f"[bold]{p}[/]  {description}")
         return
+    if gpus is not None:
+        check_gpus(gpus, "train")
     if preset is None:
         raise ConfigError("no preset given; pass --preset NAME (see `hybridctl train --list-presets`)")
     overrides = list(overrides)
@@ -41,14 +108,27 @@ def train(
     if name:
         cfg.name = name
     run = RunDir(out / (name or cfg.name))
-    run.create(cfg, force=force)
-    progress = TrainProgress(run.name)
-    try:
-        summary = run_training(cfg, run, callback=progress)
-    except BaseException:
-        run.discard_if_unstarted()  # failed before step 1 (bad data, no room...): leave nothing that blocks a retry
-        raise
-    finally:
-        progress.close()
-        run.release_lock()
-    console.print(summary_table(summary, title=f"Run summary: {run.path}"))
+    if gpus is not None:
+        check_config_for_gpus(cfg, gpus)
+        if gpus > 1:
+            run.check_creatable(force)
+            return launch_on_gpus(gpus)
+    with dist.session(resolve_device(cfg.train.device)):
+        main = dist.is_main()
+        with dist.together():  # rank 0 makes the folder (and takes the lock); the others write nothing into it
+            if main:
+                run.create(cfg, force=force)
+        progress = TrainProgress(run.name) if main else None
+        try:
+            summary = run_training(cfg, run, callback=progress)
+        except BaseException:
+            if main:
+                run.discard_if_unstarted()  # failed before step 1 (bad data, no room...): leave nothing that blocks a retry
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+            if main:
+                run.release_lock()
+    if main:
+        console.print(summary_table(summary, title=f"Run summary: {run.path}"))

@@ -51,7 +51,7 @@ from hybridctl.core.data import Tokenizer, get_tokenizer
 from hybridctl.core.errors import ConfigError, DataError, RunError
 from hybridctl.core.model import HybridLM, build_model, use_chunked_loss, uses_moe
 from hybridctl.core.runs import RunDir, write_json_atomic
-from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size, resolve_device
+from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size, optimizer_step, resolve_device
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -477,7 +477,8 @@ def measure_speed(cfg: Config, seq_len: int, batch_size: int, device: torch.devi
 
 def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, forward_only: bool) -> dict[str, Any]:
     """A training step is the trainer's: forward and loss under its autocast per micro-batch, backward, gradient
-    clipping, the finiteness check (a device sync, as in the trainer), AdamW step."""
+    clipping, AdamW step skipped on the device if the loss or gradients are not finite (no host sync, as in the
+    trainer, which reads those flags at log steps)."""
     t = cfg.train
     micro = micro_batch_size(cfg)
     torch.manual_seed(t.seed)
@@ -502,10 +503,7 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
 
         def step():
             loss = forward_backward(step_model, x, y, micro, t.grad_accum, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, loss, t.grad_clip)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

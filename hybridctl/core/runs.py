@@ -82,23 +82,28 @@ class RunDir:
         names = {p.name for p in self.path.iterdir() if not p.name.startswith(".")}
         return names <= {CONFIG_FILE, LOCK_FILE}
 
+    def check_creatable(self, force: bool = False) -> None:
+        """Raise the RunError that create() would for what is already there, changing nothing (`train --gpus`
+        checks this before it starts its processes)."""
+        blocker = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise RunError(f"cannot create run folder {self.path}: {blocker} is a file, not a folder; choose another --out or --name")
+        if not force and self.path.is_dir() and any(self.path.iterdir()) and not self.is_unstarted():
+            raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
+
     def create(self, cfg: Config, force: bool = False) -> None:
         """Make a fresh run folder; an existing run is kept unless force.
 
         A folder left by a run that failed before its first step (only config.toml) is reused, so fixing the
         cause and running the same command again works without --force."""
         try:
-            blocker = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
-            if blocker is not None:
-                raise RunError(f"cannot create run folder {self.path}: {blocker} is a file, not a folder; choose another --out or --name")
+            self.check_creatable(force)
             if self.path.is_dir() and any(self.path.iterdir()):
                 if force:
                     self.acquire_lock()  # refuse to wipe a run another process is writing
                     shutil.rmtree(self.path)
-                elif self.is_unstarted():
+                else:  # unstarted: reused
                     self.acquire_lock()
-                else:
-                    raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
             probe = self.path / f".write-test-{os.getpid()}"
             try:
                 self.path.mkdir(parents=True, exist_ok=True)

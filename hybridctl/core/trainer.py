@@ -6,12 +6,18 @@ through a callback of (event, record) so the library never prints; the CLI rende
 Determinism: every RNG is seeded from train.seed, the batch for step s depends only on (seed, s), and a
 checkpoint holds the model, AdamW state, RNG states and schedule; on CPU a resumed run repeats the losses of an
 uninterrupted one exactly.
+
+Several processes (torchrun, see distributed.py): the global batch stays train.batch_size, and each rank trains
+on its contiguous slice of the rows the sampler gives for the step, so the data order does not depend on the
+number of processes and a run can be resumed on another number. Rank 0 alone writes the run folder and reports
+progress; checkpoints hold the unwrapped model, so they are the same whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import random
 import shutil
@@ -25,10 +31,11 @@ import numpy as np
 import torch
 
 from hybridctl.core import checkpoint as ckpt
+from hybridctl.core import distributed as dist
 from hybridctl.core.config import Config, config_diff
 from hybridctl.core.data import BatchSampler, TokenData, eval_batches, load_token_data, windows_to_batch
 from hybridctl.core.errors import CheckpointError, ConfigError, TrainingError
-from hybridctl.core.model import HybridLM, build_model
+from hybridctl.core.model import HybridLM, build_model, use_chunked_loss
 from hybridctl.core.runs import RunDir
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -40,10 +47,20 @@ Callback = Callable[[str, dict[str, Any]], None]
 
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif spec.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device is '{spec}' but CUDA is not available here; use --set train.device=cpu")
-    return torch.device(spec)
+    else:
+        device = torch.device(spec)
+    if device.type != "cuda" or not dist.launched():
+        return device
+    # Under torchrun each process of a machine takes its own GPU.
+    if device.index is not None:
+        raise ConfigError(f"train.device is '{spec}', but under torchrun each process uses the GPU of its LOCAL_RANK; use --set train.device=cuda")
+    index, count = dist.local_rank(), torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"process {index} of this machine needs cuda:{index}, but only {count} GPUs are visible; start at most {count} processes per machine")
+    return torch.device("cuda", index)
 
 
 def autocast_for(device: torch.device, dtype_spec: str):
@@ -74,7 +91,26 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     for name, p in model.named_parameters():
         (plain if no_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=device.type == "cuda")
+    # Fused on every device: one kernel per step, and `found_inf` lets optimizer_step skip a bad step on the device.
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
+
+
+MAX_PENDING_STEPS = 100  # read the steps' finiteness flags at least this often, even with a long log interval
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.AdamW, loss: torch.Tensor, grad_clip: float):
+    """Clip the gradients and take the AdamW step unless the loss or the gradient norm is not finite, deciding on
+    the device: the fused AdamW kernel reads `found_inf` and leaves weights, moments and step count alone, so the
+    step needs no host sync. Returns (grad_norm, finite) as device tensors. Under DDP the processes share the
+    gradients but not their losses, so the decision is reduced over them (enqueued, not waited for)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if dist.active():
+        finite = dist.all_reduce_min(finite.float()) > 0
+    optimizer.found_inf = (~finite).float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
 
 
 @dataclass
@@ -183,23 +219,36 @@ def stop_on_signals(flag: dict):
             signal.signal(sig, h)
 
 
-def micro_batch_size(cfg: Config) -> int:
+def micro_batch_size(cfg: Config, world: int = 1) -> int:
+    """Rows per forward pass: the global batch split over `world` processes and train.grad_accum micro-batches."""
     t = cfg.train
-    if t.batch_size % t.grad_accum:
+    if world == 1 and t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
-    return t.batch_size // t.grad_accum
+    parts = world * t.grad_accum
+    if t.batch_size % parts:
+        fit = parts * math.ceil(t.batch_size / parts)
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be divisible by {world} processes x train.grad_accum ({t.grad_accum}) = {parts}; "
+            f"use a multiple of {parts}, e.g. --set train.batch_size={fit} (the global batch, split over the processes)"
+        )
+    return t.batch_size // parts
 
 
-def forward_backward(model, x, y, micro: int, grad_accum: int, autocast, aux_sums: dict | None = None) -> torch.Tensor:
+def forward_backward(model, x, y, micro: int, grad_accum: int, autocast, aux_sums: dict | None = None,
+                     no_sync: Callable[[], Any] | None = None) -> torch.Tensor:
     """Forward and backward over the batch in micro-batches; returns the mean cross-entropy (not synced).
 
-    Auxiliary losses (MoE balance, indexer KL) are added into aux_sums for logging when it is given.
+    Auxiliary losses (MoE balance, indexer KL) are added into aux_sums for logging when it is given. With DDP,
+    `no_sync` (the wrapper's) keeps the gradients of all but the last micro-batch local, so the accumulated sum is
+    all-reduced once per step instead of once per micro-batch.
     """
     loss_sum = torch.zeros((), device=x.device)
     for i in range(0, x.shape[0], micro):
-        with autocast:
-            out = model(x[i : i + micro], y[i : i + micro])
-        (out.loss / grad_accum).backward()
+        local = no_sync is not None and i + micro < x.shape[0]
+        with no_sync() if local else contextlib.nullcontext():
+            with autocast:
+                out = model(x[i : i + micro], y[i : i + micro])
+            (out.loss / grad_accum).backward()
         loss_sum += out.ce_loss.detach().float()
         if aux_sums is not None:
             for key, value in out.aux.items():
@@ -220,57 +269,89 @@ def prepare_model(cfg: Config, data: TokenData) -> HybridLM:
 
 def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_steps: int = 0,
           callback: Callback | None = None, data: TokenData | None = None) -> dict[str, Any]:
-    """Train (or resume) the run; returns the summary that is also written to summary.json."""
-    emit = callback or (lambda kind, record: None)
+    """Train (or resume) the run; returns the summary that is also written to summary.json.
+
+    Under torchrun every process calls this (after distributed.init, which the train and resume commands do);
+    rank 0 alone writes into the run folder and calls `callback`.
+    """
     t = cfg.train
-    device = resolve_device(t.device)
-    micro = micro_batch_size(cfg)
+    world, main = dist.world_size(), dist.is_main()
+    emit = callback if callback is not None and main else (lambda kind, record: None)
+    with dist.together():  # a bad config ends every process, and is printed once
+        device = resolve_device(t.device)
+        micro = micro_batch_size(cfg, world)
+        eval_micro = micro_batch_size(cfg)  # evaluation splits as a single process does, so it scores alike
     seed_everything(t.seed)
-    data = data or load_token_data(cfg.data)
-    model = prepare_model(cfg, data).to(device)
-    if resume_from is None:
-        run.write_config(cfg)  # the resolved config, vocab size filled in
-    optimizer = build_optimizer(model, cfg, device)
-    schedule = Schedule(t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-    start_step, best_val, best_step, tokens_seen, bad_in_row, skipped = 0, math.inf, -1, 0, 0, 0
-    prior_time = 0.0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
-        if state.get("config_hash") not in (None, cfg.hash()):
-            saved, current = state.get("config", {}), cfg.to_dict()
-            differences = config_diff({k: saved.get(k, {}) for k in ("model", "data")}, {k: current[k] for k in ("model", "data")})
-            detail = f" ({', '.join(differences[:4])}, checkpoint vs run config)" if saved and differences else ""
-            raise TrainingError(f"checkpoint {resume_from} was made with a different model or data config{detail}; resume the run it came from")
-        start_step = state["step"]
-        schedule = Schedule.from_dict(state["schedule"])
-        best_val, best_step = state.get("best_val_loss", math.inf), state.get("best_step", -1)
-        tokens_seen, skipped = state.get("tokens", 0), state.get("skipped_steps", 0)
-        bad_in_row = state.get("bad_in_row", 0)
-        prior_time = state.get("train_time_s", 0.0)
-        ckpt.set_rng_state(state["rng"])
-        run.truncate_metrics(start_step)
-    if extend_steps:
-        schedule.extend(start_step, t.steps)
-    if t.compile and device.type == "cuda":
+    if data is None:
+        data = dist.local_first(lambda: load_token_data(cfg.data))
+    with dist.together():  # every rank loads the same model and checkpoint; rank 0 alone writes
+        model = prepare_model(cfg, data).to(device)
+        if resume_from is None and main:
+            run.write_config(cfg)  # the resolved config, vocab size filled in
+        optimizer = build_optimizer(model, cfg, device)
+        schedule = Schedule(t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+        start_step, best_val, best_step, tokens_seen, bad_in_row, skipped = 0, math.inf, -1, 0, 0, 0
+        prior_time = 0.0
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, model, optimizer)
+            if state.get("config_hash") not in (None, cfg.hash()):
+                saved, current = state.get("config", {}), cfg.to_dict()
+                differences = config_diff({k: saved.get(k, {}) for k in ("model", "data")}, {k: current[k] for k in ("model", "data")})
+                detail = f" ({', '.join(differences[:4])}, checkpoint vs run config)" if saved and differences else ""
+                raise TrainingError(f"checkpoint {resume_from} was made with a different model or data config{detail}; resume the run it came from")
+            start_step = state["step"]
+            schedule = Schedule.from_dict(state["schedule"])
+            best_val, best_step = state.get("best_val_loss", math.inf), state.get("best_step", -1)
+            tokens_seen, skipped = state.get("tokens", 0), state.get("skipped_steps", 0)
+            bad_in_row = state.get("bad_in_row", 0)
+            prior_time = state.get("train_time_s", 0.0)
+            ckpt.set_rng_state(state["rng"])
+            if main:
+                run.truncate_metrics(start_step)
+        if extend_steps:
+            schedule.extend(start_step, t.steps)
+        sampler = BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)
+        n_params = model.num_params()
+        if main:
+            need, free = ckpt.estimated_bytes(model), shutil.disk_usage(run.path).free
+            if free < need:  # fail now rather than at the first checkpoint
+                raise TrainingError(
+                    f"only {free / 1e6:.1f} MB free on the disk of {run.path}, but one checkpoint of this model takes about "
+                    f"{need / 1e6:.1f} MB; free some space or choose another --out folder"
+                )
+    compiled = t.compile and device.type == "cuda"
+    model.chunked_loss = use_chunked_loss(t.loss, compiled)
+    no_sync = None
+    if world > 1:
+        # torch.compile wraps DDP rather than the other way round: compiling the DDP module lets Dynamo split the
+        # graph at DDP's gradient buckets, so each bucket's all-reduce overlaps the rest of the backward (a
+        # compiled inner module would run its whole backward first and leave all communication to the end).
+        # Buffers (the rotary frequencies) are constants, so they are not broadcast before every forward (newer
+        # torch names that switch forward_sync_buffers and warns about the old name).
+        ddp_class = torch.nn.parallel.DistributedDataParallel
+        buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_class).parameters else "broadcast_buffers"
+        ddp = ddp_class(model, device_ids=[device.index] if device.type == "cuda" else None, **{buffers: False})
+        train_model = torch.compile(ddp) if compiled else ddp
+        no_sync = ddp.no_sync
+    elif compiled:
         train_model = torch.compile(model)
     else:
         train_model = model
-    sampler = BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)
-    n_params = model.num_params()
-    need, free = ckpt.estimated_bytes(model), shutil.disk_usage(run.path).free
-    if free < need:  # fail now rather than at the first checkpoint
-        raise TrainingError(
-            f"only {free / 1e6:.1f} MB free on the disk of {run.path}, but one checkpoint of this model takes about "
-            f"{need / 1e6:.1f} MB; free some space or choose another --out folder"
-        )
+    rows = t.batch_size // world  # this rank's contiguous slice of the global batch
     emit("start", {"step": start_step, "steps": t.steps, "params": n_params, "device": str(device),
                    "train_tokens": len(data.train), "val_tokens": len(data.val), "layer_types": "".join(cfg.model.layer_types())})
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if world == 1:
+            return sampler.batch(step, device)
+        windows = sampler.window_indices(step)[dist.rank() * rows : (dist.rank() + 1) * rows]
+        return windows_to_batch(sampler.tokens, windows, t.seq_len, device)
 
     def train_state(step: int) -> dict[str, Any]:
         return {"step": step, "tokens": tokens_seen, "schedule": schedule.to_dict(), "best_val_loss": best_val,
                 "best_step": best_step, "config_hash": cfg.hash(), "data": {"sampler": "epoch-permutation", "position": step,
                 "epoch": sampler.epoch_of(step)}, "skipped_steps": skipped, "bad_in_row": bad_in_row,
-                "train_time_s": train_time, "config": cfg.to_dict()}
+                "train_time_s": train_time, "world_size": world, "config": cfg.to_dict()}
 
     def write_checkpoint(path: Path, step: int) -> Path:
         try:
@@ -280,19 +361,26 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
             raise TrainingError(f"{e}; free some space, then {then}") from e
 
     def save(step: int) -> None:
-        path = write_checkpoint(run.checkpoints_dir / ckpt.step_dir_name(step), step)
-        run.prune_checkpoints(t.keep_checkpoints)
-        emit("checkpoint", {"step": step, "path": str(path)})
+        with dist.together():  # the others wait for the checkpoint (and learn if writing it failed)
+            if main:
+                path = write_checkpoint(run.checkpoints_dir / ckpt.step_dir_name(step), step)
+                run.prune_checkpoints(t.keep_checkpoints)
+                emit("checkpoint", {"step": step, "path": str(path)})
 
     def run_eval(step: int) -> dict[str, Any]:
+        # Rank 0 alone evaluates (the weights are the same on every rank) and decides about best/, so no rank can
+        # disagree about a save; the others wait for it.
         nonlocal best_val, best_step
-        metrics = evaluate(model, data, cfg, device, micro)
-        record = {"step": step, "tokens": tokens_seen, **metrics}
-        run.append_metrics(record)
-        if metrics["val_loss"] < best_val:
-            best_val, best_step = metrics["val_loss"], step
-            write_checkpoint(run.best_dir, step)
-        emit("eval", record)
+        record: dict[str, Any] = {}
+        with dist.together():
+            if main:
+                metrics = evaluate(model, data, cfg, device, eval_micro)
+                record = {"step": step, "tokens": tokens_seen, **metrics}
+                run.append_metrics(record)
+                if metrics["val_loss"] < best_val:
+                    best_val, best_step = metrics["val_loss"], step
+                    write_checkpoint(run.best_dir, step)
+                emit("eval", record)
         return record
 
     model.train()
@@ -304,75 +392,105 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
     tick = time.perf_counter()
     last_eval: dict[str, Any] = {}
     flag: dict[str, Any] = {}
+    stop_signal = None
+    pending: list[torch.Tensor] = []  # per-step "loss and gradients finite" flags, on the device until read
     step = start_step
+
+    def settle(step: int) -> None:
+        """Read the pending steps' finiteness flags (here, not every step: a host sync stalls the GPU), count the
+        skipped steps and stop after train.max_bad_steps in a row, as if each step had been checked."""
+        nonlocal bad_in_row, skipped, interval_steps
+        if not pending:
+            return
+        for offset, ok in enumerate(torch.stack(pending).tolist()):
+            if ok:
+                bad_in_row = 0
+                interval_steps += 1
+                continue
+            bad_in_row += 1
+            skipped += 1
+            at = step - len(pending) + offset + 1
+            emit("skip", {"step": at, "in_row": bad_in_row})
+            if bad_in_row >= t.max_bad_steps:
+                raise dist.shared(TrainingError(
+                    f"loss was not finite for {bad_in_row} steps in a row (last at step {at}); "
+                    f"lower train.lr (now {t.lr:g}) or resume from an earlier checkpoint with `hybridctl resume {run.path} --from best`"
+                ))
+        pending.clear()
+
     wall_start = time.perf_counter()
     with stop_on_signals(flag):
         while step < t.steps:
             lr = schedule(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = sampler.batch(step, device)
-            loss = forward_backward(train_model, x, y, micro, t.grad_accum, autocast, aux_sums)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                bad_in_row += 1
-                skipped += 1
-                emit("skip", {"step": step + 1, "in_row": bad_in_row})
-                if bad_in_row >= t.max_bad_steps:
-                    raise TrainingError(
-                        f"loss was not finite for {bad_in_row} steps in a row (last at step {step + 1}); "
-                        f"lower train.lr (now {t.lr:g}) or resume from an earlier checkpoint with `hybridctl resume {run.path} --from best`"
-                    )
-            else:
-                bad_in_row = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                interval_loss += loss
-                interval_steps += 1
+            x, y = batch(step)
+            loss = forward_backward(train_model, x, y, micro, t.grad_accum, autocast, aux_sums, no_sync)
+            grad_norm, finite = optimizer_step(model, optimizer, loss, t.grad_clip)
+            interval_loss += torch.where(finite, loss, 0.0)
+            pending.append(finite)
             step += 1
             tokens_seen += t.batch_size * t.seq_len
             interval_tokens += t.batch_size * t.seq_len
+            is_log = step % t.log_every == 0 or step == t.steps or step == start_step + 1
+            is_eval = step % t.eval_every == 0 or step == t.steps
+            is_save = step % t.save_every == 0 or step == t.steps
+            if is_log or is_eval or is_save or len(pending) >= MAX_PENDING_STEPS:
+                settle(step)
+                if world > 1:  # every process stops after the same step when torchrun passes a signal on
+                    signum = float(signal.Signals[flag["signal"]]) if flag.get("signal") else 0.0
+                    agreed = int(dist.all_reduce_max(torch.tensor([signum], device=device)).item())
+                    stop_signal = signal.Signals(agreed).name if agreed else None
             # An interval whose steps were all skipped has no loss to log; its time and tokens go to the next one.
-            if (step % t.log_every == 0 or step == t.steps or step == start_step + 1) and interval_steps:
-                mean_loss = (interval_loss / max(interval_steps, 1)).item()
+            if is_log and interval_steps:
+                loss_total, aux_totals = interval_loss, aux_sums
+                if world > 1:  # the mean over ranks: one collective per logged line, not one per step
+                    reduced = dist.all_reduce_mean(torch.stack([interval_loss, *aux_sums.values()]))
+                    loss_total, aux_totals = reduced[0], dict(zip(aux_sums, reduced[1:]))
+                mean_loss = (loss_total / max(interval_steps, 1)).item()
                 now = time.perf_counter()
                 elapsed = now - tick
                 if step > start_step + 1:  # the first step of a process includes compilation and autotuning
                     train_time += elapsed
                 record = {"step": step, "tokens": tokens_seen, "loss": mean_loss, "lr": lr,
                           "grad_norm": float(grad_norm), "tok_s": interval_tokens / max(elapsed, 1e-9)}
-                record.update({key: (value / max(interval_steps, 1)).item() for key, value in aux_sums.items()})
+                record.update({key: (value / max(interval_steps, 1)).item() for key, value in aux_totals.items()})
                 aux_sums.clear()
-                run.append_metrics(record)
+                if main:
+                    run.append_metrics(record)
                 emit("log", record)
                 interval_loss.zero_()
                 interval_steps, interval_tokens = 0, 0
                 tick = time.perf_counter()
-            if step % t.eval_every == 0 or step == t.steps:
+            if is_eval:
                 last_eval = run_eval(step)
                 tick = time.perf_counter()
-            if step % t.save_every == 0 or step == t.steps:
+            if is_save:
                 save(step)
                 tick = time.perf_counter()
-            if flag.get("signal") and step < t.steps:  # at the last step the run simply finishes
-                if step % t.save_every != 0:
+            if world == 1:
+                stop_signal = flag.get("signal")
+            if stop_signal and step < t.steps:  # at the last step the run simply finishes
+                settle(step)
+                if not is_save:
                     save(step)
                 stopped = TrainingError(
-                    f"stopped by {flag['signal']} at step {step}; checkpoint saved, continue with `hybridctl resume {run.path}`",
+                    f"stopped by {stop_signal} at step {step}; checkpoint saved, continue with `hybridctl resume {run.path}`",
                 )
-                stopped.exit_code = 128 + signal.Signals[flag["signal"]]  # the shell's convention: 130 for Ctrl-C
-                raise stopped
+                stopped.exit_code = 128 + signal.Signals[stop_signal]  # the shell's convention: 130 for Ctrl-C
+                raise dist.shared(stopped)
     timed_tokens = (step - start_step - 1) * t.batch_size * t.seq_len
     summary = build_summary(cfg, run, model, n_params, step, tokens_seen, best_val, best_step, last_eval,
-                            train_time, prior_time, timed_tokens, time.perf_counter() - wall_start, skipped, device)
-    run.write_summary(summary)
+                            train_time, prior_time, timed_tokens, time.perf_counter() - wall_start, skipped, device, world)
+    with dist.together():
+        if main:
+            run.write_summary(summary)
     emit("end", summary)
     return summary
 
 
 def build_summary(cfg, run, model, n_params, step, tokens, best_val, best_step, last_eval, train_time, prior_time,
-                  timed_tokens, wall, skipped, device) -> dict[str, Any]:
+                  timed_tokens, wall, skipped, device, world: int = 1) -> dict[str, Any]:
     segment_time = train_time - prior_time
     previous = run.read_summary()
     return {
@@ -394,4 +512,5 @@ def build_summary(cfg, run, model, n_params, step, tokens, best_val, best_step, 
         "wall_time_s": wall + previous.get("wall_time_s", 0.0) if previous else wall,
         "skipped_steps": skipped,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "world_size": world,
     }

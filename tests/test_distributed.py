@@ -1,0 +1,200 @@
+"""Data-parallel training on CPU: real processes under torchrun (gloo), checked against one process.
+
+Two processes do not repeat one process's losses bit for bit (DDP averages the gradients in another order), so
+losses are compared with a tight relative tolerance. torchrun's --redirects keeps each rank's console output apart.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli_args_for_micro, micro_config
+from hybridctl.cli import main
+from hybridctl.commands import train as train_command
+from hybridctl.core import checkpoint as ckpt
+from hybridctl.core.runs import RunDir
+from hybridctl.core.trainer import micro_batch_size, train
+
+# Two micro-batches per process (batch 4 over 2 processes), so no_sync is exercised too.
+SETTINGS = ["train.grad_accum=2"]
+REL = 1e-5
+
+
+def torchrun_command(*args: str, logs: Path, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "--log-dir", str(logs), "--redirects", "3", "-m", "hybridctl", *args]
+
+
+def rank_output(logs: Path, nproc: int = 2) -> dict[int, tuple[str, str]]:
+    """(stdout, stderr) of each rank, from torchrun's log folder."""
+    out = {}
+    for rank in range(nproc):
+        (folder,) = logs.glob(f"*/attempt_0/{rank}")
+        out[rank] = ((folder / "stdout.log").read_text(), (folder / "stderr.log").read_text())
+    return out
+
+
+def torchrun(*args: str, logs: Path, timeout: int = 120) -> tuple[int, dict[int, tuple[str, str]]]:
+    done = subprocess.run(torchrun_command(*args, logs=logs), capture_output=True, text=True, timeout=timeout)
+    return done.returncode, rank_output(logs)
+
+
+def losses(run: RunDir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in run.read_metrics() if "loss" in r}
+
+
+def val_losses(run: RunDir) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in run.read_metrics() if "val_loss" in r}
+
+
+def assert_close(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=REL), step
+
+
+def files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The micro run trained by one process (in this one) and by two processes under torchrun."""
+    root = tmp_path_factory.mktemp("ddp")
+    cfg = micro_config(SETTINGS)
+    one = RunDir(root / "runs" / "one")
+    one.create(cfg)
+    try:
+        train(cfg, one)
+    finally:
+        one.release_lock()
+    code, output = torchrun("train", "--preset", "tiny", "--out", str(root / "runs"), "--name", "two",
+                            *cli_args_for_micro(SETTINGS), logs=root / "logs-two")
+    return root, one, RunDir(root / "runs" / "two"), code, output
+
+
+def test_two_processes_train_like_one(runs):
+    root, one, two, code, output = runs
+    assert code == 0, output
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["one", "two"]  # one run folder, no stray files
+    assert files(two.path) == files(one.path)
+    assert_close(losses(two), losses(one))
+    assert_close(val_losses(two), val_losses(one))
+    for name in ("checkpoints/step_000003", "checkpoints/step_000006", "best"):
+        for tensors in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE):
+            a, b = (load_file(str(r.path / name / tensors)) for r in (one, two))
+            assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # no module. / _orig_mod. prefixes
+    assert ckpt.read_state(two.step_checkpoints()[-1])["world_size"] == 2
+    assert ckpt.read_state(one.step_checkpoints()[-1])["world_size"] == 1
+    assert json.loads(two.summary_path.read_text())["world_size"] == 2
+    (out0, err0), (out1, err1) = output[0], output[1]
+    assert "step      6  loss" in err0 and "Run summary" in out0
+    assert out1 == "" and err1 == ""  # rank 1 prints nothing
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path, capsys):
+    _, one, two, code, _ = runs
+    assert code == 0
+    run = RunDir(tmp_path / "two")
+    shutil.copytree(two.path, run.path)
+    assert main(["resume", str(run.path), "--from", "step_000003"]) == 0
+    assert_close(losses(run), losses(one))
+    assert ckpt.read_state(run.step_checkpoints()[-1])["world_size"] == 1
+
+
+def test_checkpoint_of_one_process_resumes_in_two(runs, tmp_path):
+    _, one, _, _, _ = runs
+    run = RunDir(tmp_path / "one")
+    shutil.copytree(one.path, run.path)
+    code, output = torchrun("resume", str(run.path), "--from", "step_000003", logs=tmp_path / "logs")
+    assert code == 0, output
+    assert "from step_000003 (step 3) to step 6" in " ".join(output[0][0].split()) and output[1] == ("", "")
+    assert_close(losses(run), losses(one))
+    assert_close(val_losses(run), val_losses(one))
+    assert ckpt.read_state(run.step_checkpoints()[-1])["world_size"] == 2
+    assert not run.lock_path.exists()
+
+
+def test_batch_not_divisible_by_processes_times_grad_accum(tmp_path):
+    settings = SETTINGS + ["train.batch_size=6"]
+    assert micro_batch_size(micro_config(settings)) == 3  # fine for one process
+    code, output = torchrun("train", "--preset", "tiny", "--out", str(tmp_path / "runs"), "--name", "odd",
+                            *cli_args_for_micro(settings), logs=tmp_path / "logs")
+    assert code != 0
+    (out0, err0), (out1, err1) = output[0], output[1]
+    assert err0.splitlines() == [
+        "error: train.batch_size (6) must be divisible by 2 processes x train.grad_accum (2) = 4; "
+        "use a multiple of 4, e.g. --set train.batch_size=8 (the global batch, split over the processes)"
+    ]
+    assert out0 == out1 == err1 == ""  # one line from rank 0, nothing from rank 1, no traceback
+    assert not (tmp_path / "runs" / "odd").exists()  # failed before step 1: nothing left behind
+
+
+def test_sigint_stops_every_process_at_the_same_step(tmp_path):
+    settings = ["train.steps=5000", "train.save_every=10000", "train.eval_every=10000"]
+    run = RunDir(tmp_path / "runs" / "sig")
+    logs = tmp_path / "logs"
+    child = subprocess.Popen(torchrun_command("train", "--preset", "tiny", "--out", str(run.path.parent), "--name", "sig",
+                                              *cli_args_for_micro(settings), logs=logs),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while max(losses(run), default=0) < 3 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)  # what Ctrl-C sends torchrun, which passes it on to both processes
+    child.wait(timeout=120)
+    output = rank_output(logs)
+    (_, err0), (out1, err1) = output[0], output[1]
+    last = err0.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGINT at step ") and "Traceback" not in err0, err0
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert 3 <= step < 5000 and out1 == err1 == ""
+    assert [p.name for p in run.step_checkpoints()] == [ckpt.step_dir_name(step)]  # saved once, at the agreed step
+    assert max(losses(run)) == step and not run.lock_path.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("command", ["train", "resume"])
+def test_gpus_without_cuda_says_how_to_use_torchrun(command, tmp_path, capsys):
+    argv = ["train", "--preset", "tiny", "--out", str(tmp_path), "--gpus", "2"] if command == "train" else ["resume", str(tmp_path / "run"), "--gpus", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: --gpus 2: no CUDA GPUs are available here; to train with 2 processes on CPU, run "
+        f"`torchrun --nproc-per-node 2 -m hybridctl {command} ...` with the same options, without --gpus"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpus_starts_the_same_command_under_torchrun(monkeypatch, tmp_path):
+    """Without GPUs to run on, the launch itself is checked: torchrun's command line and its exit code."""
+    started = []
+
+    class Child:
+        def __init__(self, args):
+            started.append(args)
+
+        def wait(self):
+            return 7
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(train_command, "resolve_device", lambda spec: torch.device("cuda", 0))
+    monkeypatch.setattr(train_command.subprocess, "Popen", Child)
+    rest = ["--preset", "tiny", "--out", str(tmp_path), "--set", "train.steps=3"]
+    assert main(["train", "--gpus", "2", *rest]) == 7
+    assert main(["train", *rest, "--gpus=2"]) == 7
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hybridctl"]
+    assert started == [launcher + ["train", *rest]] * 2
+    assert list(tmp_path.iterdir()) == []  # the processes make the run folder, not the launcher
+    assert main(["train", "--gpus", "2", *rest, "--set", "train.batch_size=15"]) == 1  # checked before launching
+    assert len(started) == 2
