@@ -312,6 +312,12 @@ def test_mqar_training_logs_the_metric(tmp_path):
     evals = [r for r in run.read_metrics() if "val_loss" in r]
     assert [r["step"] for r in evals] == [3, 6] and all(0.0 <= r["val_mqar_acc"] <= 1.0 for r in evals)
     assert load_config_file(run.config_path).model.vocab_size == 128
+    assert run.read_summary()["final_val_mqar_acc"] == evals[-1]["val_mqar_acc"]
+    result = run_cli("compare", str(run.path), "--metric", "final_val_mqar_acc", "--json-out", str(tmp_path / "c.json"))
+    assert result.returncode == 0, result.stderr
+    assert "recall acc" in result.stdout
+    (record,) = json.loads((tmp_path / "c.json").read_text())
+    assert record["final_val_mqar_acc"] == evals[-1]["val_mqar_acc"] and record["metric"] == "final_val_mqar_acc"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ def run_sweep(plan: SweepPlan, path: Path, force: bool = False, progress: Callab
 METRICS = {  # name -> True when higher is better
     "best_val_loss": False, "final_val_loss": False, "best_val_acc": True, "final_val_acc": True,
     "best_val_ppl": False, "final_val_ppl": False, "tok_s": True, "train_time_s": False,
-    "arc_acc": True, "arc_acc_norm": True,
+    "arc_acc": True, "arc_acc_norm": True, "final_val_mqar_acc": True,
 }
 SORT_KEYS = ("rank", "name", "attention", "lr", "tok_s", "time", "params")
 
@@ -437,7 +437,7 @@ def load_result(run: RunDir) -> RunResult:
     complete = summary.get("status") == "complete"
     if complete:
         for key in ("steps", "tokens", "best_val_loss", "best_step", "final_val_loss", "final_val_acc", "final_val_ppl",
-                    "tok_s", "train_time_s", "wall_time_s", "layer_types", "attention_fraction", "lr", "device"):
+                    "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "layer_types", "attention_fraction", "lr", "device"):
             if summary.get(key) is not None:
                 values[key] = summary[key]
     else:
@@ -445,7 +445,7 @@ def load_result(run: RunDir) -> RunResult:
         values.update(steps=last.get("step", 0), tokens=last.get("tokens", 0))
         if evals:
             values.update(final_val_loss=evals[-1]["val_loss"], final_val_acc=evals[-1].get("val_acc"),
-                          final_val_ppl=evals[-1].get("val_ppl"))
+                          final_val_ppl=evals[-1].get("val_ppl"), final_val_mqar_acc=evals[-1].get("val_mqar_acc"))
             best = min(evals, key=lambda r: r["val_loss"])
             values.update(best_val_loss=best["val_loss"], best_step=best["step"])
     best_eval = next((r for r in evals if r["step"] == values.get("best_step")), None)
@@ -548,8 +548,8 @@ def result_record(row: Ranked, metric: str) -> dict[str, Any]:
     record = {"rank": row.rank, "name": r.label, "path": str(r.run.path), "status": r.status, "metric": metric,
               "value": row.value, "delta_pct": row.delta_pct}
     keys = ("layer_types", "attention_fraction", "lr", "params", "steps", "planned_steps", "tokens", "best_val_loss",
-            "best_step", "best_val_acc", "best_val_ppl", "final_val_loss", "final_val_acc", "final_val_ppl", "tok_s",
-            "train_time_s", "wall_time_s", "arc_acc", "arc_acc_norm", "arc_n")
+            "best_step", "best_val_acc", "best_val_ppl", "final_val_loss", "final_val_acc", "final_val_ppl",
+            "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "arc_acc", "arc_acc_norm", "arc_n")
     record.update({k: r.get(k) for k in keys})
     return record
 

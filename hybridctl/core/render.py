@@ -126,6 +126,7 @@ def summary_table(summary: dict[str, Any], title: str = "Run summary") -> Table:
         ("best val loss", f"{fmt_num(summary.get('best_val_loss'))} (step {summary.get('best_step')})"),
         ("val acc", fmt_num(summary.get("final_val_acc"))),
         ("val ppl", fmt_num(summary.get("final_val_ppl"), 2)),
+        *([("recall acc (MQAR)", fmt_num(summary["final_val_mqar_acc"]))] if summary.get("final_val_mqar_acc") is not None else []),
         ("throughput", f"{fmt_count(summary.get('tok_s'))} tok/s"),
         ("wall time", fmt_duration(summary.get("wall_time_s"))),
         ("device", summary.get("device")),
@@ -184,11 +185,13 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     show_lr = len({r.get("lr") for r in results}) > 1
     show_steps = len({r.get("steps") for r in results}) > 1
     show_arc = any(r.get("arc_acc") is not None for r in results)
+    show_mqar = any(r.get("final_val_mqar_acc") is not None for r in results)
     show_status = any(r.status != "complete" for r in results)
     shown_loss = f"{view}_val_loss"
     headers = ["#", "run", "attn"] + (["lr"] if show_lr else []) + (["steps"] if show_steps else [])
     headers += ["val loss" if view == "best" else "final loss", "acc", "ppl", "time", "tok/s", "Δ vs best" if metric == shown_loss else f"Δ {metric}"]
     headers += ["ARC acc", "ARC acc_norm"] if show_arc else []
+    headers += ["recall acc"] if show_mqar else []
     headers += ["status"] if show_status else []
     table = []
     for row in rows:
@@ -205,6 +208,8 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
         ]
         if show_arc:
             cells += [fmt_pct(r.get("arc_acc"), 2), fmt_pct(r.get("arc_acc_norm"), 2)]
+        if show_mqar:
+            cells.append(fmt_pct(r.get("final_val_mqar_acc"), 2))
         if show_status:
             cells.append(r.status if r.status == "complete" else f"{r.status} ({r.get('steps')}/{r.get('planned_steps') or '?'})")
         table.append(cells)

@@ -513,4 +513,6 @@ def build_summary(cfg, run, model, n_params, step, tokens, best_val, best_step, 
         "skipped_steps": skipped,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "world_size": world,
+        # Synthetic recall tasks also score the answer positions alone (e.g. val_mqar_acc).
+        **{f"final_{key}": value for key, value in last_eval.items() if key.endswith("_acc") and key != "val_acc"},
     }
