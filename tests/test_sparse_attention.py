@@ -10,9 +10,10 @@ from hybridctl.core.sparse_attention import DeepSeekSparseAttention, topk_mask
 D_MODEL, N_HEADS, T = 32, 4, 24
 
 
-def sparse_layer(topk: int, seed: int = 0) -> DeepSeekSparseAttention:
+def sparse_layer(topk: int, seed: int = 0, window: int = 0) -> DeepSeekSparseAttention:
     cfg = ModelConfig(d_model=D_MODEL, n_heads=N_HEADS)
     cfg.dsa.topk, cfg.dsa.indexer_heads, cfg.dsa.indexer_dim = topk, 3, 8
+    cfg.attention.window = window
     torch.manual_seed(seed)
     return DeepSeekSparseAttention(cfg).double()
 
@@ -60,6 +61,28 @@ def test_each_query_attends_to_its_topk_only(topk):
     torch.testing.assert_close(layer(x), masked_attention(layer, x, selected), rtol=1e-12, atol=1e-12)
     if topk < T:  # really sparse: differs from full causal attention
         assert not torch.allclose(layer(x), masked_attention(layer, x, earlier.expand(2, T, T)))
+
+
+@pytest.mark.parametrize("topk", [7, 1000])
+def test_window_limits_the_keys_like_a_sliding_window_f_layer(topk):
+    """model.attention.window applies to D layers too: with topk >= window the layer is exactly the windowed F
+    layer; with fewer, every selected key lies inside the window."""
+    window = 7
+    layer = sparse_layer(topk, window=window)
+    x = inputs()
+    t = torch.arange(T)
+    in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    if topk >= window:
+        windowed = CausalSelfAttention(D_MODEL, N_HEADS, window=window).double()
+        windowed.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("indexer.")})
+        for training in (True, False):
+            layer.train(training)
+            torch.testing.assert_close(layer(x), windowed(x), rtol=1e-12, atol=1e-12)
+    small = sparse_layer(3, window=window)
+    selected = topk_mask(small.indexer(x, window), 3, window)
+    assert not (selected & ~in_window).any()
+    assert torch.equal(selected.sum(-1), torch.minimum(t + 1, torch.tensor(3)).expand(2, T))
+    torch.testing.assert_close(small(x), masked_attention(small, x, selected), rtol=1e-12, atol=1e-12)
 
 
 def test_causal():

@@ -20,12 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridctl.core.attention import Rotary
+from hybridctl.core.attention import Rotary, sliding_window_mask
 from hybridctl.core.config import ModelConfig
 
 
-def causal_mask(T: int, device) -> torch.Tensor:
-    """Boolean [T, T], True where query i may see key j (j <= i)."""
+def causal_mask(T: int, device, window: int = 0) -> torch.Tensor:
+    """Boolean [T, T], True where query i may see key j: j <= i, and with a window W < T also j > i - W (the
+    same keys as a sliding-window F layer)."""
+    if window and window < T:
+        return sliding_window_mask(T, window, device)
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
@@ -35,7 +38,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class LightningIndexer(nn.Module):
-    """Scores I(t, s) for all query/key pairs; future keys get -inf. Query and key carry RoPE so that the
+    """Scores I(t, s) for all query/key pairs; future keys (and keys outside a window) get -inf. Query and key carry RoPE so that the
     indexer can prefer recent tokens; the key is LayerNorm-ed as in the reference model."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, rope_theta: float = 10000.0):
@@ -48,7 +51,7 @@ class LightningIndexer(nn.Module):
         self.rotary = Rotary(head_dim, rope_theta)
         self.scale = (head_dim * n_heads) ** -0.5  # keeps scores O(1) whatever the head count and width
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
         """x: [B, T, C] -> scores [B, T, T] in fp32 (fp64 for fp64 input)."""
         B, T, _ = x.shape
         dtype = compute_dtype(x)
@@ -57,19 +60,24 @@ class LightningIndexer(nn.Module):
         per_head = F.relu(q @ k.transpose(-1, -2)).to(dtype)  # [B, H, T, T]
         weights = self.weights_proj(x).to(dtype) * self.scale  # [B, T, H]
         scores = torch.einsum("bhts,bth->bts", per_head, weights)
-        return scores.masked_fill(~causal_mask(T, x.device), float("-inf"))
+        return scores.masked_fill(~causal_mask(T, x.device, window), float("-inf"))
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean [B, T, T]: True for the k highest-scoring earlier keys (the query itself included) of each query.
-    Queries with fewer than k earlier keys keep all of them."""
+def visible_keys(T: int, window: int = 0) -> int:
+    """The most keys any query can see."""
+    return min(T, window) if window else T
+
+
+def topk_mask(scores: torch.Tensor, k: int, window: int = 0) -> torch.Tensor:
+    """Boolean [B, T, T]: True for the k highest-scoring visible keys (the query itself included) of each query.
+    Queries with fewer than k visible keys keep all of them."""
     T = scores.shape[-1]
-    causal = causal_mask(T, scores.device)
-    if k >= T:
-        return causal.expand(scores.shape)
-    chosen = scores.topk(k, dim=-1).indices  # early rows may pick -inf future slots; the causal mask drops them
+    visible = causal_mask(T, scores.device, window)
+    if k >= visible_keys(T, window):
+        return visible.expand(scores.shape)
+    chosen = scores.topk(k, dim=-1).indices  # rows with few visible keys may pick -inf slots; the mask drops them
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, chosen, True)
-    return mask & causal
+    return mask & visible
 
 
 def indexer_kl(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -88,14 +96,15 @@ def indexer_kl(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, selected:
 
 class DeepSeekSparseAttention(nn.Module):
     """Causal softmax attention with RoPE (projections as in CausalSelfAttention) over the top-k keys that the
-    lightning indexer picks for each query. With topk >= sequence length it is exactly full causal attention.
+    lightning indexer picks for each query, among the keys model.attention.window allows (all earlier ones when
+    it is 0). With topk >= the keys a query can see it is exactly full (or sliding-window) causal attention.
 
     During training, `aux_losses["indexer_kl"]` holds the indexer's KL loss after each forward."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.topk = cfg.dsa.topk
+        self.topk, self.window = cfg.dsa.topk, cfg.attention.window
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rotary = Rotary(self.head_dim, cfg.attention.rope_theta)
@@ -106,12 +115,15 @@ class DeepSeekSparseAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q), self.rotary(k)
-        if self.training or self.topk < T:  # at inference with topk >= T every earlier key is selected anyway
-            scores = self.indexer(x.detach())
-            selected = topk_mask(scores, self.topk)
-        if self.topk >= T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        sparse = self.topk < visible_keys(T, self.window)
+        if self.training or sparse:  # at inference without sparsity every visible key is selected anyway
+            scores = self.indexer(x.detach(), self.window)
+            selected = topk_mask(scores, self.topk, self.window)
+        if sparse:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=selected[:, None])
+        elif self.window and self.window < T:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, x.device, self.window))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         self.aux_losses = {"indexer_kl": indexer_kl(q.detach(), k.detach(), scores, selected)} if self.training else {}
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
