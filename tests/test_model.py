@@ -57,3 +57,22 @@ def test_training_loss_equals_eval_loss():
     with torch.no_grad():
         eval_loss = model(x, y).loss
     torch.testing.assert_close(train_loss.detach(), eval_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_train_loss_setting_picks_the_loss_and_both_agree():
+    from hybridctl.core.model import use_chunked_loss
+
+    assert [use_chunked_loss(loss, compiled) for loss in ("auto", "chunked", "plain") for compiled in (False, True)] == [
+        True, False, True, True, False, False]
+    cfg = load_config("tiny")
+    cfg.model.vocab_size = 257
+    torch.manual_seed(0)
+    model = HybridLM(cfg.model).double()
+    x, y = torch.randint(0, 257, (2, 40)), torch.randint(0, 257, (2, 40))
+    grads = []
+    for chunked in (True, False):
+        model.chunked_loss = chunked
+        loss = model(x, y).loss
+        grads.append((loss.detach(), torch.autograd.grad(loss, model.embed.weight)[0]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)

@@ -187,7 +187,8 @@ class HybridLM(nn.Module):
         logits = None
         if return_logits or not torch.is_grad_enabled() or not self.chunked_loss:
             logits = self.lm_head(h)
-            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 in fp64 checks
+            ce = F.cross_entropy(wide.view(-1, wide.shape[-1]), targets.reshape(-1))
         else:
             ce = linear_cross_entropy(h, self.lm_head.weight, targets)
         loss = ce
