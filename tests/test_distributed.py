@@ -180,15 +180,17 @@ def test_gpus_starts_the_same_command_under_torchrun(monkeypatch, tmp_path):
     started = []
 
     class Child:
-        def __init__(self, args):
+        def __init__(self, args, env):
             started.append(args)
+            assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 300  # time to reach a log step and save
+
 
         def wait(self):
             return 7
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(train_command, "resolve_device", lambda spec: torch.device("cuda", 0))
+    monkeypatch.setattr(train_command, "resolve_device", lambda spec: torch.device(spec.replace("auto", "cuda")))
     monkeypatch.setattr(train_command.subprocess, "Popen", Child)
     rest = ["--preset", "tiny", "--out", str(tmp_path), "--set", "train.steps=3"]
     assert main(["train", "--gpus", "2", *rest]) == 7
@@ -197,4 +199,5 @@ def test_gpus_starts_the_same_command_under_torchrun(monkeypatch, tmp_path):
     assert started == [launcher + ["train", *rest]] * 2
     assert list(tmp_path.iterdir()) == []  # the processes make the run folder, not the launcher
     assert main(["train", "--gpus", "2", *rest, "--set", "train.batch_size=15"]) == 1  # checked before launching
+    assert main(["train", "--gpus", "2", *rest, "--device", "cuda:1"]) == 1  # each process takes its own GPU
     assert len(started) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -52,8 +53,10 @@ def check_gpus(gpus: int, command: str) -> None:
 
 def check_config_for_gpus(cfg, gpus: int) -> None:
     """What would make every process of a --gpus run fail at once, checked here in one process and one line."""
-    if resolve_device(cfg.train.device).type != "cuda":
-        raise ConfigError(f"--gpus trains on GPUs, but train.device is '{cfg.train.device}'; leave it at auto or set it to cuda")
+    device = resolve_device(cfg.train.device)
+    if device.type != "cuda" or device.index is not None:
+        raise ConfigError(f"--gpus trains on GPUs {'0' if gpus == 1 else f'0..{gpus - 1}'}, but train.device is '{cfg.train.device}'; "
+                          "leave it at auto or set it to cuda (CUDA_VISIBLE_DEVICES picks which GPUs)")
     micro_batch_size(cfg, gpus)
 
 
@@ -61,7 +64,10 @@ def launch_on_gpus(gpus: int) -> int:
     """Run this same command as `gpus` processes under torchrun; returns torchrun's exit code."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
             "-m", "hybridctl", *without_gpus(cli.current_args)]
-    child = subprocess.Popen(args)
+    # torchrun kills the processes 30 s after passing a signal on, by default; they first finish up to the next
+    # log step and save a checkpoint, which can take longer.
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600", **os.environ}
+    child = subprocess.Popen(args, env=env)
 
     # Ctrl-C reaches torchrun directly (same terminal), and torchrun passes it on to the training processes,
     # which save and stop; a SIGTERM sent to this process alone is passed on here.

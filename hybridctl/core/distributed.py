@@ -15,6 +15,7 @@ marked `quiet`, which the CLI does not print (`reports`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from typing import Callable, Iterator, TypeVar
 
@@ -76,11 +77,14 @@ def init(device: torch.device) -> None:
     global _joined
     if not launched() or dist.is_initialized():
         return
+    # The other processes wait in a collective while process 0 alone tokenises data, evaluates or writes a
+    # checkpoint; NCCL's default 10-minute timeout would abort them during a long one.
+    timeout = datetime.timedelta(seconds=_env_int("HYBRIDCTL_COLLECTIVE_TIMEOUT", 3600))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     _joined = True
 
 

@@ -108,7 +108,10 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.AdamW, loss: t
     if dist.active():
         finite = dist.all_reduce_min(finite.float()) > 0
     optimizer.found_inf = (~finite).float()
-    optimizer.step()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf  # a stale flag would silently skip any later plain step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
 
