@@ -17,9 +17,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hybridctl.core.evaluation import speed_configs
-from hybridctl.core.model import build_model, use_chunked_loss
-from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size, optimizer_step
+from hybridctl.core.evaluation import benchmark_step, speed_configs
 
 # Kernel name fragments -> category, first match wins. Inductor names its kernels triton_poi/red/per/tem_...;
 # flash-linear-attention's Triton kernels keep their Python function names.
@@ -45,22 +43,8 @@ def category(name: str) -> str:
 
 
 def profile_preset(cfg, steps: int, warmup: int) -> dict:
-    device = torch.device("cuda")
     t = cfg.train
-    micro = micro_batch_size(cfg)
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device)
-    step_model = torch.compile(model) if t.compile else model
-    model.chunked_loss = use_chunked_loss(t.loss, t.compile)
-    optimizer = build_optimizer(model, cfg, device)
-    tokens = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    autocast = autocast_for(device, t.dtype)
-
-    def step():
-        loss = forward_backward(step_model, x, y, micro, t.grad_accum, autocast)
-        optimizer_step(model, optimizer, loss, t.grad_clip)
-
+    _, step = benchmark_step(cfg, torch.device("cuda"))
     start = time.perf_counter()
     for _ in range(warmup):
         step()

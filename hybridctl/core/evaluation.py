@@ -475,16 +475,15 @@ def measure_speed(cfg: Config, seq_len: int, batch_size: int, device: torch.devi
     return row
 
 
-def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, forward_only: bool) -> dict[str, Any]:
-    """A training step is the trainer's: forward and loss under its autocast per micro-batch, backward, gradient
-    clipping, AdamW step skipped on the device if the loss or gradients are not finite (no host sync, as in the
-    trainer, which reads those flags at log steps)."""
+def benchmark_step(cfg: Config, device: torch.device, forward_only: bool = False) -> tuple[HybridLM, Callable[[], None]]:
+    """The config's model on random tokens and one step of it: the trainer's training step (forward and loss under
+    its autocast per micro-batch, backward, gradient clipping, AdamW step skipped on the device if the loss or
+    gradients are not finite: no host sync, as in the trainer, which reads those flags at log steps), or an
+    inference forward pass. Used by `bench speed` and benchmarks/profile_step.py."""
     t = cfg.train
     micro = micro_batch_size(cfg)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
-    flops = flops_per_token(model, t.seq_len)
-    flops_per_step_token = flops["forward" if forward_only else "train"]
     compiled = t.compile and device.type == "cuda"
     step_model = torch.compile(model) if compiled else model
     model.chunked_loss = use_chunked_loss(t.loss, compiled)
@@ -505,6 +504,14 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
             loss = forward_backward(step_model, x, y, micro, t.grad_accum, autocast)
             optimizer_step(model, optimizer, loss, t.grad_clip)
 
+    return model, step
+
+
+def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, forward_only: bool) -> dict[str, Any]:
+    t = cfg.train
+    model, step = benchmark_step(cfg, device, forward_only)
+    flops = flops_per_token(model, t.seq_len)
+    flops_per_step_token = flops["forward" if forward_only else "train"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
