@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def write_plugin(root: Path, module: str, body: str, group: str, entry: str) -> None:
+    """An installed-looking plugin distribution in `root` (put it on PYTHONPATH): module.py with `body`, and a
+    dist-info whose entry_points.txt registers `entry` (name = module:attr) in `group`."""
+    (root / f"{module}.py").write_text(textwrap.dedent(body))
+    dist = root / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")

@@ -1,14 +1,13 @@
 import json
 import math
 import statistics
-import textwrap
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import micro_config, run_cli
+from conftest import micro_config, run_cli, write_plugin
 from hybridctl.cli import main
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core import evaluation
@@ -288,12 +287,8 @@ def test_peak_table_by_device_name():
     assert evaluation.peak_bf16_tflops("Tesla T4") is None
 
 
-def _write_plugin(root, body, entry="hellaswag = hybridctl_bench_plugin:hellaswag"):
-    (root / "hybridctl_bench_plugin.py").write_text(textwrap.dedent(body))
-    dist = root / "hybridctl_bench_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hybridctl-bench-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[hybridctl.benchmarks]\n{entry}\n")
+def _write_plugin(root, body):
+    write_plugin(root, "hybridctl_bench_plugin", body, "hybridctl.benchmarks", "hellaswag = hybridctl_bench_plugin:hellaswag")
 
 
 def test_plugin_benchmark_through_entry_point(tmp_path):

@@ -1,9 +1,8 @@
 import json
-import textwrap
 
 import pytest
 
-from conftest import cli_args_for_micro, run_cli
+from conftest import cli_args_for_micro, run_cli, write_plugin
 
 COMMANDS = ["train", "resume", "ablate", "compare", "bench", "report"]
 
@@ -65,12 +64,8 @@ def test_list_presets():
     assert result.returncode == 0 and "hybrid_sparse" in result.stdout and "tiny" in result.stdout
 
 
-def _write_plugin(root, body: str, name: str = "demo"):
-    (root / "hybridctl_demo_plugin.py").write_text(textwrap.dedent(body))
-    dist = root / "hybridctl_demo_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hybridctl-demo-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[hybridctl.commands]\n{name} = hybridctl_demo_plugin:hello\n")
+def _write_plugin(root, body: str):
+    write_plugin(root, "hybridctl_demo_plugin", body, "hybridctl.commands", "demo = hybridctl_demo_plugin:hello")
 
 
 def test_third_party_command_through_entry_point(tmp_path):
