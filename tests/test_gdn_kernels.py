@@ -1,0 +1,130 @@
+"""The project's Triton kernels (short convolution + SiLU + L2 norm, gated RMSNorm) against the PyTorch layer code
+they replace on CUDA: forward and gradients, on column slices of a wider projection as the fused op passes them.
+Without a GPU they run in Triton's interpreter on the CPU; on a GPU, compiled."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, conftest.py switches Triton to its interpreter
+pytest.importorskip("triton")
+
+from hybridctl.core import gdn_kernels  # noqa: E402
+from hybridctl.core.gated_delta import GatedRMSNorm, causal_conv_silu, l2norm  # noqa: E402
+
+SENTINEL = 7.0  # fills gradient buffers: columns a kernel must not write keep it
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("normalize,width", [(True, 4), (False, 4), (True, 2), (False, 1)])
+def test_short_conv_matches_reference(normalize, width):
+    torch.manual_seed(0)
+    B, T, H, K = 2, 45, 2, 16  # T is not a multiple of any tile
+    C = H * K
+    proj = torch.randn(B, T, 3 * C, device=DEVICE)
+    x = proj[..., C : 2 * C]  # the middle columns, read in place
+    weight = torch.randn(C, width, device=DEVICE)
+
+    x_ref, w_ref = x.double().requires_grad_(), weight.double().requires_grad_()
+    ref = causal_conv_silu(x_ref, w_ref)
+    if normalize:
+        ref = l2norm(ref.view(B, T, H, K)).view(B, T, C)
+    dy = torch.randn(B, T, C, device=DEVICE)
+    ref.backward(dy.double())
+
+    y = gdn_kernels.short_conv_fwd(x, weight, K, normalize)
+    d_proj = torch.full_like(proj, SENTINEL)
+    dw = gdn_kernels.short_conv_bwd(x, weight, dy, d_proj[..., C : 2 * C], K, normalize)
+
+    assert y.shape == (B, T, C) and y.is_contiguous()
+    assert max_rel(y, ref) < 1e-5
+    assert max_rel(d_proj[..., C : 2 * C], x_ref.grad) < 1e-5
+    assert max_rel(dw, w_ref.grad) < 1e-5
+    assert (d_proj[..., :C] == SENTINEL).all() and (d_proj[..., 2 * C :] == SENTINEL).all()
+
+
+def test_short_conv_never_mixes_sequences():
+    """The convolution looks back within its own sequence only: changing the end of sequence 0 leaves the
+    start of sequence 1 untouched."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 20, 16, device=DEVICE)
+    weight = torch.randn(16, 4, device=DEVICE)
+    y = gdn_kernels.short_conv_fwd(x, weight, 16, normalize=False)
+    x2 = x.clone()
+    x2[0, -3:] += 5.0
+    y2 = gdn_kernels.short_conv_fwd(x2, weight, 16, normalize=False)
+    assert torch.equal(y[1], y2[1]) and not torch.equal(y[0, -3:], y2[0, -3:])
+
+
+def test_gated_rms_norm_matches_reference():
+    torch.manual_seed(2)
+    B, T, H, V = 2, 9, 3, 32  # B * T * H rows is not a multiple of the row tile
+    o = torch.randn(B, T, H, V, device=DEVICE)
+    proj = torch.randn(B, T, 3 * H * V, device=DEVICE)
+    gate = proj[..., H * V : 2 * H * V]
+    norm = GatedRMSNorm(V, 1e-5).to(DEVICE).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    weight = norm.weight.detach().float()
+
+    o_ref, gate_ref = o.double().requires_grad_(), gate.double().requires_grad_()
+    ref = norm(o_ref, gate_ref.view(B, T, H, V)).reshape(B, T, H * V)
+    dy = torch.randn(B, T, H * V, device=DEVICE)
+    ref.backward(dy.double())
+
+    y = gdn_kernels.gated_rms_norm_fwd(o, gate, weight, norm.eps)
+    d_proj = torch.full_like(proj, SENTINEL)
+    do, dw = gdn_kernels.gated_rms_norm_bwd(dy, o, gate, weight, norm.eps, d_proj[..., H * V : 2 * H * V])
+
+    assert max_rel(y, ref) < 1e-5
+    assert max_rel(do, o_ref.grad) < 1e-5
+    assert max_rel(d_proj[..., H * V : 2 * H * V], gate_ref.grad) < 1e-5
+    assert max_rel(dw, norm.weight.grad) < 1e-5
+    assert (d_proj[..., : H * V] == SENTINEL).all() and (d_proj[..., 2 * H * V :] == SENTINEL).all()
+
+
+COMPILE_FOR_HOPPER = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hybridctl.core import gdn_kernels as gk
+
+conv = {"W": 4, "BC": 128}
+cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, warps): the defaults launch these
+    (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 T:i32 C:i32 eps:fp32",
+     {**conv, "BT": gk.CONV_ROWS, "NORMALIZE": True}, gk.CONV_WARPS),
+    (gk._short_conv_dz_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dy:*bf16 dz:*bf16 T:i32 C:i32 eps:fp32",
+     {**conv, "BT": gk.CONV_BWD_ROWS[0], "NORMALIZE": True}, gk.CONV_BWD_WARPS[0]),
+    (gk._short_conv_dx_kernel, "dz:*bf16 w:*fp32 dx:*bf16 dx_row_stride:i32 T:i32 C:i32",
+     {**conv, "BT": gk.CONV_BWD_ROWS[1]}, gk.CONV_BWD_WARPS[1]),
+    (gk._short_conv_dw_kernel, "x:*bf16 x_row_stride:i32 dz:*bf16 dw_part:*fp32 T:i32 C:i32",
+     {**conv, "BT": gk.DW_ROWS, "TILES": gk.DW_TILES}, gk.DW_WARPS),
+    (gk._gated_norm_fwd_kernel, "o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 y:*bf16 R:i32 H:i32 eps:fp32",
+     {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
+    (gk._gated_norm_bwd_kernel, "dy:*bf16 o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 do:*bf16 dgate:*bf16 "
+     "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32", {"V": 256, "BR": gk.NORM_BWD_ROWS}, gk.NORM_BWD_WARPS),
+]
+for kernel, signature, constexprs, warps in cases:
+    sig = dict(item.split(":") for item in signature.split())
+    sig.update({name: "constexpr" for name in constexprs})
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert len(compiled.asm["cubin"]) > 0
+    print(compiled.metadata.name)
+'''
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter is lenient: compile every kernel at its default tiles to Hopper machine code (Triton's own
+    ptxas; no GPU needed), as a CUDA run would."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_kernel", "_short_conv_dx_kernel",
+                                     "_short_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel"]
