@@ -87,6 +87,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["nosuchsection.x=1"], "unknown key 'nosuchsection'"),
         (["train.lr"], "has no '='"),
         (["model.d_model=100", "model.n_heads=3"], "divisible"),
+        (['model.gdn.backend="triton"'], "must be auto, fused, fla or torch"),
     ],
 )
 def test_bad_config_values(overrides, message):

@@ -98,5 +98,24 @@ def test_cpu_training_never_imports_fla():
         "m = HybridLM(cfg.model)\n"
         "m(torch.randint(0, 300, (1, 70)), torch.randint(0, 300, (1, 70))).loss.backward()\n"
         "assert not any(n == 'fla' or n.startswith('fla.') for n in sys.modules), 'fla was imported'\n"
+        "assert 'hybridctl.core.gdn_kernels' not in sys.modules, 'the Triton kernels were imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_layer_path_on_cpu_is_the_reference():
+    from hybridctl.core.gated_delta import layer_path
+
+    assert layer_path(False, 128, 256, 4, "auto") == "torch"
+    assert layer_path(False, 128, 256, 4, "torch") == "torch"
+    with pytest.warns(RuntimeWarning, match="'fused' needs CUDA"):
+        assert layer_path(False, 64, 128, 4, "fused") == "torch"
+
+
+def test_fused_op_shape_limits():
+    from hybridctl.core.gdn_fused import shape_supported
+
+    assert shape_supported(128, 256, 4) and shape_supported(64, 128, 2)
+    assert not shape_supported(96, 192, 4)  # a program holds one head: powers of two only
+    assert not shape_supported(128, 256, 5)  # the weight-gradient kernel has four taps
+    assert not shape_supported(512, 512, 4)  # fla's chunk kernels stop at head_dim 256

@@ -46,21 +46,42 @@ def test_fla_op_matches_reference(dtype, tol):
     assert all(e < tol for e in errors.values()), errors
 
 
-def test_fused_layer_matches_reference_layer():
-    torch.manual_seed(0)
-    fused = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K).cuda()
-    ref = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K, backend="torch").cuda()
-    ref.load_state_dict(fused.state_dict())
-    x = torch.randn(B, T, 512, device="cuda")
+def layer_errors(layer: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Relative errors of a layer's output and parameter gradients against the reference layer, bf16 autocast."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_fused, y_ref = fused(x), ref(x)
+        y, y_ref = layer(x), ref(x)
     w = torch.randn_like(y_ref.float())
-    (y_fused.float() * w).sum().backward()
+    (y.float() * w).sum().backward()
     (y_ref.float() * w).sum().backward()
-    errors = {"y": rel_err(y_fused, y_ref)}
-    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+    errors = {"y": rel_err(y, y_ref)}
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
         errors[name] = rel_err(p.grad, q.grad)
-    print("\nfused layer vs reference layer (bf16 autocast): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    return errors
+
+
+@pytest.mark.parametrize("backend", ["fused", "fla"])
+def test_layer_matches_reference_layer(backend):
+    from hybridctl.core.gated_delta import layer_path
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K, backend=backend).cuda()
+    ref = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K, backend="torch").cuda()
+    ref.load_state_dict(layer.state_dict())
+    assert layer_path(True, K, V, layer.conv_size, backend) == backend
+    errors = layer_errors(layer, ref, torch.randn(B, T, 512, device="cuda"))
+    print(f"\n{backend} layer vs reference layer (bf16 autocast): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert all(e < 3e-2 for e in errors.values()), errors
+
+
+def test_fused_layer_compiles_to_one_graph():
+    """The fused op is one graph node: fullgraph compilation succeeds and matches the reference, with T not a
+    multiple of the chunk length."""
+    torch.manual_seed(1)
+    layer = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K, backend="fused").cuda()
+    ref = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K, backend="torch").cuda()
+    ref.load_state_dict(layer.state_dict())
+    errors = layer_errors(torch.compile(layer, fullgraph=True), ref, torch.randn(B, T - 36, 512, device="cuda"))
+    print("\ncompiled fused layer vs reference layer: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert all(e < 3e-2 for e in errors.values()), errors
 
 

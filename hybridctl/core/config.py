@@ -347,7 +347,7 @@ def validate(cfg: Config) -> Config:
     g = m.gdn
     _require(g.num_heads >= 1 and g.head_dim >= 1, "model.gdn.num_heads and model.gdn.head_dim must be positive")
     _require(float(g.head_dim * g.expand_v).is_integer(), f"model.gdn.head_dim * expand_v must be a whole number, got {g.head_dim * g.expand_v}")
-    _require(g.backend in ("auto", "torch", "fla"), f"model.gdn.backend must be auto, torch or fla, got '{g.backend}'")
+    _require(g.backend in ("auto", "fused", "fla", "torch"), f"model.gdn.backend must be auto, fused, fla or torch, got '{g.backend}'")
     _require(g.chunk_size >= 1 and g.conv_size >= 1, "model.gdn.chunk_size and model.gdn.conv_size must be positive")
     _require(m.attention.window >= 0, f"model.attention.window must be >= 0 (0 = full causal), got {m.attention.window}")
     _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = follow the tokenizer), got {m.vocab_size}")

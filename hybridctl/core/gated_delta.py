@@ -7,10 +7,13 @@ The recurrence, per head, with state S of shape [K, V] (fla's convention):
 
 `chunk_gated_delta_rule_torch` computes it chunk by chunk in the WY form that fla's kernel uses (so CPU runs and
 GPU runs compute the same function); `recurrent_gated_delta_rule` is the step-by-step definition and exists as a
-test oracle. `gated_delta_rule` is the one entry point the layer calls: it takes raw projections and applies the
-L2 norm, the sigmoid and the decay gate itself, inside fla's kernel on CUDA or in PyTorch elsewhere.
+test oracle. `gated_delta_rule` takes raw projections and applies the L2 norm, the sigmoid and the decay gate
+itself, inside fla's kernel on CUDA or in PyTorch elsewhere.
 
-fla is imported only when a CUDA tensor reaches `gated_delta_rule`; CPU code never imports it.
+The layer runs one of three paths (`layer_path`, from model.gdn.backend): "fused" on CUDA, gdn_fused's custom op
+(this project's convolution and norm kernels around fla's chunk kernels, one node in a compiled graph); "fla",
+fla's public ops one by one; "torch", the PyTorch reference, on CPU and wherever fla cannot run. fla and Triton
+are imported only on CUDA; CPU code never imports them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hybridctl.core import gdn_fused
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -138,15 +143,44 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def use_fla(x: torch.Tensor, head_dim: int, backend: str) -> bool:
-    if backend == "torch" or not x.is_cuda:
-        if backend == "fla" and not x.is_cuda:
-            _warn_once("model.gdn.backend = 'fla' needs CUDA; using the PyTorch reference on this device")
-        return False
+def _fla_or_reference(is_cuda: bool, head_dim: int, backend: str) -> str:
+    """Whether fla's kernels may run here for this head dim and backend: "fla", else "torch" (with a warning when
+    the backend asked for fla's kernels)."""
+    if backend == "torch" or not is_cuda:
+        if backend in ("fla", "fused") and not is_cuda:
+            _warn_once(f"model.gdn.backend = '{backend}' needs CUDA; using the PyTorch reference on this device")
+        return "torch"
     ok, why = fla_status(head_dim)
     if not ok:
         _warn_once(f"{why}; Gated DeltaNet falls back to the PyTorch reference (slower)")
-    return ok
+        return "torch"
+    return "fla"
+
+
+def use_fla(x: torch.Tensor, head_dim: int, backend: str) -> bool:
+    """Whether `gated_delta_rule` runs fla's kernel for this input."""
+    return _fla_or_reference(x.is_cuda, head_dim, backend) == "fla"
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_path(is_cuda: bool, head_dim: int, head_v_dim: int, conv_size: int, backend: str) -> str:
+    path = _fla_or_reference(is_cuda, head_dim, backend)
+    if path == "torch" or backend == "fla":
+        return path
+    if gdn_fused.shape_supported(head_dim, head_v_dim, conv_size) and gdn_fused.fla_internals_available():
+        return "fused"
+    if backend == "fused":
+        _warn_once(f"the fused Gated DeltaNet op does not cover head_dim {head_dim}, value head {head_v_dim}, "
+                   f"conv {conv_size} with this fla; using fla's own ops (model.gdn.backend = 'fla')")
+    return "fla"
+
+
+@torch.compiler.assume_constant_result  # decided once, outside the compiled graph
+def layer_path(is_cuda: bool, head_dim: int, head_v_dim: int, conv_size: int, backend: str) -> str:
+    """How a Gated DeltaNet layer runs: "fused" (gdn_fused's op: this project's conv and norm kernels around
+    fla's chunk kernels, one graph node), "fla" (fla's public ops, one by one) or "torch" (the reference).
+    backend "auto" takes the first that works on this device and shape."""
+    return _layer_path(is_cuda, head_dim, head_v_dim, conv_size, backend)
 
 
 @torch.compiler.disable  # fla's Triton kernels run as they are; torch.compile fuses the code around them
@@ -224,9 +258,9 @@ class GatedDeltaNet(nn.Module):
 
     The q, k, v and output-gate projections are one matmul (`in_proj`), the decay and beta logits another
     (`ab_proj`, kept apart so the large one's width stays a multiple of 128); both read the input in one compiled
-    region, so its gradient is summed there. On CUDA the short convolutions (one per q, k, v, each reading its
-    slice of the projection in place and writing the contiguous layout the chunk kernel wants), the recurrence and
-    the gated norm are fla's Triton kernels; elsewhere the same functions in PyTorch.
+    region, so its gradient is summed there. Everything between those projections and `o_proj` (short convolutions,
+    recurrence, gated norm) runs as one fused op on CUDA, as fla's ops with backend "fla", or as the same
+    functions in PyTorch elsewhere (see `layer_path`).
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, expand_v: float, conv_size: int = 4,
@@ -258,14 +292,20 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q, k, v, gate = self.in_proj(x).split([self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
-        a, b = self.ab_proj(x).split(H, dim=-1)
+        proj, ab = self.in_proj(x), self.ab_proj(x)
+        path = layer_path(x.is_cuda, K, V, self.conv_size, self.backend)
+        if path == "fused":
+            o = gdn_fused.gated_deltanet_mix(proj, ab, self.conv_weight, self.A_log, self.dt_bias, self.o_norm.weight,
+                                             H, K, V, self.o_norm.eps)
+            return self.o_proj(o)
+        q, k, v, gate = proj.split([self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
+        a, b = ab.split(H, dim=-1)
         conv_q, conv_k, conv_v = self.conv_weight.split([self.key_dim, self.key_dim, self.value_dim])
-        fused = use_fla(x, K, self.backend)
-        conv = fla_short_conv if fused else causal_conv_silu
+        fla = path == "fla"
+        conv = fla_short_conv if fla else causal_conv_silu
         q, k, v = conv(q, conv_q), conv(k, conv_k), conv(v, conv_v)
         o = gated_delta_rule(q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V), a, b, self.A_log, self.dt_bias,
-                             backend=self.backend, chunk_size=self.chunk_size)
+                             backend="fla" if fla else "torch", chunk_size=self.chunk_size)
         gate = gate.reshape(B, T, H, V)
-        o = fla_gated_rms_norm(o, gate, self.o_norm) if fused else self.o_norm(o, gate)
+        o = fla_gated_rms_norm(o, gate, self.o_norm) if fla else self.o_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim))

@@ -1,0 +1,175 @@
+"""The Gated DeltaNet layer's core on CUDA as one PyTorch custom op: fused projection in, normed output out.
+
+    proj = [q | k | v | gate] (one matmul's output), ab = [a | b] (decay and beta logits)
+    q, k = L2norm(SiLU(conv(q))), L2norm(SiLU(conv(k)));  v = SiLU(conv(v))        (gdn_kernels)
+    g = chunk-local cumsum of -exp(A_log) * softplus(a + dt_bias);  beta = sigmoid(b)
+    o = the gated delta rule over (q, k, v, g, beta)                                (fla's chunk kernels)
+    y = RMSNorm(o) * weight * SiLU(gate)                                            (gdn_kernels)
+
+Why one op: torch.compile sees an opaque node with a known output shape instead of breaking its graph at each
+Triton call, so the whole model compiles into one graph; the backward writes the gradients of q, k, v and gate
+straight into one buffer shaped like `proj` (no concatenation); and the forward keeps the chunk states, the WY
+factor w and the corrected values that fla's own autograd function recomputes in its backward (about 0.5 GB per
+layer at the study shape, traded for two kernels per layer).
+
+The fla calls follow `fla.ops.gated_delta_rule.chunk` of fla 0.6 (the op is used only with that release): the same
+kernels in the same order, so the op computes what `chunk_gated_delta_rule(..., use_qk_l2norm_in_kernel=True,
+use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)` computes. fla and Triton are imported only when the op
+runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CHUNK = 64  # fla's chunk length
+L2_EPS = 1e-6  # fla's in-kernel L2 norm epsilon
+
+
+def shape_supported(head_dim: int, head_v_dim: int, conv_size: int) -> bool:
+    """Whether gdn_kernels handle the shape: a program holds one head, so head sizes are powers of two."""
+    def pow2(n):
+        return n >= 16 and n & (n - 1) == 0
+    return pow2(head_dim) and pow2(head_v_dim) and head_dim <= 256 and head_v_dim <= 512 and conv_size <= 4
+
+
+FLA_VERSION = "0.6"  # the fla release whose internal functions this op calls and was checked against
+
+
+def fla_internals_available() -> bool:
+    """Whether fla is the release this op was written for (its internals change between releases; other releases
+    use fla's public ops instead) and Triton imports."""
+    try:
+        import fla
+
+        if not fla.__version__.startswith(FLA_VERSION + "."):
+            return False
+        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h  # noqa: F401
+        from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local, chunk_fwd_o  # noqa: F401
+        from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra  # noqa: F401
+        from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum  # noqa: F401
+        from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd  # noqa: F401
+        from fla.ops.utils import chunk_local_cumsum  # noqa: F401
+
+        from hybridctl.core import gdn_kernels  # noqa: F401  (needs Triton)
+    except Exception:  # another fla layout, or no Triton
+        return False
+    return True
+
+
+def _parts(proj: Tensor, num_heads: int, head_dim: int, head_v_dim: int):
+    key_dim, value_dim = num_heads * head_dim, num_heads * head_v_dim
+    return proj.split([key_dim, key_dim, value_dim, value_dim], dim=-1)
+
+
+@torch.library.custom_op("hybridctl::gated_deltanet", mutates_args=())
+def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor, norm_weight: Tensor,
+                   num_heads: int, head_dim: int, head_v_dim: int, norm_eps: float
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns y and what the backward needs: q, k, v, g, beta, A, h, v_new, w, o."""
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+    from fla.ops.gated_delta_rule.gate import gdn_gate_chunk_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    from hybridctl.core.gdn_kernels import gated_rms_norm_fwd, short_conv_fwd
+
+    B, T, _ = proj.shape
+    H, K, V = num_heads, head_dim, head_v_dim
+    q_in, k_in, v_in, gate = _parts(proj, H, K, V)
+    conv_q, conv_k, conv_v = conv_weight.split([H * K, H * K, H * V])
+    q = short_conv_fwd(q_in, conv_q, K, normalize=True, eps=L2_EPS).view(B, T, H, K)
+    k = short_conv_fwd(k_in, conv_k, K, normalize=True, eps=L2_EPS).view(B, T, H, K)
+    v = short_conv_fwd(v_in, conv_v, K, normalize=False).view(B, T, H, V)
+    a, b = ab[..., :H].contiguous(), ab[..., H:]
+    beta = torch.sigmoid(b)
+    g = gdn_gate_chunk_cumsum(g=a, A_log=A_log, chunk_size=CHUNK, scale=RCP_LN2, dt_bias=dt_bias)
+    w, u, A = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=CHUNK)
+    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=None, output_final_state=False,
+                                               chunk_size=CHUNK)
+    o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=K**-0.5, chunk_size=CHUNK)
+    y = gated_rms_norm_fwd(o, gate, norm_weight, norm_eps)
+    return y, q, k, v, g, beta, A, h, v_new, w, o
+
+
+@gated_deltanet.register_fake
+def _(proj, ab, conv_weight, A_log, dt_bias, norm_weight, num_heads, head_dim, head_v_dim, norm_eps):
+    B, T, _ = proj.shape
+    H, K, V = num_heads, head_dim, head_v_dim
+    NT = -(-T // CHUNK)
+    new = proj.new_empty
+    return (new(B, T, H * V), new(B, T, H, K), new(B, T, H, K), new(B, T, H, V),
+            new(B, T, H, dtype=torch.float32), ab.new_empty(B, T, H), new(B, T, H, CHUNK),
+            new(B, NT, H, K, V), new(B, T, H, V), new(B, T, H, K), new(B, T, H, V))
+
+
+@torch.library.custom_op("hybridctl::gated_deltanet_backward", mutates_args=())
+def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor,
+                            norm_weight: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, A: Tensor,
+                            h: Tensor, v_new: Tensor, w: Tensor, o: Tensor, norm_eps: float
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for proj, ab, conv_weight, A_log, dt_bias and norm_weight."""
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu
+    from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local
+    from fla.ops.gated_delta_rule.gate import gdn_gate_bwd
+    from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd
+    from fla.ops.utils import chunk_local_cumsum
+
+    from hybridctl.core.gdn_kernels import gated_rms_norm_bwd, short_conv_bwd
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5
+    d_proj = torch.empty_like(proj)
+    dq_in, dk_in, dv_in, d_gate = _parts(d_proj, H, K, V)
+    q_in, k_in, v_in, gate = _parts(proj, H, K, V)
+    do, d_norm_weight = gated_rms_norm_bwd(dy.contiguous(), o, gate, norm_weight, norm_eps, d_gate)
+    dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=CHUNK)
+    dh, _, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=None, dht=None, do=do, dv=dv, scale=scale,
+                                               chunk_size=CHUNK)
+    dq, dk, dw, dg = chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale,
+                                     chunk_size=CHUNK)
+    dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
+    dk.add_(dk2)
+    dg.add_(dg2)
+    dg = chunk_local_cumsum(dg, chunk_size=CHUNK, reverse=True)
+    da, dA_log, ddt_bias = gdn_gate_bwd(g=ab[..., :H].contiguous(), A_log=A_log, dt_bias=dt_bias, dyg=dg)
+    db = dbeta.float() * beta.float() * (1 - beta.float())
+    d_ab = torch.cat([da.to(ab.dtype), db.to(ab.dtype)], dim=-1)
+    conv_q, conv_k, conv_v = conv_weight.split([H * K, H * K, H * V])
+    d_conv = torch.cat([
+        short_conv_bwd(q_in, conv_q, dq.view(B, T, H * K), dq_in, K, normalize=True, eps=L2_EPS),
+        short_conv_bwd(k_in, conv_k, dk.view(B, T, H * K), dk_in, K, normalize=True, eps=L2_EPS),
+        short_conv_bwd(v_in, conv_v, dv.reshape(B, T, H * V), dv_in, K, normalize=False),
+    ])
+    return (d_proj, d_ab, d_conv.to(conv_weight.dtype), dA_log.to(A_log.dtype), ddt_bias.to(dt_bias.dtype),
+            d_norm_weight.to(norm_weight.dtype))
+
+
+@gated_deltanet_backward.register_fake
+def _(dy, proj, ab, conv_weight, A_log, dt_bias, norm_weight, q, k, v, g, beta, A, h, v_new, w, o, norm_eps):
+    return (torch.empty_like(proj), torch.empty_like(ab), torch.empty_like(conv_weight), torch.empty_like(A_log),
+            torch.empty_like(dt_bias), torch.empty_like(norm_weight))
+
+
+def _setup_context(ctx, inputs, output):
+    proj, ab, conv_weight, A_log, dt_bias, norm_weight, _, _, _, norm_eps = inputs
+    ctx.save_for_backward(proj, ab, conv_weight, A_log, dt_bias, norm_weight, *output[1:])
+    ctx.norm_eps = norm_eps
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, dy, *_unused):
+    grads = gated_deltanet_backward(dy, *ctx.saved_tensors, ctx.norm_eps)
+    return (*grads, None, None, None, None)
+
+
+gated_deltanet.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_deltanet_mix(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor,
+                       norm_weight: Tensor, num_heads: int, head_dim: int, head_v_dim: int, norm_eps: float) -> Tensor:
+    """The op's normed output [B, T, num_heads * head_v_dim], ready for the output projection."""
+    return gated_deltanet(proj, ab, conv_weight, A_log, dt_bias, norm_weight, num_heads, head_dim, head_v_dim, norm_eps)[0]
