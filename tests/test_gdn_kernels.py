@@ -124,7 +124,8 @@ def test_kernels_compile_for_hopper():
     """The interpreter is lenient: compile every kernel at its default tiles to Hopper machine code (Triton's own
     ptxas; no GPU needed), as a CUDA run would."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_kernel", "_short_conv_dx_kernel",
                                      "_short_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel"]

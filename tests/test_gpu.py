@@ -69,7 +69,8 @@ def test_layer_matches_reference_layer(backend):
     ref.load_state_dict(layer.state_dict())
     assert layer_path(True, K, V, layer.conv_size, backend) == backend
     errors = layer_errors(layer, ref, torch.randn(B, T, 512, device="cuda"))
-    print(f"\n{backend} layer vs reference layer (bf16 autocast): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(f"\n{backend} layer vs reference layer (bf16 autocast): "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert all(e < 3e-2 for e in errors.values()), errors
 
 

@@ -172,4 +172,6 @@ gated_deltanet.register_autograd(_backward, setup_context=_setup_context)
 def gated_deltanet_mix(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor,
                        norm_weight: Tensor, num_heads: int, head_dim: int, head_v_dim: int, norm_eps: float) -> Tensor:
     """The op's normed output [B, T, num_heads * head_v_dim], ready for the output projection."""
-    return gated_deltanet(proj, ab, conv_weight, A_log, dt_bias, norm_weight, num_heads, head_dim, head_v_dim, norm_eps)[0]
+    outputs = gated_deltanet(proj, ab, conv_weight, A_log, dt_bias, norm_weight, num_heads, head_dim, head_v_dim,
+                             norm_eps)
+    return outputs[0]

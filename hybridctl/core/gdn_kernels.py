@@ -3,12 +3,12 @@
 - `short_conv_fwd` / `short_conv_bwd`: the depthwise causal convolution + SiLU over one of q, k, v, reading its
   columns of the fused projection in place (a strided view) and, for q and k, the L2 norm over each head on top.
   The backward recomputes the convolution from the projection instead of saving its output and runs three lean
-  kernels: the pre-activation gradient (through the L2 norm and SiLU), the input gradient (its shifted sum, written
-  straight into the caller's gradient buffer) and the weight gradient (per-program partial sums over 256 time
-  steps, then one sum: deterministic, no atomics). Measured on an H200 at the study shape (forward + backward of q, k
-  and v): 1.07 ms; one kernel doing all three ran out of registers (2.9 ms at its best tiles), and reducing the
-  weight gradient per tile inside the input-gradient kernel took 1.46 ms; fla's convolution without the L2 norm
-  takes 3.2 ms.
+  kernels: the pre-activation gradient (through the L2 norm and SiLU), the input gradient (its shifted sum,
+  written straight into the caller's gradient buffer) and the weight gradient (per-program partial sums over 256
+  time steps, then one sum: deterministic, no atomics). On an H200 at the study shape, forward + backward of q, k
+  and v takes 1.07 ms; one kernel doing all three ran out of registers (2.9 ms at its best tiles), reducing the
+  weight gradient per tile inside the input-gradient kernel took 1.46 ms, and fla's convolution (without the L2
+  norm) takes 3.2 ms.
 - `gated_rms_norm_fwd` / `gated_rms_norm_bwd`: RMSNorm over each head's value vector times SiLU(gate), the gate
   read from (and its gradient written to) the fused projection in place.
 
@@ -42,13 +42,12 @@ def _load_shifted(x, x_row_stride, row0, rows, cols, T, C, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W: tl.constexpr, SHIFT: tl.constexpr):
-    """Convolution output before SiLU at time steps rows + SHIFT. Shifts are compile-time constants, so the
-    loads that two shifts share are the same expression and the compiler issues them once."""
+def _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W: tl.constexpr):
+    """Convolution output before SiLU at time steps `rows`: [len(rows), BC] fp32."""
     acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
     for j in tl.static_range(W):
         wj = tl.load(w + cols * W + j, mask=cols < C, other=0.0).to(tl.float32)
-        acc += _load_shifted(x, x_row_stride, row0, rows, cols, T, C, SHIFT + j - (W - 1)) * wj[None, :]
+        acc += _load_shifted(x, x_row_stride, row0, rows, cols, T, C, j - (W - 1)) * wj[None, :]
     return acc
 
 
@@ -59,7 +58,7 @@ def _short_conv_fwd_kernel(x, x_row_stride, w, y, T, C, eps, W: tl.constexpr, BT
     rows = i_t * BT + tl.arange(0, BT)
     cols = i_c * BC + tl.arange(0, BC)
     row0 = i_b.to(tl.int64) * T
-    z = _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W, 0)
+    z = _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W)
     out = z * tl.sigmoid(z)
     if NORMALIZE:  # one program's channels are exactly one head
         out = out * tl.rsqrt(tl.sum(out * out, axis=1) + eps)[:, None]
@@ -76,7 +75,7 @@ def _short_conv_dz_kernel(x, x_row_stride, w, dy, dz, T, C, eps, W: tl.constexpr
     cols = i_c * BC + tl.arange(0, BC)
     ok = (rows < T)[:, None] & (cols < C)[None, :]
     row0 = i_b.to(tl.int64) * T
-    z = _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W, 0)
+    z = _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W)
     sig = tl.sigmoid(z)
     g = tl.load(dy + (row0 + rows)[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     if NORMALIZE:
@@ -84,8 +83,8 @@ def _short_conv_dz_kernel(x, x_row_stride, w, dy, dz, T, C, eps, W: tl.constexpr
         rstd = tl.rsqrt(tl.sum(act * act, axis=1) + eps)
         normed = act * rstd[:, None]
         g = (g - normed * tl.sum(g * normed, axis=1)[:, None]) * rstd[:, None]
-    tl.store(dz + (row0 + rows)[:, None] * C + cols[None, :], (g * sig * (1.0 + z * (1.0 - sig))).to(dz.dtype.element_ty),
-             mask=ok)
+    d_pre = g * sig * (1.0 + z * (1.0 - sig))  # SiLU'
+    tl.store(dz + (row0 + rows)[:, None] * C + cols[None, :], d_pre.to(dz.dtype.element_ty), mask=ok)
 
 
 @triton.jit
