@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybridctl.core.config import MoEConfig
-from hybridctl.core.moe import MoE
+from hybridctl.core.moe import MoE, gather_dispatch, slot_dispatch
 
 D_MODEL, D_FF = 16, 24
 
@@ -53,6 +53,29 @@ def test_output_equals_token_loop(capacity_factor):
     layer = moe_layer(capacity_factor=capacity_factor)
     x = torch.randn(3, 7, D_MODEL, dtype=torch.float64)
     torch.testing.assert_close(layer(x), loop_reference(layer, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("capacity_factor,top_k", [(0.5, 2), (1.25, 2), (4.0, 2), (1.0, 1)])
+def test_fixed_slots_compute_what_the_token_lists_compute(capacity_factor, top_k):
+    """The CUDA dispatch (fixed slots per expert, no routing-dependent shapes) against the CPU one (each expert's
+    exact tokens): outputs and every gradient, with drops (0.5) and with more slots than tokens (4.0)."""
+    results = []
+    for dispatch in ("gather", "slots"):
+        layer = moe_layer(top_k=top_k, capacity_factor=capacity_factor)
+        x = torch.randn(3, 7, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        tokens = x.reshape(-1, D_MODEL)
+        routing = layer.route(tokens)
+        if dispatch == "gather":
+            out = gather_dispatch(layer.experts, tokens, routing)
+        else:
+            out = slot_dispatch(layer.experts, tokens, routing, layer.capacity(tokens.shape[0]))
+        out.pow(2).sum().backward()
+        results.append((out.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (out_g, dx_g, grads_g), (out_s, dx_s, grads_s) = results
+    torch.testing.assert_close(out_s, out_g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx_s, dx_g, rtol=1e-12, atol=1e-12)
+    for name, grad in grads_g.items():
+        torch.testing.assert_close(grads_s[name], grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_capacity_serves_first_choices_before_second_choices():

@@ -10,6 +10,11 @@ carries that part of the token.
 Load balancing (Switch Transformer): n_experts * sum_i f_i * P_i, with f_i the fraction of assignments routed
 to expert i (before capacity drops) and P_i the mean router probability of expert i. It is 1 for a uniform
 router and grows as routing concentrates; only P carries gradient.
+
+Two ways to run the experts, with the same result: on CPU each expert takes exactly its kept tokens
+(`gather_dispatch`); on CUDA each expert takes a fixed block of `capacity` slots, unfilled ones with gate 0
+(`slot_dispatch`), so no shape depends on the routing and the step never waits for the GPU to say how many
+tokens an expert got. That costs up to capacity_factor times the expert work.
 """
 
 from __future__ import annotations
@@ -30,14 +35,48 @@ class Routing:
     probs: torch.Tensor  # [N, E] router softmax
     experts: torch.Tensor  # [N, top_k] chosen experts, best first
     gates: torch.Tensor  # [N, top_k] renormalised weights, sum to 1 per token (top_k > 1)
+    slot: torch.Tensor  # [N, top_k] place of the assignment in its expert's queue (priority order)
     keep: torch.Tensor  # [N, top_k] False where the expert was full
+    counts: torch.Tensor  # [E] assignments per expert before capacity drops
 
 
-def balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    n_experts = probs.shape[-1]
-    counts = torch.bincount(experts.reshape(-1), minlength=n_experts).to(probs.dtype)
-    fraction = counts / experts.numel()
-    return n_experts * (fraction * probs.mean(0)).sum()
+def one_hot(index: torch.Tensor, classes: int) -> torch.Tensor:
+    # A comparison rather than F.one_hot, which checks its input's range on the host (a GPU sync).
+    return (index[..., None] == torch.arange(classes, device=index.device)).long()
+
+
+def balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    fraction = counts.to(probs.dtype) / counts.sum()
+    return probs.shape[-1] * (fraction * probs.mean(0)).sum()
+
+
+def gather_dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Each expert on exactly its kept tokens (shapes depend on the routing)."""
+    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    for e, expert in enumerate(experts):
+        # An expert with no tokens still runs (on zero rows) so every parameter gets a gradient, zeros or not.
+        token, rank = torch.where((routing.experts == e) & routing.keep)
+        y = expert(x[token]) * routing.gates[token, rank, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def slot_dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing, capacity: int) -> torch.Tensor:
+    """Each expert on a fixed block of slots: slot s of expert e holds the assignment with that place in e's queue;
+    unfilled slots hold token 0 with gate 0 and add exactly nothing."""
+    n_tokens, top_k = routing.experts.shape
+    n_experts, slots = len(experts), min(capacity, n_tokens)  # an expert gets each token at most once
+    spare = n_experts * slots  # where dropped assignments go; cut off below
+    where = torch.where(routing.keep, routing.experts * slots + routing.slot, spare).reshape(-1)
+    tokens = torch.arange(n_tokens, device=x.device).repeat_interleave(top_k)
+    token_at = torch.zeros(spare + 1, dtype=torch.long, device=x.device).scatter(0, where, tokens)[:spare]
+    gate_at = routing.gates.new_zeros(spare + 1).scatter(0, where, routing.gates.reshape(-1))[:spare]
+    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    for e, expert in enumerate(experts):
+        block = slice(e * slots, (e + 1) * slots)
+        y = expert(x[token_at[block]]) * gate_at[block, None]
+        out.index_add_(0, token_at[block], y.to(out.dtype))
+    return out
 
 
 class MoE(nn.Module):
@@ -62,20 +101,18 @@ class MoE(nn.Module):
         # gradient, so top-1 keeps the raw probability (as Switch does).
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.top_k > 1 else top_probs
         # Slot of each assignment inside its expert, counted in priority order: rank-major, then token order.
-        one_hot = F.one_hot(experts.t().reshape(-1), self.n_experts)  # [top_k * N, E]
-        slot = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
-        keep = (slot < self.capacity(x.shape[0])).view(self.top_k, -1).t()
-        return Routing(probs, experts, gates, keep)
+        chosen = one_hot(experts.t().reshape(-1), self.n_experts)  # [top_k * N, E]
+        slot = ((chosen.cumsum(0) * chosen).sum(-1) - 1).view(self.top_k, -1).t()
+        keep = slot < self.capacity(x.shape[0])
+        return Routing(probs, experts, gates, slot, keep, chosen.sum(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = self.route(x)
-        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        for e, expert in enumerate(self.experts):
-            # An expert with no tokens still runs (on zero rows) so every parameter gets a gradient, zeros or not.
-            token, rank = torch.where((routing.experts == e) & routing.keep)
-            y = expert(x[token]) * routing.gates[token, rank, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        self.aux_losses = {"moe_balance": balance_loss(routing.probs, routing.experts)}
+        if x.is_cuda:
+            out = slot_dispatch(self.experts, x, routing, self.capacity(x.shape[0]))
+        else:
+            out = gather_dispatch(self.experts, x, routing)
+        self.aux_losses = {"moe_balance": balance_loss(routing.probs, routing.counts)}
         return out.to(x.dtype).view(shape)
