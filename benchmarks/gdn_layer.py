@@ -22,6 +22,7 @@ from triton.testing import do_bench
 
 from hybridctl.core import gdn_kernels
 from hybridctl.core.gated_delta import GatedDeltaNet, fla_gated_rms_norm, fla_short_conv, layer_path
+from profile_step import kernel_times  # benchmarks/ is on the path when this script runs
 
 
 def ms(fn) -> float:
@@ -36,11 +37,7 @@ def top_kernels(step, steps: int = 3, top: int = 14) -> list[tuple[float, str]]:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name] = totals.get(event.name, 0.0) + event.device_time / 1000 / steps
-    return sorted(((ms, name[:90]) for name, ms in totals.items()), reverse=True)[:top]
+    return sorted(((ms, name[:90]) for name, (ms, _) in kernel_times(prof, steps).items()), reverse=True)[:top]
 
 
 def layer_times(args, backends: list[str]) -> dict[str, float]:

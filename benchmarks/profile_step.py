@@ -43,6 +43,17 @@ def category(name: str) -> str:
     return "other"
 
 
+def kernel_times(prof, steps: int) -> dict[str, list[float]]:
+    """Kernel name -> [ms per step, calls per step] from a profile of `steps` steps."""
+    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[event.name]
+            k[0] += event.device_time / 1000 / steps
+            k[1] += 1 / steps
+    return dict(kernels)
+
+
 def profile_preset(cfg, steps: int, warmup: int) -> dict:
     t = cfg.train
     _, step = benchmark_step(cfg, torch.device("cuda"))
@@ -58,12 +69,7 @@ def profile_preset(cfg, steps: int, warmup: int) -> dict:
             step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / steps
-    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels[event.name]
-            k[0] += event.device_time / 1000 / steps  # ms per step
-            k[1] += 1 / steps
+    kernels = kernel_times(prof, steps)
     by_category: dict[str, float] = collections.defaultdict(float)
     for name, (ms, _) in kernels.items():
         by_category[category(name)] += ms

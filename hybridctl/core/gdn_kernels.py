@@ -185,19 +185,25 @@ NORM_ROWS, NORM_WARPS, NORM_BWD_ROWS, NORM_BWD_WARPS = 16, 4, 8, 2
 
 
 @triton.jit
+def _head_offset(rows, H, V: tl.constexpr, row_stride):
+    """Where (token, head) row `rows` starts in a [tokens, H * V] tensor with the given token stride."""
+    return (rows // H).to(tl.int64) * row_stride + (rows % H) * V
+
+
+@triton.jit
 def _gated_norm_load(o, gate, gate_row_stride, rows, cols, R, H, V: tl.constexpr):
     ok = (rows < R)[:, None]
     ov = tl.load(o + rows[:, None].to(tl.int64) * V + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    gate_at = (rows // H).to(tl.int64) * gate_row_stride + (rows % H) * V
+    gate_at = _head_offset(rows, H, V, gate_row_stride)
     gv = tl.load(gate + gate_at[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    return ov, gv, gate_at
+    return ov, gv
 
 
 @triton.jit
 def _gated_norm_fwd_kernel(o, gate, gate_row_stride, w, y, R, H, eps, V: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, V)
-    ov, gv, _ = _gated_norm_load(o, gate, gate_row_stride, rows, cols, R, H, V)
+    ov, gv = _gated_norm_load(o, gate, gate_row_stride, rows, cols, R, H, V)
     rstd = tl.rsqrt(tl.sum(ov * ov, axis=1) / V + eps)
     wv = tl.load(w + cols).to(tl.float32)
     out = ov * rstd[:, None] * wv[None, :] * (gv * tl.sigmoid(gv))
@@ -210,7 +216,7 @@ def _gated_norm_bwd_kernel(dy, o, gate, gate_row_stride, w, do, dgate, dgate_row
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, V)
     ok = (rows < R)[:, None]
-    ov, gv, _ = _gated_norm_load(o, gate, gate_row_stride, rows, cols, R, H, V)
+    ov, gv = _gated_norm_load(o, gate, gate_row_stride, rows, cols, R, H, V)
     g = tl.load(dy + rows[:, None].to(tl.int64) * V + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     wv = tl.load(w + cols).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(ov * ov, axis=1) / V + eps)
@@ -221,7 +227,7 @@ def _gated_norm_bwd_kernel(dy, o, gate, gate_row_stride, w, do, dgate, dgate_row
     d_normed = g * wv[None, :] * act
     d_o = (d_normed - normed * (tl.sum(d_normed * normed, axis=1) / V)[:, None]) * rstd[:, None]
     tl.store(do + rows[:, None].to(tl.int64) * V + cols[None, :], d_o.to(do.dtype.element_ty), mask=ok)
-    dgate_at = (rows // H).to(tl.int64) * dgate_row_stride + (rows % H) * V
+    dgate_at = _head_offset(rows, H, V, dgate_row_stride)
     tl.store(dgate + dgate_at[:, None] + cols[None, :], d_gate.to(dgate.dtype.element_ty), mask=ok)
     tl.store(dw_part + tl.program_id(0).to(tl.int64) * V + cols, tl.sum(tl.where(ok, g * normed * act, 0.0), axis=0))
 

@@ -50,15 +50,22 @@ def balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return probs.shape[-1] * (fraction * probs.mean(0)).sum()
 
 
+def run_experts(experts: nn.ModuleList, x: torch.Tensor, picks) -> torch.Tensor:
+    """Sum over experts of gate * expert(token) into each token's row; picks yields (tokens, gates) per expert.
+    An expert with no tokens still runs (on zero rows) so every parameter gets a gradient, zeros or not."""
+    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    for expert, (token, gate) in zip(experts, picks):
+        out.index_add_(0, token, (expert(x[token]) * gate[:, None]).to(out.dtype))
+    return out
+
+
 def gather_dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Each expert on exactly its kept tokens (shapes depend on the routing)."""
-    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    for e, expert in enumerate(experts):
-        # An expert with no tokens still runs (on zero rows) so every parameter gets a gradient, zeros or not.
-        token, rank = torch.where((routing.experts == e) & routing.keep)
-        y = expert(x[token]) * routing.gates[token, rank, None]
-        out.index_add_(0, token, y.to(out.dtype))
-    return out
+    def picks():
+        for e in range(len(experts)):
+            token, rank = torch.where((routing.experts == e) & routing.keep)
+            yield token, routing.gates[token, rank]
+    return run_experts(experts, x, picks())
 
 
 def slot_dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing, capacity: int) -> torch.Tensor:
@@ -71,12 +78,7 @@ def slot_dispatch(experts: nn.ModuleList, x: torch.Tensor, routing: Routing, cap
     tokens = torch.arange(n_tokens, device=x.device).repeat_interleave(top_k)
     token_at = torch.zeros(spare + 1, dtype=torch.long, device=x.device).scatter(0, where, tokens)[:spare]
     gate_at = routing.gates.new_zeros(spare + 1).scatter(0, where, routing.gates.reshape(-1))[:spare]
-    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    for e, expert in enumerate(experts):
-        block = slice(e * slots, (e + 1) * slots)
-        y = expert(x[token_at[block]]) * gate_at[block, None]
-        out.index_add_(0, token_at[block], y.to(out.dtype))
-    return out
+    return run_experts(experts, x, zip(token_at.split(slots), gate_at.split(slots)))
 
 
 class MoE(nn.Module):
