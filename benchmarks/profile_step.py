@@ -20,13 +20,15 @@ from torch.profiler import ProfilerActivity, profile
 from hybridctl.core.evaluation import benchmark_step, speed_configs
 
 # Kernel name fragments -> category, first match wins. Inductor names its kernels triton_poi/red/per/tem_...;
-# flash-linear-attention's Triton kernels and the project's own (gdn_kernels.py) keep their Python function names.
+# flash-linear-attention's Triton kernels and the project's own (gdn_kernels.py, fused_loss.py) keep their
+# Python function names.
 CATEGORIES = [
     ("optimizer", ("multi_tensor_apply", "fused_adam", "_fused_adamw")),
     ("attention", ("flash", "fmha", "attention")),
     ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "triton_tem_", "splitkreduce")),
     ("compiled", ("triton_",)),
     ("gdn (project)", ("_short_conv", "_gated_norm")),
+    ("loss (project)", ("_softmax_grad",)),
     ("gdn (fla)", ("chunk_", "recompute_w_u", "solve_tril", "merge_16x16", "l2norm", "causal_conv1d", "gdn_gate",
                    "prepare_wy", "layer_norm", "rms_norm", "fused_beta", "wy_")),
     ("copy", ("memcpy", "memset", "copy_kernel", "CatArrayBatched")),
@@ -52,6 +54,19 @@ def kernel_times(prof, steps: int) -> dict[str, list[float]]:
             k[0] += event.device_time / 1000 / steps
             k[1] += 1 / steps
     return dict(kernels)
+
+
+def kernel_ms(fn, steps: int = 10, warmup: int = 5) -> float:
+    """GPU time of fn's kernels per call: the sum of their durations, so the host's time between launches (which
+    a compiled model hides behind the GPU's work, but a lone eager call of a small op does not) is left out."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(ms for ms, _ in kernel_times(prof, steps).values())
 
 
 def profile_preset(cfg, steps: int, warmup: int) -> dict:
@@ -102,7 +117,7 @@ def main() -> None:
               f"kernels {r['kernel_ms']:.1f} ms, idle {r['idle_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB, "
               f"warm-up {r['warmup_s']:.0f} s")
         for cat, ms in r["categories"].items():
-            print(f"  {cat:<12} {ms:8.2f} ms  {100 * ms / r['kernel_ms']:5.1f}%")
+            print(f"  {cat:<26} {ms:8.2f} ms  {100 * ms / r['kernel_ms']:5.1f}%")
         print("  top kernels (ms/step, calls/step):")
         for k in r["top"][:25]:
             print(f"    {k['ms']:7.2f} {k['calls']:5.0f}  [{k['category']}] {k['name']}")

@@ -13,7 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Without a GPU, the project's Triton kernels run in Triton's interpreter (tests/test_gdn_kernels.py). Triton reads
+# Without a GPU, the project's Triton kernels run in Triton's interpreter (tests/test_kernels.py). Triton reads
 # the switch when it is first imported (torch.compile's machinery imports it too), so it is set here, first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,3 +1,4 @@
+import importlib.util
 import pytest
 import torch
 
@@ -59,20 +60,30 @@ def test_training_loss_equals_eval_loss():
     torch.testing.assert_close(train_loss.detach(), eval_loss, rtol=1e-5, atol=1e-5)
 
 
-def test_train_loss_setting_picks_the_loss_and_both_agree():
-    from hybridctl.core.model import use_chunked_loss
+def test_train_loss_setting_picks_the_loss_and_all_agree():
+    from hybridctl.core.model import pick_loss
 
-    assert [use_chunked_loss(loss, compiled) for loss in ("auto", "chunked", "plain") for compiled in (False, True)] == [
-        True, False, True, True, False, False]
+    assert [pick_loss(loss, "cuda") for loss in ("auto", "fused", "chunked", "plain")] == [
+        "fused", "fused", "chunked", "plain"]
+    assert [pick_loss(loss, "cpu") for loss in ("auto", "chunked", "plain")] == ["chunked", "chunked", "plain"]
+    with pytest.warns(RuntimeWarning, match="needs CUDA"):
+        assert pick_loss("fused", "cpu") == "chunked"
     cfg = load_config("tiny")
     cfg.model.vocab_size = 257
     torch.manual_seed(0)
     model = HybridLM(cfg.model).double()
     x, y = torch.randint(0, 257, (2, 40)), torch.randint(0, 257, (2, 40))
-    grads = []
-    for chunked in (True, False):
-        model.chunked_loss = chunked
+    results = {}
+    impls = ["plain", "chunked"]
+    if importlib.util.find_spec("triton"):
+        impls.append("fused")  # without a GPU its kernel runs in Triton's interpreter (conftest.py)
+    for impl in impls:
+        model.loss_impl = impl
         loss = model(x, y).loss
-        grads.append((loss.detach(), torch.autograd.grad(loss, model.embed.weight)[0]))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+        results[impl] = (loss.detach(), torch.autograd.grad(loss, model.embed.weight)[0])
+    torch.testing.assert_close(results["chunked"][0], results["plain"][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results["chunked"][1], results["plain"][1], rtol=1e-10, atol=1e-12)
+    if "fused" in results:  # its kernel computes in fp32
+        torch.testing.assert_close(results["fused"][0], results["plain"][0].float(), rtol=1e-6, atol=1e-6)
+        scale = results["plain"][1].abs().max().item()
+        torch.testing.assert_close(results["fused"][1], results["plain"][1], rtol=0, atol=1e-6 * scale)

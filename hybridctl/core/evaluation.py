@@ -49,7 +49,7 @@ from hybridctl.core import checkpoint as ckpt
 from hybridctl.core.config import Config, ModelConfig, load_config
 from hybridctl.core.data import Tokenizer, get_tokenizer
 from hybridctl.core.errors import ConfigError, DataError, RunError
-from hybridctl.core.model import HybridLM, build_model, use_chunked_loss, uses_moe
+from hybridctl.core.model import HybridLM, build_model, pick_loss, uses_moe
 from hybridctl.core.runs import RunDir, write_json_atomic
 from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size, optimizer_step, resolve_device
 
@@ -486,7 +486,7 @@ def benchmark_step(cfg: Config, device: torch.device, forward_only: bool = False
     model = build_model(cfg.model).to(device)
     compiled = t.compile and device.type == "cuda"
     step_model = torch.compile(model) if compiled else model
-    model.chunked_loss = use_chunked_loss(t.loss, compiled)
+    model.loss_impl = pick_loss(t.loss, device.type)
     tokens = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
     autocast = autocast_for(device, t.dtype)

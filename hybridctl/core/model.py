@@ -8,6 +8,7 @@ sparse-attention indexer, the MoE router) leave it in `aux_loss` after their for
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -148,7 +149,7 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, self.embed.num_embeddings, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.chunked_loss = True  # see use_chunked_loss; the trainer sets it from train.loss
+        self.loss_impl = "chunked"  # "plain", "chunked" or "fused": see pick_loss; the trainer sets it from train.loss
         self.reset_parameters()
 
     @torch.no_grad()
@@ -185,10 +186,14 @@ class HybridLM(nn.Module):
         if targets is None:
             return ModelOutput(None, None, self.lm_head(h)[..., : self.vocab_size], aux)
         logits = None
-        if return_logits or not torch.is_grad_enabled() or not self.chunked_loss:
+        if return_logits or not torch.is_grad_enabled() or self.loss_impl == "plain":
             logits = self.lm_head(h)
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 in fp64 checks
             ce = F.cross_entropy(wide.view(-1, wide.shape[-1]), targets.reshape(-1))
+        elif self.loss_impl == "fused":
+            from hybridctl.core.fused_loss import fused_linear_cross_entropy  # needs Triton
+
+            ce = fused_linear_cross_entropy(h, self.lm_head.weight, targets)
         else:
             ce = linear_cross_entropy(h, self.lm_head.weight, targets)
         loss = ce
@@ -201,10 +206,16 @@ class HybridLM(nn.Module):
         return weights.get(key, 1.0)
 
 
-def use_chunked_loss(loss: str, compiled: bool) -> bool:
-    """train.loss -> whether the model uses the chunked cross-entropy. Under torch.compile the plain loss is fused
-    by the compiler (no fp32 logits in full either) and is faster; eager mode needs the chunked one for memory."""
-    return loss == "chunked" or (loss == "auto" and not compiled)
+def pick_loss(loss: str, device_type: str) -> str:
+    """train.loss -> the cross-entropy the model trains with: "plain" (logits in full, left to torch.compile to
+    fuse), "chunked" (PyTorch, chunk by chunk) or "fused" (fused_loss.py: one Triton kernel per chunk, CUDA only).
+    "auto" is fused on CUDA, where it is the fastest and the leanest of the three, and chunked elsewhere."""
+    if loss == "auto":
+        return "fused" if device_type == "cuda" else "chunked"
+    if loss == "fused" and device_type != "cuda":
+        warnings.warn("train.loss = 'fused' needs CUDA; using the chunked loss on this device", RuntimeWarning, stacklevel=2)
+        return "chunked"
+    return loss
 
 
 def build_model(cfg: ModelConfig) -> HybridLM:

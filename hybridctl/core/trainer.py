@@ -35,7 +35,7 @@ from hybridctl.core import distributed as dist
 from hybridctl.core.config import Config, config_diff
 from hybridctl.core.data import BatchSampler, TokenData, eval_batches, load_token_data, windows_to_batch
 from hybridctl.core.errors import CheckpointError, ConfigError, TrainingError
-from hybridctl.core.model import HybridLM, build_model, use_chunked_loss
+from hybridctl.core.model import HybridLM, build_model, pick_loss
 from hybridctl.core.runs import RunDir
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -323,7 +323,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
                     f"{need / 1e6:.1f} MB; free some space or choose another --out folder"
                 )
     compiled = t.compile and device.type == "cuda"
-    model.chunked_loss = use_chunked_loss(t.loss, compiled)
+    model.loss_impl = pick_loss(t.loss, device.type)
     no_sync = None
     if world > 1:
         # torch.compile wraps DDP rather than the other way round: compiling the DDP module lets Dynamo split the

@@ -1,6 +1,7 @@
-"""The project's Triton kernels (short convolution + SiLU + L2 norm, gated RMSNorm) against the PyTorch layer code
-they replace on CUDA: forward and gradients, on column slices of a wider projection as the fused op passes them.
-Without a GPU they run in Triton's interpreter on the CPU; on a GPU, compiled."""
+"""The project's Triton kernels against the PyTorch code they replace on CUDA: the Gated DeltaNet short convolution
+(+ SiLU + L2 norm) and gated RMSNorm, on column slices of a wider projection as the fused op passes them; the
+fused linear + cross-entropy. Forward and gradients. Without a GPU they
+run in Triton's interpreter on the CPU; on a GPU, compiled."""
 
 import os
 import subprocess
@@ -8,11 +9,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, conftest.py switches Triton to its interpreter
 pytest.importorskip("triton")
 
-from hybridctl.core import gdn_kernels  # noqa: E402
+from hybridctl.core import fused_loss, gdn_kernels  # noqa: E402
 from hybridctl.core.gated_delta import GatedRMSNorm, causal_conv_silu, l2norm  # noqa: E402
 
 SENTINEL = 7.0  # fills gradient buffers: columns a kernel must not write keep it
@@ -89,10 +91,51 @@ def test_gated_rms_norm_matches_reference():
     assert (d_proj[..., : H * V] == SENTINEL).all() and (d_proj[..., 2 * H * V :] == SENTINEL).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_grad_kernel_matches_cross_entropy(dtype):
+    """Per-row loss and in-place gradient against autograd through F.cross_entropy in fp64, with a vocabulary that
+    is not a multiple of the block and targets at both ends of it."""
+    torch.manual_seed(3)
+    n, V = 7, 1000
+    x = (torch.randn(n, V, device=DEVICE) * 4).to(dtype)
+    targets = torch.randint(0, V, (n,), device=DEVICE)
+    targets[0], targets[1] = 0, V - 1
+    x_ref = x.double().requires_grad_()
+    ref = F.cross_entropy(x_ref, targets, reduction="none")
+    (ref.sum() * 0.25).backward()
+
+    grad = x.clone()
+    row_loss = fused_loss.softmax_grad_(grad, targets, 0.25, block=256, warps=4)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the gradient is rounded to 8 bits of mantissa
+    assert max_rel(row_loss, ref) < 1e-6
+    assert max_rel(grad, x_ref.grad) < tol
+    assert grad.dtype == dtype
+
+
+@pytest.mark.parametrize("n,chunk", [(37, 10), (37, 37), (5, 64)])
+def test_fused_linear_cross_entropy_matches_autograd(n, chunk):
+    """Loss and gradients of h and weight against F.cross_entropy(h @ weight.T) in fp64, over several chunks (the
+    last one short), one chunk, and fewer tokens than a chunk; the upstream gradient scales both."""
+    torch.manual_seed(4)
+    D, V = 16, 300
+    h = torch.randn(n, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(V, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, V, (n,), device=DEVICE)
+    (3.0 * fused_loss.fused_linear_cross_entropy(h, weight, targets, chunk_tokens=chunk)).backward()
+    h_ref, w_ref = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h_ref @ w_ref.t(), targets)
+    (3.0 * ref).backward()
+    loss = fused_loss.fused_linear_cross_entropy(h.detach(), weight.detach(), targets, chunk_tokens=chunk)
+    assert abs(loss.item() - ref.item()) < 1e-6 * ref.item()  # the kernel computes in fp32
+    assert max_rel(h.grad, h_ref.grad) < 1e-6
+    assert max_rel(weight.grad, w_ref.grad) < 1e-6
+
+
 COMPILE_FOR_HOPPER = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from hybridctl.core import fused_loss as fl
 from hybridctl.core import gdn_kernels as gk
 
 conv = {"W": 4, "BC": 128}
@@ -109,6 +152,8 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
      {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
     (gk._gated_norm_bwd_kernel, "dy:*bf16 o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 do:*bf16 dgate:*bf16 "
      "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32", {"V": 256, "BR": gk.NORM_BWD_ROWS}, gk.NORM_BWD_WARPS),
+    (fl._softmax_grad_kernel, "logits:*bf16 row_stride:i32 targets:*i64 row_loss:*fp32 grad_scale:fp32",
+     {"V": 49152, "BLOCK": fl.BLOCK_V}, fl.WARPS),
 ]
 for kernel, signature, constexprs, warps in cases:
     sig = dict(item.split(":") for item in signature.split())
@@ -128,4 +173,5 @@ def test_kernels_compile_for_hopper():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_kernel", "_short_conv_dx_kernel",
-                                     "_short_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel"]
+                                     "_short_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
+                                     "_softmax_grad_kernel"]
