@@ -1,6 +1,6 @@
 """The project's Triton kernels against the PyTorch code they replace on CUDA: the Gated DeltaNet short convolution
 (+ SiLU + L2 norm) and gated RMSNorm, on column slices of a wider projection as the fused op passes them; the
-fused linear + cross-entropy. Forward and gradients. Without a GPU they
+fused linear + cross-entropy; SwiGLU's activation. Forward and gradients. Without a GPU they
 run in Triton's interpreter on the CPU; on a GPU, compiled."""
 
 import os
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, conftest.py switches Triton to its interpreter
 pytest.importorskip("triton")
 
-from hybridctl.core import fused_loss, gdn_kernels  # noqa: E402
+from hybridctl.core import fused_loss, gdn_kernels, swiglu  # noqa: E402
 from hybridctl.core.gated_delta import GatedRMSNorm, causal_conv_silu, l2norm  # noqa: E402
 
 SENTINEL = 7.0  # fills gradient buffers: columns a kernel must not write keep it
@@ -131,12 +131,34 @@ def test_fused_linear_cross_entropy_matches_autograd(n, chunk):
     assert max_rel(weight.grad, w_ref.grad) < 1e-6
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_swiglu_matches_reference(dtype, tol):
+    """silu(gate) * up and its gradient for [gate | up] against autograd in fp64; rows x width is not a multiple of
+    the block, and the width is not a power of two."""
+    torch.manual_seed(5)
+    gate_up = (torch.randn(3, 13, 2 * 48, device=DEVICE) * 3).to(dtype)
+    ref_in = gate_up.double().requires_grad_()
+    gate, up = ref_in.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    dh = torch.randn(ref.shape, device=DEVICE).to(dtype)
+    ref.backward(dh.double())
+
+    x = gate_up.clone().requires_grad_()
+    h = swiglu.swiglu(x)
+    h.backward(dh)
+    assert h.shape == ref.shape and h.dtype == dtype and x.grad.dtype == dtype
+    assert max_rel(h, ref) < tol
+    assert max_rel(x.grad[..., :48], ref_in.grad[..., :48]) < tol  # gate half
+    assert max_rel(x.grad[..., 48:], ref_in.grad[..., 48:]) < tol  # up half
+
+
 COMPILE_FOR_HOPPER = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from hybridctl.core import fused_loss as fl
 from hybridctl.core import gdn_kernels as gk
+from hybridctl.core import swiglu as sw
 
 conv = {"W": 4, "BC": 128}
 cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, warps): the defaults launch these
@@ -154,6 +176,8 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
      "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32", {"V": 256, "BR": gk.NORM_BWD_ROWS}, gk.NORM_BWD_WARPS),
     (fl._softmax_grad_kernel, "logits:*bf16 row_stride:i32 targets:*i64 row_loss:*fp32 grad_scale:fp32",
      {"V": 49152, "BLOCK": fl.BLOCK_V}, fl.WARPS),
+    (sw._swiglu_fwd_kernel, "gate_up:*bf16 h:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
+    (sw._swiglu_bwd_kernel, "dh:*bf16 gate_up:*bf16 d_gate_up:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
 ]
 for kernel, signature, constexprs, warps in cases:
     sig = dict(item.split(":") for item in signature.split())
@@ -174,4 +198,4 @@ def test_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_kernel", "_short_conv_dx_kernel",
                                      "_short_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
-                                     "_softmax_grad_kernel"]
+                                     "_softmax_grad_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"]
