@@ -20,15 +20,15 @@ from torch.profiler import ProfilerActivity, profile
 from hybridctl.core.evaluation import benchmark_step, speed_configs
 
 # Kernel name fragments -> category, first match wins. Inductor names its kernels triton_poi/red/per/tem_...;
-# flash-linear-attention's Triton kernels and the project's own (gdn_kernels.py, fused_loss.py, swiglu.py) keep
-# their Python function names.
+# flash-linear-attention's Triton kernels and the project's own (gdn_kernels.py, fused_loss.py, swiglu.py, rope.py)
+# keep their Python function names.
 CATEGORIES = [
     ("optimizer", ("multi_tensor_apply", "fused_adam", "_fused_adamw")),
     ("attention", ("flash", "fmha", "attention")),
     ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "triton_tem_", "splitkreduce")),
     ("compiled", ("triton_",)),
     ("gdn (project)", ("_short_conv", "_gated_norm")),
-    ("loss, mlp (project)", ("_softmax_grad", "_swiglu_")),
+    ("loss, mlp, rope (project)", ("_softmax_grad", "_swiglu_", "_rotary_")),
     ("gdn (fla)", ("chunk_", "recompute_w_u", "solve_tril", "merge_16x16", "l2norm", "causal_conv1d", "gdn_gate",
                    "prepare_wy", "layer_norm", "rms_norm", "fused_beta", "wy_")),
     ("copy", ("memcpy", "memset", "copy_kernel", "CatArrayBatched")),

@@ -1,6 +1,6 @@
 """The project's Triton kernels against the PyTorch code they replace on CUDA: the Gated DeltaNet short convolution
 (+ SiLU + L2 norm) and gated RMSNorm, on column slices of a wider projection as the fused op passes them; the
-fused linear + cross-entropy; SwiGLU's activation. Forward and gradients. Without a GPU they
+fused linear + cross-entropy; SwiGLU's activation; the rotary embedding. Forward and gradients. Without a GPU they
 run in Triton's interpreter on the CPU; on a GPU, compiled."""
 
 import os
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, conftest.py switches Triton to its interpreter
 pytest.importorskip("triton")
 
-from hybridctl.core import fused_loss, gdn_kernels, swiglu  # noqa: E402
+from hybridctl.core import fused_loss, gdn_kernels, rope, swiglu  # noqa: E402
+from hybridctl.core.attention import Rotary  # noqa: E402
 from hybridctl.core.gated_delta import GatedRMSNorm, causal_conv_silu, l2norm  # noqa: E402
 
 SENTINEL = 7.0  # fills gradient buffers: columns a kernel must not write keep it
@@ -152,12 +153,36 @@ def test_swiglu_matches_reference(dtype, tol):
     assert max_rel(x.grad[..., 48:], ref_in.grad[..., 48:]) < tol  # up half
 
 
+def test_rotary_qkv_matches_reference():
+    """q and k rotated and v copied out of a fused projection, and the projection's gradient, against Rotary in
+    fp64; T is not a multiple of the row tile, and the incoming gradients are laid out [B, H, T, D] as attention
+    returns them."""
+    torch.manual_seed(6)
+    B, T, H, D = 2, 37, 3, 16
+    rotary = Rotary(D).to(DEVICE)
+    qkv = torch.randn(B, T, 3 * H * D, device=DEVICE)
+    ref_in = qkv.double().requires_grad_()
+    q_ref, k_ref, v_ref = ref_in.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+    refs = (rotary(q_ref), rotary(k_ref), v_ref)  # [B, H, T, D]
+    grads = [torch.randn(B, H, T, D, device=DEVICE) for _ in range(3)]
+    torch.autograd.backward(refs, [g.double() for g in grads])
+
+    x = qkv.clone().requires_grad_()
+    cos, sin = rotary.tables(T, qkv.device)
+    outs = [o.transpose(1, 2) for o in rope.rotary_qkv(x, cos[:, : D // 2], sin[:, : D // 2], H)]
+    torch.autograd.backward(outs, grads)
+    for out, ref in zip(outs, refs):
+        assert max_rel(out, ref) < 1e-6
+    assert max_rel(x.grad, ref_in.grad) < 1e-6
+
+
 COMPILE_FOR_HOPPER = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from hybridctl.core import fused_loss as fl
 from hybridctl.core import gdn_kernels as gk
+from hybridctl.core import rope
 from hybridctl.core import swiglu as sw
 
 conv = {"W": 4, "BC": 128}
@@ -176,6 +201,9 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
      "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32", {"V": 256, "BR": gk.NORM_BWD_ROWS}, gk.NORM_BWD_WARPS),
     (fl._softmax_grad_kernel, "logits:*bf16 row_stride:i32 targets:*i64 row_loss:*fp32 grad_scale:fp32",
      {"V": 49152, "BLOCK": fl.BLOCK_V}, fl.WARPS),
+    (rope._rotary_kernel, "src:*bf16 src_b:i32 src_t:i32 src_h:i32 dst:*bf16 dst_b:i32 dst_t:i32 dst_h:i32 "
+     "cos:*fp32 sin:*fp32 table_stride:i32 T:i32", {"HALF": 32, "BT": rope.ROWS, "ROTATE": True, "INVERSE": False},
+     rope.WARPS),
     (sw._swiglu_fwd_kernel, "gate_up:*bf16 h:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
     (sw._swiglu_bwd_kernel, "dh:*bf16 gate_up:*bf16 d_gate_up:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
 ]
@@ -198,4 +226,5 @@ def test_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_kernel", "_short_conv_dx_kernel",
                                      "_short_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
-                                     "_softmax_grad_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"]
+                                     "_softmax_grad_kernel", "_rotary_kernel", "_swiglu_fwd_kernel",
+                                     "_swiglu_bwd_kernel"]

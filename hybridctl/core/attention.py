@@ -33,6 +33,22 @@ class Rotary(nn.Module):
         rotated = torch.cat([-x2, x1], dim=-1)
         return (x.float() * cos + rotated * sin).to(x.dtype)
 
+    def split_qkv(self, qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (rotated), k (rotated), v, each [B, H, T, D], from a fused projection [B, T, 3 * H * D]. On CUDA one
+        kernel pass (rope.py) writes all three; elsewhere the same function in PyTorch."""
+        B, T, _ = qkv.shape
+        head_dim = self.inv_freq.numel() * 2
+        if qkv.is_cuda:
+            from hybridctl.core import rope  # needs Triton
+
+            if rope.supported(head_dim):
+                cos, sin = self.tables(T, qkv.device)
+                half = head_dim // 2
+                q, k, v = rope.rotary_qkv(qkv, cos[:, :half], sin[:, :half], n_heads)
+                return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = qkv.view(B, T, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
+        return self(q), self(k), v
+
 
 def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
     """Boolean [T, T] mask, True where query i may attend key j: i - window < j <= i."""
@@ -51,8 +67,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(q), self.rotary(k)
+        q, k, v = self.rotary.split_qkv(self.qkv_proj(x), self.n_heads)
         if self.window and self.window < T:
             mask = sliding_window_mask(T, self.window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -113,8 +113,7 @@ class DeepSeekSparseAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(q), self.rotary(k)
+        q, k, v = self.rotary.split_qkv(self.qkv_proj(x), self.n_heads)
         sparse = self.topk < visible_keys(T, self.window)
         if self.training or sparse:  # at inference without sparsity every visible key is selected anyway
             scores = self.indexer(x.detach(), self.window)
