@@ -4,8 +4,8 @@ project's kernels (hybridctl/core/swiglu.py).
     python benchmarks/swiglu.py [--tokens 49152] [--d-ff 2048] [--sweep] [--json FILE]
 
 GPU time of the kernels per call (profiler), bf16: a lone eager call of a custom op spends more time on the host
-than its kernels take, which a compiled model hides. GB/s counts the least traffic of forward + backward: the forward reads gate_up
-and writes h, the backward reads the gradient and gate_up and writes the gradient of gate_up.
+than its kernels take, which a compiled model hides. GB/s counts the least traffic of forward + backward: the
+forward reads gate_up and writes h, the backward reads the gradient and gate_up and writes the gradient of gate_up.
 """
 
 from __future__ import annotations

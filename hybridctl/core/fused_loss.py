@@ -54,8 +54,8 @@ def _softmax_grad_kernel(logits, row_stride, targets, row_loss, grad_scale, V: t
 
 
 def softmax_grad_(logits: Tensor, targets: Tensor, grad_scale: float, block: int = 0, warps: int = 0) -> Tensor:
-    """Per-row cross-entropy of `logits` [n, V] (any float dtype; the kernel computes in fp32) against `targets` [n]; overwrites `logits` with the loss's
-    gradient times grad_scale."""
+    """Per-row cross-entropy of `logits` [n, V] against `targets` [n], computed in fp32 whatever the logits' dtype;
+    overwrites `logits` with the loss's gradient times grad_scale."""
     n, V = logits.shape
     assert logits.stride(1) == 1 and targets.is_contiguous()
     row_loss = torch.empty(n, dtype=torch.float32, device=logits.device)

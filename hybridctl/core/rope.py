@@ -65,6 +65,7 @@ def _heads(t: Tensor, n_heads: int) -> Tensor:
 @torch.library.custom_op("hybridctl::rotary_qkv", mutates_args=())
 def rotary_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """q and k rotated, v copied, each [B, T, H, D], from qkv [B, T, 3 * H * D]; cos, sin: [T, D // 2] fp32."""
+    qkv = _unit_last(qkv)
     q_in, k_in, v_in = (_heads(part, n_heads) for part in qkv.chunk(3, dim=-1))
     q, k, v = (torch.empty(part.shape, dtype=qkv.dtype, device=qkv.device) for part in (q_in, k_in, v_in))
     _rotate(q_in, q, cos, sin)
