@@ -22,7 +22,7 @@ from triton.testing import do_bench
 
 from hybridctl.core import gdn_kernels
 from hybridctl.core.gated_delta import GatedDeltaNet, fla_gated_rms_norm, fla_short_conv, layer_path
-from profile_step import kernel_times  # benchmarks/ is on the path when this script runs
+from profile_step import profiled_kernel_times  # benchmarks/ is on the path when this script runs
 
 
 def ms(fn) -> float:
@@ -31,13 +31,8 @@ def ms(fn) -> float:
 
 def top_kernels(step, steps: int = 3, top: int = 14) -> list[tuple[float, str]]:
     """(ms per step, name) of the kernels that take the most time in `step`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    return sorted(((ms, name[:90]) for name, (ms, _) in kernel_times(prof, steps).items()), reverse=True)[:top]
+    kernels = profiled_kernel_times(step, steps)
+    return sorted(((ms, name[:90]) for name, (ms, _) in kernels.items()), reverse=True)[:top]
 
 
 def layer_times(args, backends: list[str]) -> dict[str, float]:

@@ -56,17 +56,22 @@ def kernel_times(prof, steps: int) -> dict[str, list[float]]:
     return dict(kernels)
 
 
+def profiled_kernel_times(fn, steps: int) -> dict[str, list[float]]:
+    """kernel_times of `steps` calls of fn under the profiler."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_times(prof, steps)
+
+
 def kernel_ms(fn, steps: int = 10, warmup: int = 5) -> float:
     """GPU time of fn's kernels per call: the sum of their durations, so the host's time between launches (which
     a compiled model hides behind the GPU's work, but a lone eager call of a small op does not) is left out."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(ms for ms, _ in kernel_times(prof, steps).values())
+    return sum(ms for ms, _ in profiled_kernel_times(fn, steps).values())
 
 
 def profile_preset(cfg, steps: int, warmup: int) -> dict:
