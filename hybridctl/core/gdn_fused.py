@@ -14,8 +14,9 @@ layer at the study shape, traded for two kernels per layer).
 
 The fla calls follow `fla.ops.gated_delta_rule.chunk` of fla 0.6 (the op is used only with that release): the same
 kernels in the same order, so the op computes what `chunk_gated_delta_rule(..., use_qk_l2norm_in_kernel=True,
-use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)` computes. fla and Triton are imported only when the op
-runs.
+use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)` computes. On Hopper, four of those kernels are launched
+at this op's own configs instead of fla's autotuned ones (`HOPPER_CONFIGS`). fla and Triton are imported only when
+the op runs.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def fla_internals_available() -> bool:
 
         if not fla.__version__.startswith(FLA_VERSION + "."):
             return False
-        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h  # noqa: F401
-        from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local, chunk_fwd_o  # noqa: F401
+        from fla.ops.common.chunk_delta_h import (  # noqa: F401
+            chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_bwd_kernel_dhu_blockdim64,
+            chunk_gated_delta_rule_fwd_h, chunk_gated_delta_rule_fwd_kernel_h_blockdim64)
+        from fla.ops.common.chunk_o import (  # noqa: F401
+            chunk_bwd_dqkwg, chunk_bwd_dv_local, chunk_bwd_kernel_dqkwg, chunk_fwd_kernel_o, chunk_fwd_o)
         from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra  # noqa: F401
         from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum  # noqa: F401
         from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd  # noqa: F401
@@ -63,13 +67,124 @@ def _parts(proj: Tensor, num_heads: int, head_dim: int, head_v_dim: int):
     return proj.split([key_dim, key_dim, value_dim, value_dim], dim=-1)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# fla's chunk kernels at this op's own launch configs on Hopper
+
+# fla 0.6 autotunes its kernels at the first call; on Hopper it offers only 2 and 4 warps, and for the backward's
+# dqkwg at head sizes 128 / 256 every such config spills registers (ptxas -v: 5 KB per thread at fla's choice of
+# BV 128). `benchmarks/fla_tiles.py` timed each kernel alone on an H200 at the study shape (ms per layer):
+#   fwd_h 0.362 -> 0.245, fwd_o 0.286 -> 0.223, dhu 0.636 -> 0.494, dqkwg 1.069 -> 0.454 (fla's wrapper -> below).
+# The configs are checked against the PyTorch reference by tests/test_gpu.py. Other GPUs, and kernels not listed,
+# go through fla's wrappers. Some configs miscompile here (dqkwg at BV 32 with 4 warps gets dw wrong by 7%), which
+# is why the sweep reports each config's error against fla's wrapper.
+HOPPER_CONFIGS = {
+    "fwd_h": {"BV": 64, "num_warps": 4, "num_stages": 3},
+    "fwd_o": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
+    "dhu": {"BV": 32, "num_warps": 4, "num_stages": 2},
+    "dqkwg": {"BV": 64, "num_warps": 8, "num_stages": 3},
+}
+
+
+def launch_config(kernel: str, device: torch.device, config: dict | str | None = "auto") -> dict | None:
+    """The launch config for one of fla's kernels: this op's on this device for "auto", else `config` as given;
+    None means fla's autotuned wrapper."""
+    if config != "auto":
+        return config
+    return HOPPER_CONFIGS.get(kernel) if torch.cuda.get_device_capability(device) == (9, 0) else None
+
+
+def _jit(kernel):
+    """fla's Triton kernel without its heuristics and autotuner wrappers (which fix the launch config)."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
+def fwd_h(k: Tensor, w: Tensor, u: Tensor, g: Tensor, config: dict | str | None = "auto") -> tuple[Tensor, Tensor]:
+    """The chunk states h [B, NT, H, K, V] and the corrected values v_new."""
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as kernel
+    config = launch_config("fwd_h", k.device, config)
+    if config is None:
+        h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=None, output_final_state=False,
+                                                   chunk_size=CHUNK)
+        return h, v_new
+    B, T, H, K = k.shape
+    V, NT, config = u.shape[-1], -(-T // CHUNK), dict(config)
+    BV = min(config.pop("BV"), V)
+    h, v_new = k.new_empty(B, NT, H, K, V), torch.empty_like(u)
+    _jit(kernel)[(-(-V // BV) * B * H,)](
+        k, u, w, v_new, g, None, h, None, None, None, None, T, H=H, HV=H, K=K, V=V, BT=CHUNK, BV=BV, USE_G=True,
+        USE_GK=False, USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, SAVE_NEW_VALUE=True, STATE_V_FIRST=False,
+        IS_VARLEN=False, **config)
+    return h, v_new
+
+
+def fwd_o(q: Tensor, k: Tensor, v_new: Tensor, h: Tensor, g: Tensor, scale: float,
+          config: dict | str | None = "auto") -> Tensor:
+    """The chunked recurrence's output o: the inter-chunk part from h plus the intra-chunk attention."""
+    from fla.ops.common.chunk_o import chunk_fwd_kernel_o, chunk_fwd_o
+    config = launch_config("fwd_o", q.device, config)
+    if config is None:
+        return chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, chunk_size=CHUNK)
+    B, T, H, K = q.shape
+    V, NT, config = v_new.shape[-1], -(-T // CHUNK), dict(config)
+    BK, BV = min(config.pop("BK"), K), min(config.pop("BV"), V)
+    o = torch.empty_like(v_new)
+    _jit(chunk_fwd_kernel_o)[(-(-V // BV) * NT, B * H)](
+        q, k, v_new, h, g, None, o, None, None, scale, T, H=H, HV=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_G=True,
+        USE_G_GAMMA=False, STATE_V_FIRST=False, IS_VARLEN=False, **config)
+    return o
+
+
+def bwd_dhu(q: Tensor, k: Tensor, w: Tensor, g: Tensor, do: Tensor, dv: Tensor, scale: float,
+            config: dict | str | None = "auto") -> tuple[Tensor, Tensor]:
+    """Chunk-state gradients dh [B, NT, H, K, V] and the value gradient with the state's share added."""
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_kernel_dhu_blockdim64 as kernel
+    config = launch_config("dhu", q.device, config)
+    if config is None:
+        dh, _, dv2 = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=None, dht=None, do=do, dv=dv, scale=scale,
+                                                    chunk_size=CHUNK)
+        return dh, dv2
+    B, T, H, K = q.shape
+    V, NT, config = do.shape[-1], -(-T // CHUNK), dict(config)
+    BV = min(config.pop("BV"), V)
+    dh, dv2 = q.new_empty(B, NT, H, K, V), torch.empty_like(dv)
+    _jit(kernel)[(-(-V // BV) * B * H,)](
+        q, k, w, g, None, None, None, do, dh, dv, dv2, None, None, scale, T, H=H, HV=H, K=K, V=V, BT=CHUNK, BV=BV,
+        USE_G=True, USE_GK=False, USE_INITIAL_STATE=False, USE_FINAL_STATE_GRADIENT=False, STATE_V_FIRST=False,
+        IS_VARLEN=False, **config)
+    return dh, dv2
+
+
+def bwd_dqkwg(q: Tensor, k: Tensor, v_new: Tensor, w: Tensor, g: Tensor, h: Tensor, dv: Tensor, do: Tensor,
+              dh: Tensor, scale: float, config: dict | str | None = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of q, k, the WY factor w and the cumulative gate g (before its reverse cumsum)."""
+    from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_kernel_dqkwg
+    config = launch_config("dqkwg", q.device, config)
+    if config is None:
+        return chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale, chunk_size=CHUNK)
+    B, T, H, K = q.shape
+    V, NT, config = do.shape[-1], -(-T // CHUNK), dict(config)
+    BK, BV = min(K, 128), min(config.pop("BV"), V)
+    NK = -(-K // BK)
+    dq, dk, dw = torch.empty_like(q), torch.empty_like(k), torch.empty_like(w)
+    dg = torch.empty(NK, *g.shape, dtype=torch.float32, device=g.device)
+    _jit(chunk_bwd_kernel_dqkwg)[(NK * NT, B * H)](
+        q, k, v_new, g, None, h, do, dh, dq, dk, dw, dv, dg, None, None, scale, B=B, T=T, H=H, HV=H, K=K, V=V,
+        BT=CHUNK, BK=BK, BV=BV, USE_G=True, USE_G_GAMMA=False, USE_DW=True, STATE_V_FIRST=False, IS_VARLEN=False,
+        **config)
+    return dq, dk, dw, dg.sum(0) if NK > 1 else dg[0]
+
+
 @torch.library.custom_op("hybridctl::gated_deltanet", mutates_args=())
 def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor, norm_weight: Tensor,
                    num_heads: int, head_dim: int, head_v_dim: int, norm_eps: float
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns y and what the backward needs: q, k, v, g, beta, A, h, v_new, w, o."""
-    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
-    from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
     from fla.ops.gated_delta_rule.gate import gdn_gate_chunk_cumsum
     from fla.ops.utils.constant import RCP_LN2
@@ -87,9 +202,8 @@ def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor,
     beta = torch.sigmoid(b)
     g = gdn_gate_chunk_cumsum(g=a, A_log=A_log, chunk_size=CHUNK, scale=RCP_LN2, dt_bias=dt_bias)
     w, u, A = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=CHUNK)
-    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=None, output_final_state=False,
-                                               chunk_size=CHUNK)
-    o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=K**-0.5, chunk_size=CHUNK)
+    h, v_new = fwd_h(k, w, u, g)
+    o = fwd_o(q, k, v_new, h, g, K**-0.5)
     y = gated_rms_norm_fwd(o, gate, norm_weight, norm_eps)
     return y, q, k, v, g, beta, A, h, v_new, w, o
 
@@ -111,8 +225,7 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
                             h: Tensor, v_new: Tensor, w: Tensor, o: Tensor, norm_eps: float
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for proj, ab, conv_weight, A_log, dt_bias and norm_weight."""
-    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu
-    from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local
+    from fla.ops.common.chunk_o import chunk_bwd_dv_local
     from fla.ops.gated_delta_rule.gate import gdn_gate_bwd
     from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd
     from fla.ops.utils import chunk_local_cumsum
@@ -127,10 +240,8 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
     q_in, k_in, v_in, gate = _parts(proj, H, K, V)
     do, d_norm_weight = gated_rms_norm_bwd(dy.contiguous(), o, gate, norm_weight, norm_eps, d_gate)
     dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=CHUNK)
-    dh, _, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=None, dht=None, do=do, dv=dv, scale=scale,
-                                               chunk_size=CHUNK)
-    dq, dk, dw, dg = chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale,
-                                     chunk_size=CHUNK)
+    dh, dv = bwd_dhu(q, k, w, g, do, dv, scale)
+    dq, dk, dw, dg = bwd_dqkwg(q, k, v_new, w, g, h, dv, do, dh, scale)
     dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
     dk.add_(dk2)
     dg.add_(dg2)
