@@ -1,6 +1,7 @@
 """Launch configs of the fla chunk kernels that the fused Gated DeltaNet op can launch itself on Hopper.
 
-    python benchmarks/fla_tiles.py [--batch 48] [--seq 1024] [--heads 6] [--head-dim 128] [--json FILE]
+    python benchmarks/fla_tiles.py [--batch 48] [--seq 1024] [--heads 6] [--head-dim 128] [--kernels fwd_h,...]
+                                   [--json FILE]
 
 For each kernel (forward: the chunk states `fwd_h`, the output `fwd_o`; backward: the chunk-state gradient
 `dhu`, the q/k/w/g gradients `dqkwg`) and each config: its GPU time per call (profiler, kernels only) and the
@@ -76,13 +77,17 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--kernels", default="fwd_h,fwd_o,dhu,dqkwg", help="Comma-separated subset.")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     ok, why = fla_status(args.head_dim)  # also lifts fla's Hopper guard where that is verified
     assert ok, why
     t = inputs(args)
-    results = {"device": torch.cuda.get_device_name(), "shape": {k: v for k, v in vars(args).items() if k != "json"}, "current": gdn_fused.HOPPER_CONFIGS}
+    shape = {k: v for k, v in vars(args).items() if k not in ("json", "kernels")}
+    results = {"device": torch.cuda.get_device_name(), "shape": shape, "current": gdn_fused.HOPPER_CONFIGS}
     for name, (call, outputs, configs) in kernels(t).items():
+        if name not in args.kernels.split(","):
+            continue
         reference = call(None)
         rows = [{"config": "fla's wrapper", "ms": kernel_ms(lambda: call(None))}]
         for config in configs:

@@ -75,8 +75,9 @@ def _parts(proj: Tensor, num_heads: int, head_dim: int, head_v_dim: int):
 # BV 128). `benchmarks/fla_tiles.py` timed each kernel alone on an H200 at the study shape (ms per layer):
 #   fwd_h 0.362 -> 0.245, fwd_o 0.286 -> 0.223, dhu 0.636 -> 0.494, dqkwg 1.069 -> 0.454 (fla's wrapper -> below).
 # The configs are checked against the PyTorch reference by tests/test_gpu.py. Other GPUs, and kernels not listed,
-# go through fla's wrappers. Some configs miscompile here (dqkwg at BV 32 with 4 warps gets dw wrong by 7%), which
-# is why the sweep reports each config's error against fla's wrapper.
+# go through fla's wrappers: for prepare_wy_repr_bwd no config beat fla's own. Some configs miscompile here (dqkwg
+# at BV 32 with 4 warps gets dw wrong by 7%; prepare_wy_repr_bwd at BK 32 with 4 warps faults), which is why the
+# sweep reports each config's error against fla's wrapper.
 HOPPER_CONFIGS = {
     "fwd_h": {"BV": 64, "num_warps": 4, "num_stages": 3},
     "fwd_o": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
