@@ -9,7 +9,8 @@ Times (CUDA events, median of repeats, bf16 autocast):
 - the short convolution over q, k and v: fla's causal_conv1d against this project's kernel (with the L2 norm of
   q and k inside), forward and forward + backward;
 - the gated RMSNorm: fla's against this project's kernel;
-- with --sweep, the project's kernels at other tile sizes, to choose the defaults in gdn_kernels.py.
+- with --sweep, the GPU time of the project's backward kernels (profiler, kernels only) at other tile sizes, to
+  choose the defaults in gdn_kernels.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from triton.testing import do_bench
 
 from hybridctl.core import gdn_kernels
 from hybridctl.core.gated_delta import GatedDeltaNet, fla_gated_rms_norm, fla_short_conv, layer_path
-from profile_step import profiled_kernel_times  # benchmarks/ is on the path when this script runs
+from profile_step import kernel_ms, profiled_kernel_times  # benchmarks/ is on the path when this script runs
 
 
 def ms(fn) -> float:
@@ -82,20 +83,25 @@ def part_times(args, sweep: bool) -> dict[str, float]:
     d_proj = torch.empty_like(proj)
     d_parts = d_proj.split([H * K, H * K, H * V, H * V], dim=-1)
 
-    def ours(rows=gdn_kernels.CONV_ROWS, warps=gdn_kernels.CONV_WARPS, rows_b=gdn_kernels.CONV_BWD_ROWS,
-             warps_b=gdn_kernels.CONV_BWD_WARPS, backward=True):
+    def ours(rows=gdn_kernels.CONV_ROWS, warps=gdn_kernels.CONV_WARPS, backward=True, forward=True, **tiles):
         for i, (p, w) in enumerate(zip(parts[:3], weights)):
-            gdn_kernels.short_conv_fwd(p, w, K, normalize=i < 2, rows=rows, warps=warps)
+            if forward:
+                gdn_kernels.short_conv_fwd(p, w, K, normalize=i < 2, rows=rows, warps=warps)
             if backward:
-                gdn_kernels.short_conv_bwd(p, w, grads[i], d_parts[i], K, normalize=i < 2, rows=rows_b, warps=warps_b)
+                gdn_kernels.short_conv_bwd(p, w, grads[i], d_parts[i], K, normalize=i < 2, **tiles)
 
     out["conv fwd: fla (no L2 norm)"] = ms(fla_conv)
     out["conv fwd: ours (+ L2 norm of q, k)"] = ms(lambda: ours(backward=False))
     out["conv fwd+bwd: fla (no L2 norm)"] = ms(fla_conv_fwd_bwd)
     out["conv fwd+bwd: ours (+ L2 norm of q, k)"] = ms(ours)
-    if sweep:
-        for rows, warps in [((16, 16), (4, 4)), ((8, 16), (4, 4)), ((16, 32), (4, 4)), ((16, 32), (4, 8))]:
-            out[f"conv fwd+bwd: ours bwd rows={rows} warps={warps}"] = ms(lambda: ours(rows_b=rows, warps_b=warps))
+    if sweep:  # GPU time of the backward's kernels alone, at tiles (rows, tiles per program, warps)
+        out["conv bwd kernels: ours"] = kernel_ms(lambda: ours(forward=False))
+        for tiles in [(8, 8, 4), (8, 16, 4), (8, 64, 4), (8, 128, 4), (4, 32, 2), (4, 64, 2), (4, 128, 2),
+                      (16, 32, 8), (16, 64, 8), (8, 32, 2)]:
+            out[f"conv bwd kernels: ours tiles={tiles}"] = kernel_ms(lambda: ours(forward=False, tiles=tiles))
+        out["conv fwd kernels: ours"] = kernel_ms(lambda: ours(backward=False))
+        for rows, warps in [(16, 2), (16, 4), (32, 2), (32, 8), (64, 4), (64, 8), (8, 2)]:
+            out[f"conv fwd kernels: ours rows={rows} warps={warps}"] = kernel_ms(lambda: ours(rows, warps, False))
 
     o = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     gate = parts[3]
@@ -107,16 +113,18 @@ def part_times(args, sweep: bool) -> dict[str, float]:
         oo, gg = o.detach().requires_grad_(), gate.detach().requires_grad_()
         fla_gated_rms_norm(oo, gg.reshape(B, T, H, V), norm).reshape(B, T, H * V).backward(dy)
 
-    def our_norm(rows_f=gdn_kernels.NORM_ROWS, warps_f=gdn_kernels.NORM_WARPS, rows_b=gdn_kernels.NORM_BWD_ROWS,
-                 warps_b=gdn_kernels.NORM_BWD_WARPS):
-        gdn_kernels.gated_rms_norm_fwd(o, gate, norm.weight, 1e-5, rows=rows_f, warps=warps_f)
-        gdn_kernels.gated_rms_norm_bwd(dy, o, gate, norm.weight, 1e-5, d_parts[3], rows=rows_b, warps=warps_b)
+    def our_norm(backward_tiles=None, forward=True):
+        if forward:
+            gdn_kernels.gated_rms_norm_fwd(o, gate, norm.weight, 1e-5)
+        gdn_kernels.gated_rms_norm_bwd(dy, o, gate, norm.weight, 1e-5, d_parts[3],
+                                       **({"tiles": backward_tiles} if backward_tiles else {}))
 
     out["gated norm fwd+bwd: fla"] = ms(fla_norm)
     out["gated norm fwd+bwd: ours"] = ms(our_norm)
-    if sweep:
-        for rf, wf, rb, wb in [(16, 4, 8, 2), (32, 8, 8, 4), (16, 8, 4, 4)]:
-            out[f"gated norm fwd+bwd: ours fwd {rf}/{wf} bwd {rb}/{wb}"] = ms(lambda: our_norm(rf, wf, rb, wb))
+    if sweep:  # GPU time of the backward's kernels alone, at tiles (rows, tiles per program, warps)
+        out["gated norm bwd kernels: ours"] = kernel_ms(lambda: our_norm(forward=False))
+        for tiles in [(8, 8, 4), (8, 16, 4), (8, 32, 4), (4, 8, 2), (4, 32, 2), (4, 64, 2), (2, 32, 1), (2, 64, 1)]:
+            out[f"gated norm bwd kernels: ours tiles={tiles}"] = kernel_ms(lambda: our_norm(tiles, forward=False))
     return out
 
 

@@ -25,8 +25,10 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("normalize,width", [(True, 4), (False, 4), (True, 2), (False, 1)])
-def test_short_conv_matches_reference(normalize, width):
+@pytest.mark.parametrize("normalize,width,tiles", [(True, 4, None), (False, 4, None), (True, 2, None), (False, 1, None),
+                                                   (True, 4, (4, 3, 2)), (False, 3, (8, 2, 2))])
+def test_short_conv_matches_reference(normalize, width, tiles):
+    """tiles: the backward's first kernel at several programs along T, the last one short (None: the defaults)."""
     torch.manual_seed(0)
     B, T, H, K = 2, 45, 2, 16  # T is not a multiple of any tile
     C = H * K
@@ -43,7 +45,8 @@ def test_short_conv_matches_reference(normalize, width):
 
     y = gdn_kernels.short_conv_fwd(x, weight, K, normalize)
     d_proj = torch.full_like(proj, SENTINEL)
-    dw = gdn_kernels.short_conv_bwd(x, weight, dy, d_proj[..., C : 2 * C], K, normalize)
+    dw = gdn_kernels.short_conv_bwd(x, weight, dy, d_proj[..., C : 2 * C], K, normalize,
+                                    **({"tiles": tiles} if tiles else {}))
 
     assert y.shape == (B, T, C) and y.is_contiguous()
     assert max_rel(y, ref) < 1e-5
@@ -65,7 +68,9 @@ def test_short_conv_never_mixes_sequences():
     assert torch.equal(y[1], y2[1]) and not torch.equal(y[0, -3:], y2[0, -3:])
 
 
-def test_gated_rms_norm_matches_reference():
+@pytest.mark.parametrize("tiles", [None, (4, 3, 2)])
+def test_gated_rms_norm_matches_reference(tiles):
+    """tiles: the backward at several programs, the last one short (None: the defaults)."""
     torch.manual_seed(2)
     B, T, H, V = 2, 9, 3, 32  # B * T * H rows is not a multiple of the row tile
     o = torch.randn(B, T, H, V, device=DEVICE)
@@ -83,7 +88,8 @@ def test_gated_rms_norm_matches_reference():
 
     y = gdn_kernels.gated_rms_norm_fwd(o, gate, weight, norm.eps)
     d_proj = torch.full_like(proj, SENTINEL)
-    do, dw = gdn_kernels.gated_rms_norm_bwd(dy, o, gate, weight, norm.eps, d_proj[..., H * V : 2 * H * V])
+    do, dw = gdn_kernels.gated_rms_norm_bwd(dy, o, gate, weight, norm.eps, d_proj[..., H * V : 2 * H * V],
+                                            **({"tiles": tiles} if tiles else {}))
 
     assert max_rel(y, ref) < 1e-5
     assert max_rel(do, o_ref.grad) < 1e-5
@@ -189,16 +195,15 @@ conv = {"W": 4, "BC": 128}
 cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, warps): the defaults launch these
     (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 T:i32 C:i32 eps:fp32",
      {**conv, "BT": gk.CONV_ROWS, "NORMALIZE": True}, gk.CONV_WARPS),
-    (gk._short_conv_dz_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dy:*bf16 dz:*bf16 T:i32 C:i32 eps:fp32",
-     {**conv, "BT": gk.CONV_BWD_ROWS[0], "NORMALIZE": True}, gk.CONV_BWD_WARPS[0]),
+    (gk._short_conv_dz_dw_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dy:*bf16 dz:*bf16 dw_part:*fp32 T:i32 C:i32 "
+     "eps:fp32", {**conv, "BT": gk.DZ_DW_ROWS, "TILES": gk.DZ_DW_TILES, "NORMALIZE": True}, gk.DZ_DW_WARPS),
     (gk._short_conv_dx_kernel, "dz:*bf16 w:*fp32 dx:*bf16 dx_row_stride:i32 T:i32 C:i32",
-     {**conv, "BT": gk.CONV_BWD_ROWS[1]}, gk.CONV_BWD_WARPS[1]),
-    (gk._short_conv_dw_kernel, "x:*bf16 x_row_stride:i32 dz:*bf16 dw_part:*fp32 T:i32 C:i32",
-     {**conv, "BT": gk.DW_ROWS, "TILES": gk.DW_TILES}, gk.DW_WARPS),
+     {**conv, "BT": gk.DX_ROWS}, gk.DX_WARPS),
     (gk._gated_norm_fwd_kernel, "o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 y:*bf16 R:i32 H:i32 eps:fp32",
      {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
     (gk._gated_norm_bwd_kernel, "dy:*bf16 o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 do:*bf16 dgate:*bf16 "
-     "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32", {"V": 256, "BR": gk.NORM_BWD_ROWS}, gk.NORM_BWD_WARPS),
+     "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32",
+     {"V": 256, "BR": gk.NORM_BWD_ROWS, "TILES": gk.NORM_BWD_TILES}, gk.NORM_BWD_WARPS),
     (fl._softmax_grad_kernel, "logits:*bf16 row_stride:i32 targets:*i64 row_loss:*fp32 grad_scale:fp32",
      {"V": 49152, "BLOCK": fl.BLOCK_V}, fl.WARPS),
     (rope._rotary_kernel, "src:*bf16 src_b:i32 src_t:i32 src_h:i32 dst:*bf16 dst_b:i32 dst_t:i32 dst_h:i32 "
@@ -224,7 +229,7 @@ def test_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_kernel", "_short_conv_dx_kernel",
-                                     "_short_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
+    assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_dw_kernel", "_short_conv_dx_kernel",
+                                     "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
                                      "_softmax_grad_kernel", "_rotary_kernel", "_swiglu_fwd_kernel",
                                      "_swiglu_bwd_kernel"]
