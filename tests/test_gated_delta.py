@@ -119,3 +119,19 @@ def test_fused_op_shape_limits():
     assert not shape_supported(96, 192, 4)  # a program holds one head: powers of two only
     assert not shape_supported(128, 256, 5)  # the weight-gradient kernel has four taps
     assert not shape_supported(512, 512, 4)  # fla's chunk kernels stop at head_dim 256
+
+
+def test_fla_launch_configs_only_where_measured(monkeypatch):
+    """The fused op's own launch configs for fla's kernels apply on Hopper at the head sizes the GPU tests check;
+    other GPUs and shapes get None (fla's autotuned wrapper), and an explicit config passes through."""
+    from hybridctl.core import gdn_fused
+
+    k, v = torch.empty(1, 1, 1, 128), torch.empty(1, 1, 1, 256)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert gdn_fused.launch_config("dqkwg", k, v) == gdn_fused.HOPPER_CONFIGS["dqkwg"]
+    assert gdn_fused.launch_config("dqkwg", k[..., :64], v[..., :128]) is None
+    assert gdn_fused.launch_config("prepare_wy_repr_bwd", k, v) is None
+    assert gdn_fused.launch_config("dqkwg", k, v, config=None) is None
+    assert gdn_fused.launch_config("dqkwg", k, v, config={"BV": 32}) == {"BV": 32}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert gdn_fused.launch_config("dqkwg", k, v) is None

@@ -67,7 +67,7 @@ def test_layer_matches_reference_layer(backend, monkeypatch):
     from hybridctl.core.gated_delta import layer_path
 
     if backend.startswith("fused, "):
-        monkeypatch.setattr(gdn_fused, "launch_config", lambda kernel, device, config="auto": None)
+        monkeypatch.setattr(gdn_fused, "launch_config", lambda kernel, k, v, config="auto": None)
         backend = "fused"
     torch.manual_seed(0)
     layer = GatedDeltaNet(512, num_heads=H, head_dim=K, expand_v=V / K, backend=backend).cuda()

@@ -70,28 +70,31 @@ def _parts(proj: Tensor, num_heads: int, head_dim: int, head_v_dim: int):
 # ---------------------------------------------------------------------------------------------------------
 # fla's chunk kernels at this op's own launch configs on Hopper
 
-# fla 0.6 autotunes its kernels at the first call; on Hopper it offers only 2 and 4 warps, and for the backward's
-# dqkwg at head sizes 128 / 256 every such config spills registers (ptxas -v: 5 KB per thread at fla's choice of
-# BV 128). `benchmarks/fla_tiles.py` timed each kernel alone on an H200 at the study shape (ms per layer):
-#   fwd_h 0.362 -> 0.245, fwd_o 0.286 -> 0.223, dhu 0.636 -> 0.494, dqkwg 1.069 -> 0.454 (fla's wrapper -> below).
-# The configs are checked against the PyTorch reference by tests/test_gpu.py. Other GPUs, and kernels not listed,
-# go through fla's wrappers: for prepare_wy_repr_bwd no config beat fla's own. Some configs miscompile here (dqkwg
-# at BV 32 with 4 warps gets dw wrong by 7%; prepare_wy_repr_bwd at BK 32 with 4 warps faults), which is why the
-# sweep reports each config's error against fla's wrapper.
+# fla 0.6 autotunes these kernels at their first call, on Hopper over 2 and 4 warps (fwd_o also one 8-warp config).
+# Its dqkwg uses BV 128 there, where every such config spills registers (ptxas -v: 5 KB per thread).
+# `benchmarks/fla_tiles.py` timed each kernel alone on an H200 at the study shape (ms per layer, fla's -> below):
+#   fwd_h 0.362 -> 0.245, fwd_o 0.286 -> 0.223, dhu 0.636 -> 0.494, dqkwg 1.069 -> 0.454.
+# Three of the four are inside fla's own lists: its autotuner, timing a few runs, picks slower ones here. Some
+# configs compute wrong results (dqkwg at BV 32 with 4 warps gets dw wrong by 7%; prepare_wy_repr_bwd at BK 32
+# with 4 warps faults), so the sweep reports each config's error against fla's launch, and the configs apply only
+# at the head sizes where tests/test_gpu.py checks them against the PyTorch reference. Elsewhere, on other GPUs,
+# and for kernels not listed (no prepare_wy_repr_bwd config beat fla's own) the op calls fla's wrappers.
 HOPPER_CONFIGS = {
     "fwd_h": {"BV": 64, "num_warps": 4, "num_stages": 3},
     "fwd_o": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
     "dhu": {"BV": 32, "num_warps": 4, "num_stages": 2},
     "dqkwg": {"BV": 64, "num_warps": 8, "num_stages": 3},
 }
+HOPPER_HEAD_DIMS = {(128, 256)}  # (head_dim, head_v_dim): the study presets'
 
 
-def launch_config(kernel: str, device: torch.device, config: dict | str | None = "auto") -> dict | None:
-    """The launch config for one of fla's kernels: this op's on this device for "auto", else `config` as given;
-    None means fla's autotuned wrapper."""
+def launch_config(kernel: str, k: Tensor, v: Tensor, config: dict | str | None = "auto") -> dict | None:
+    """The launch config for one of fla's kernels, given the op's k [B, T, H, K] and a value-shaped [.., V]
+    tensor: this op's for this device and shape for "auto", else `config` as given; None means fla's wrapper."""
     if config != "auto":
         return config
-    return HOPPER_CONFIGS.get(kernel) if torch.cuda.get_device_capability(device) == (9, 0) else None
+    measured = torch.cuda.get_device_capability(k.device) == (9, 0) and (k.shape[-1], v.shape[-1]) in HOPPER_HEAD_DIMS
+    return HOPPER_CONFIGS.get(kernel) if measured else None
 
 
 def _jit(kernel):
@@ -107,7 +110,7 @@ def fwd_h(k: Tensor, w: Tensor, u: Tensor, g: Tensor, config: dict | str | None 
     """The chunk states h [B, NT, H, K, V] and the corrected values v_new."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as kernel
-    config = launch_config("fwd_h", k.device, config)
+    config = launch_config("fwd_h", k, u, config)
     if config is None:
         h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=None, output_final_state=False,
                                                    chunk_size=CHUNK)
@@ -127,7 +130,7 @@ def fwd_o(q: Tensor, k: Tensor, v_new: Tensor, h: Tensor, g: Tensor, scale: floa
           config: dict | str | None = "auto") -> Tensor:
     """The chunked recurrence's output o: the inter-chunk part from h plus the intra-chunk attention."""
     from fla.ops.common.chunk_o import chunk_fwd_kernel_o, chunk_fwd_o
-    config = launch_config("fwd_o", q.device, config)
+    config = launch_config("fwd_o", k, v_new, config)
     if config is None:
         return chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, chunk_size=CHUNK)
     B, T, H, K = q.shape
@@ -145,7 +148,7 @@ def bwd_dhu(q: Tensor, k: Tensor, w: Tensor, g: Tensor, do: Tensor, dv: Tensor, 
     """Chunk-state gradients dh [B, NT, H, K, V] and the value gradient with the state's share added."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_kernel_dhu_blockdim64 as kernel
-    config = launch_config("dhu", q.device, config)
+    config = launch_config("dhu", k, do, config)
     if config is None:
         dh, _, dv2 = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=None, dht=None, do=do, dv=dv, scale=scale,
                                                     chunk_size=CHUNK)
@@ -165,7 +168,7 @@ def bwd_dqkwg(q: Tensor, k: Tensor, v_new: Tensor, w: Tensor, g: Tensor, h: Tens
               dh: Tensor, scale: float, config: dict | str | None = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of q, k, the WY factor w and the cumulative gate g (before its reverse cumsum)."""
     from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_kernel_dqkwg
-    config = launch_config("dqkwg", q.device, config)
+    config = launch_config("dqkwg", k, do, config)
     if config is None:
         return chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale, chunk_size=CHUNK)
     B, T, H, K = q.shape
