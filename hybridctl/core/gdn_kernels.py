@@ -160,8 +160,8 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, head_dim: int, normali
 
 
 def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, head_dim: int,
-                   normalize: bool, eps: float = 1e-6, tiles: tuple[int, int, int] = (DZ_DW_ROWS, DZ_DW_TILES,
-                                                                                     DZ_DW_WARPS),
+                   normalize: bool, eps: float = 1e-6,
+                   tiles: tuple[int, int, int] = (DZ_DW_ROWS, DZ_DW_TILES, DZ_DW_WARPS),
                    dx_tiles: tuple[int, int] = (DX_ROWS, DX_WARPS)) -> torch.Tensor:
     """Gradients of short_conv_fwd: writes d x into `dx` (same shape as x, may be a column slice of a wider
     buffer) and returns d weight (fp32, [C, W]). tiles: (rows, tiles per program, warps) of the pre-activation
@@ -260,8 +260,8 @@ def gated_rms_norm_fwd(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
 
 
 def gated_rms_norm_bwd(dy: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
-                       dgate: torch.Tensor, tiles: tuple[int, int, int] = (NORM_BWD_ROWS, NORM_BWD_TILES,
-                                                                           NORM_BWD_WARPS)
+                       dgate: torch.Tensor,
+                       tiles: tuple[int, int, int] = (NORM_BWD_ROWS, NORM_BWD_TILES, NORM_BWD_WARPS)
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Writes d gate into `dgate` (gate's shape, may be a column slice); returns (d o, d weight in fp32).
     tiles: (rows, tiles per program, warps)."""
