@@ -9,8 +9,8 @@ Times (CUDA events, median of repeats, bf16 autocast):
 - the short convolution over q, k and v: fla's causal_conv1d against this project's kernel (with the L2 norm of
   q and k inside), forward and forward + backward;
 - the gated RMSNorm: fla's against this project's kernel;
-- with --sweep, the GPU time of the project's backward kernels (profiler, kernels only) at other tile sizes, to
-  choose the defaults in gdn_kernels.py.
+- with --sweep, the GPU time of each of the project's kernels (profiler, kernels only) at the tiles of the
+  *_SWEEP lists below, to choose the defaults in gdn_kernels.py.
 """
 
 from __future__ import annotations
@@ -82,26 +82,27 @@ def part_times(args, sweep: bool) -> dict[str, float]:
 
     d_proj = torch.empty_like(proj)
     d_parts = d_proj.split([H * K, H * K, H * V, H * V], dim=-1)
+    dk2 = torch.randn_like(grads[1])  # k's gradient comes in two parts, as in the op
 
-    def ours(rows=gdn_kernels.CONV_ROWS, warps=gdn_kernels.CONV_WARPS, backward=True, forward=True, **tiles):
+    def ours(backward=True, forward=True, fwd_tiles=(gdn_kernels.CONV_ROWS, gdn_kernels.CONV_WARPS), **bwd_tiles):
         for i, (p, w) in enumerate(zip(parts[:3], weights)):
             if forward:
-                gdn_kernels.short_conv_fwd(p, w, K, normalize=i < 2, rows=rows, warps=warps)
+                gdn_kernels.short_conv_fwd(p, w, K, normalize=i < 2, rows=fwd_tiles[0], warps=fwd_tiles[1])
             if backward:
-                gdn_kernels.short_conv_bwd(p, w, grads[i], d_parts[i], K, normalize=i < 2, **tiles)
+                gdn_kernels.short_conv_bwd(p, w, grads[i], d_parts[i], K, normalize=i < 2,
+                                           dy2=dk2 if i == 1 else None, **bwd_tiles)
 
     out["conv fwd: fla (no L2 norm)"] = ms(fla_conv)
     out["conv fwd: ours (+ L2 norm of q, k)"] = ms(lambda: ours(backward=False))
     out["conv fwd+bwd: fla (no L2 norm)"] = ms(fla_conv_fwd_bwd)
     out["conv fwd+bwd: ours (+ L2 norm of q, k)"] = ms(ours)
-    if sweep:  # GPU time of the backward's kernels alone, at tiles (rows, tiles per program, warps)
+    if sweep:
         out["conv bwd kernels: ours"] = kernel_ms(lambda: ours(forward=False))
-        for tiles in [(8, 8, 4), (8, 16, 4), (8, 64, 4), (8, 128, 4), (4, 32, 2), (4, 64, 2), (4, 128, 2),
-                      (16, 32, 8), (16, 64, 8), (8, 32, 2)]:
-            out[f"conv bwd kernels: ours tiles={tiles}"] = kernel_ms(lambda: ours(forward=False, tiles=tiles))
         out["conv fwd kernels: ours"] = kernel_ms(lambda: ours(backward=False))
-        for rows, warps in [(16, 2), (16, 4), (32, 2), (32, 8), (64, 4), (64, 8), (8, 2)]:
-            out[f"conv fwd kernels: ours rows={rows} warps={warps}"] = kernel_ms(lambda: ours(rows, warps, False))
+        sweep_tiles(out, "conv fwd", "_short_conv_fwd", lambda t: ours(backward=False, fwd_tiles=t), CONV_FWD_SWEEP)
+        sweep_tiles(out, "conv bwd dz_dw", "_short_conv_dz_dw", lambda t: ours(forward=False, tiles=t),
+                    DZ_DW_SWEEP)
+        sweep_tiles(out, "conv bwd dx", "_short_conv_dx", lambda t: ours(forward=False, dx_tiles=t), DX_SWEEP)
 
     o = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     gate = parts[3]
@@ -113,19 +114,40 @@ def part_times(args, sweep: bool) -> dict[str, float]:
         oo, gg = o.detach().requires_grad_(), gate.detach().requires_grad_()
         fla_gated_rms_norm(oo, gg.reshape(B, T, H, V), norm).reshape(B, T, H * V).backward(dy)
 
-    def our_norm(backward_tiles=None, forward=True):
+    def our_norm(forward=True, backward=True, fwd_tiles=(gdn_kernels.NORM_ROWS, gdn_kernels.NORM_WARPS),
+                 bwd_tiles=gdn_kernels.NORM_BWD_TILES):
         if forward:
-            gdn_kernels.gated_rms_norm_fwd(o, gate, norm.weight, 1e-5)
-        gdn_kernels.gated_rms_norm_bwd(dy, o, gate, norm.weight, 1e-5, d_parts[3],
-                                       **({"tiles": backward_tiles} if backward_tiles else {}))
+            gdn_kernels.gated_rms_norm_fwd(o, gate, norm.weight, 1e-5, rows=fwd_tiles[0], warps=fwd_tiles[1])
+        if backward:
+            gdn_kernels.gated_rms_norm_bwd(dy, o, gate, norm.weight, 1e-5, d_parts[3], tiles=bwd_tiles)
 
     out["gated norm fwd+bwd: fla"] = ms(fla_norm)
     out["gated norm fwd+bwd: ours"] = ms(our_norm)
-    if sweep:  # GPU time of the backward's kernels alone, at tiles (rows, tiles per program, warps)
-        out["gated norm bwd kernels: ours"] = kernel_ms(lambda: our_norm(forward=False))
-        for tiles in [(8, 8, 4), (8, 16, 4), (8, 32, 4), (4, 8, 2), (4, 32, 2), (4, 64, 2), (2, 32, 1), (2, 64, 1)]:
-            out[f"gated norm bwd kernels: ours tiles={tiles}"] = kernel_ms(lambda: our_norm(tiles, forward=False))
+    if sweep:
+        sweep_tiles(out, "gated norm fwd", "_gated_norm_fwd", lambda t: our_norm(backward=False, fwd_tiles=t),
+                    NORM_FWD_SWEEP)
+        sweep_tiles(out, "gated norm bwd", "_gated_norm_bwd", lambda t: our_norm(forward=False, bwd_tiles=t),
+                    NORM_BWD_SWEEP)
     return out
+
+
+# Tiles tried by --sweep: (rows, warps) for the one-tile kernels; (rows per tile, tiles per program, warps,
+# pipeline stages) for those that loop over tiles (stages 1: not pipelined)
+CONV_FWD_SWEEP = [(16, 2), (16, 4), (8, 2), (32, 4)]
+DZ_DW_SWEEP = [(8, 32, 4, 1), (8, 32, 4, 3), (4, 32, 2, 1), (4, 32, 2, 3), (4, 32, 2, 4), (4, 16, 2, 3),
+               (4, 64, 2, 3), (2, 64, 1, 3)]
+DX_SWEEP = [(8, 2), (16, 2), (8, 1), (16, 4)]
+NORM_FWD_SWEEP = [(16, 4), (8, 4), (32, 4)]
+NORM_BWD_SWEEP = [(4, 16, 2, 1), (4, 16, 2, 3), (4, 8, 2, 3), (4, 8, 2, 4), (8, 8, 4, 4), (4, 4, 2, 3)]
+
+
+def sweep_tiles(out: dict, label: str, fragment: str, call, tile_list) -> None:
+    """GPU time per call of the kernels whose names contain `fragment`, in call(tiles) for each tiles."""
+    for tiles in tile_list:
+        call(tiles)  # compile
+        torch.cuda.synchronize()
+        kernels = profiled_kernel_times(lambda: call(tiles), 10)
+        out[f"{label} kernel: tiles={tiles}"] = sum(t for name, (t, _) in kernels.items() if fragment in name)
 
 
 def main() -> None:

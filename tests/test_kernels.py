@@ -25,10 +25,13 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("normalize,width,tiles", [(True, 4, None), (False, 4, None), (True, 2, None), (False, 1, None),
-                                                   (True, 4, (4, 3, 2)), (False, 3, (8, 2, 2))])
-def test_short_conv_matches_reference(normalize, width, tiles):
-    """tiles: the backward's first kernel at several programs along T, the last one short (None: the defaults)."""
+@pytest.mark.parametrize("normalize,width,tiles,two_sources", [
+    (True, 4, None, False), (False, 4, None, False), (True, 2, None, False), (False, 1, None, False),
+    (True, 4, (4, 3, 2, 2), True), (False, 3, (8, 2, 2, 3), False), (True, 4, (2, 5, 1, 1), True)])
+def test_short_conv_matches_reference(normalize, width, tiles, two_sources):
+    """tiles: the backward's first kernel at several programs along T, each over several tiles with or without
+    pipelined loads, the last program short (None: the defaults). two_sources: the incoming gradient given as two
+    tensors that the backward sums."""
     torch.manual_seed(0)
     B, T, H, K = 2, 45, 2, 16  # T is not a multiple of any tile
     C = H * K
@@ -45,7 +48,8 @@ def test_short_conv_matches_reference(normalize, width, tiles):
 
     y = gdn_kernels.short_conv_fwd(x, weight, K, normalize)
     d_proj = torch.full_like(proj, SENTINEL)
-    dw = gdn_kernels.short_conv_bwd(x, weight, dy, d_proj[..., C : 2 * C], K, normalize,
+    parts = {"dy": dy * 0.25, "dy2": dy * 0.75} if two_sources else {"dy": dy}
+    dw = gdn_kernels.short_conv_bwd(x, weight, dx=d_proj[..., C : 2 * C], head_dim=K, normalize=normalize, **parts,
                                     **({"tiles": tiles} if tiles else {}))
 
     assert y.shape == (B, T, C) and y.is_contiguous()
@@ -68,9 +72,10 @@ def test_short_conv_never_mixes_sequences():
     assert torch.equal(y[1], y2[1]) and not torch.equal(y[0, -3:], y2[0, -3:])
 
 
-@pytest.mark.parametrize("tiles", [None, (4, 3, 2)])
+@pytest.mark.parametrize("tiles", [None, (4, 3, 2, 2), (2, 4, 1, 1)])
 def test_gated_rms_norm_matches_reference(tiles):
-    """tiles: the backward at several programs, the last one short (None: the defaults)."""
+    """tiles: the backward at several programs, each over several tiles with or without pipelined loads, the last
+    one short (None: the defaults)."""
     torch.manual_seed(2)
     B, T, H, V = 2, 9, 3, 32  # B * T * H rows is not a multiple of the row tile
     o = torch.randn(B, T, H, V, device=DEVICE)
@@ -192,18 +197,25 @@ from hybridctl.core import rope
 from hybridctl.core import swiglu as sw
 
 conv = {"W": 4, "BC": 128}
+
+
+def tiles(t, rows):  # (rows per tile, tiles per program, warps, stages) -> the kernel's constexprs
+    return {rows: t[0], "TILES": t[1], "STAGES": t[3]}
+
+
 cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, warps): the defaults launch these
     (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 T:i32 C:i32 eps:fp32",
      {**conv, "BT": gk.CONV_ROWS, "NORMALIZE": True}, gk.CONV_WARPS),
-    (gk._short_conv_dz_dw_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dy:*bf16 dz:*bf16 dw_part:*fp32 T:i32 C:i32 "
-     "eps:fp32", {**conv, "BT": gk.DZ_DW_ROWS, "TILES": gk.DZ_DW_TILES, "NORMALIZE": True}, gk.DZ_DW_WARPS),
+    (gk._short_conv_dz_dw_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dy:*bf16 dy2:*bf16 dz:*bf16 dw_part:*fp32 "
+     "T:i32 C:i32 eps:fp32", {**conv, **tiles(gk.DZ_DW_TILES, "BT"), "NORMALIZE": True, "HAS_DY2": True},
+     gk.DZ_DW_TILES[2]),
     (gk._short_conv_dx_kernel, "dz:*bf16 w:*fp32 dx:*bf16 dx_row_stride:i32 T:i32 C:i32",
      {**conv, "BT": gk.DX_ROWS}, gk.DX_WARPS),
     (gk._gated_norm_fwd_kernel, "o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 y:*bf16 R:i32 H:i32 eps:fp32",
      {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
     (gk._gated_norm_bwd_kernel, "dy:*bf16 o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 do:*bf16 dgate:*bf16 "
-     "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32",
-     {"V": 256, "BR": gk.NORM_BWD_ROWS, "TILES": gk.NORM_BWD_TILES}, gk.NORM_BWD_WARPS),
+     "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32", {"V": 256, **tiles(gk.NORM_BWD_TILES, "BR")},
+     gk.NORM_BWD_TILES[2]),
     (fl._softmax_grad_kernel, "logits:*bf16 row_stride:i32 targets:*i64 row_loss:*fp32 grad_scale:fp32",
      {"V": 49152, "BLOCK": fl.BLOCK_V}, fl.WARPS),
     (rope._rotary_kernel, "src:*bf16 src_b:i32 src_t:i32 src_h:i32 dst:*bf16 dst_b:i32 dst_t:i32 dst_h:i32 "

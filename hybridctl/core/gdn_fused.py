@@ -247,7 +247,6 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
     dh, dv = bwd_dhu(q, k, w, g, do, dv, scale)
     dq, dk, dw, dg = bwd_dqkwg(q, k, v_new, w, g, h, dv, do, dh, scale)
     dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
-    dk.add_(dk2)
     dg.add_(dg2)
     dg = chunk_local_cumsum(dg, chunk_size=CHUNK, reverse=True)
     da, dA_log, ddt_bias = gdn_gate_bwd(g=ab[..., :H].contiguous(), A_log=A_log, dt_bias=dt_bias, dyg=dg)
@@ -256,7 +255,8 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
     conv_q, conv_k, conv_v = conv_weight.split([H * K, H * K, H * V])
     d_conv = torch.cat([
         short_conv_bwd(q_in, conv_q, dq.view(B, T, H * K), dq_in, K, normalize=True, eps=L2_EPS),
-        short_conv_bwd(k_in, conv_k, dk.view(B, T, H * K), dk_in, K, normalize=True, eps=L2_EPS),
+        short_conv_bwd(k_in, conv_k, dk.view(B, T, H * K), dk_in, K, normalize=True, eps=L2_EPS,
+                       dy2=dk2.view(B, T, H * K)),  # k's gradient has two parts: summed in the kernel
         short_conv_bwd(v_in, conv_v, dv.reshape(B, T, H * V), dv_in, K, normalize=False),
     ])
     return (d_proj, d_ab, d_conv.to(conv_weight.dtype), dA_log.to(A_log.dtype), ddt_bias.to(dt_bias.dtype),

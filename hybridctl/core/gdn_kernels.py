@@ -28,8 +28,9 @@ import triton.language as tl
 
 # Time steps per program and warps, measured best on an H200 at the study shape; a program's channels are one head.
 CONV_ROWS, CONV_WARPS = 16, 2
-# The backward's first kernel (pre-activation and weight gradients): TILES tiles of ROWS time steps per program.
-DZ_DW_ROWS, DZ_DW_TILES, DZ_DW_WARPS = 8, 32, 4
+# The backward's first kernel (pre-activation and weight gradients): (time steps per tile, tiles per program, warps,
+# pipeline stages of the tile loop's loads).
+DZ_DW_TILES = (4, 32, 2, 3)
 DX_ROWS, DX_WARPS = 8, 2  # the input-gradient kernel
 
 
@@ -67,11 +68,16 @@ def _short_conv_fwd_kernel(x, x_row_stride, w, y, T, C, eps, W: tl.constexpr, BT
 
 
 @triton.jit
-def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dz, dw_part, T, C, eps, W: tl.constexpr, BT: tl.constexpr,
-                             BC: tl.constexpr, TILES: tl.constexpr, NORMALIZE: tl.constexpr):
+def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dy2, dz, dw_part, T, C, eps, W: tl.constexpr, BT: tl.constexpr,
+                             BC: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, NORMALIZE: tl.constexpr,
+                             HAS_DY2: tl.constexpr):
     """Backward, first half, over TILES row tiles per program: the gradient of the convolution's output before
     SiLU (through the L2 norm), and from it and the same loads of x the weight gradient, tap j = sum over t of
-    dz[t] x[t - W + 1 + j]. The products accumulate elementwise and are reduced once per program. Up to 4 taps."""
+    dz[t] x[t - W + 1 + j]. The products accumulate elementwise and are reduced once per program. The incoming
+    gradient is dy, plus dy2 if given (two parts summed here rather than by a kernel of their own). Up to 4 taps.
+
+    The tile loop's loads are software-pipelined STAGES deep (Triton copies the next tiles into shared memory
+    while this one computes): a program's serial chain of loads is what bounds this kernel otherwise."""
     i_s, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = i_c * BC + tl.arange(0, BC)
     col_ok = cols < C
@@ -84,7 +90,7 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dz, dw_part, T, C, eps, W: 
     acc1 = tl.zeros([BT, BC], dtype=tl.float32)
     acc2 = tl.zeros([BT, BC], dtype=tl.float32)
     acc3 = tl.zeros([BT, BC], dtype=tl.float32)
-    for it in range(TILES):
+    for it in tl.range(0, TILES, num_stages=STAGES):
         rows = (i_s * TILES + it) * BT + tl.arange(0, BT)
         ok = (rows < T)[:, None] & col_ok[None, :]
         x0 = _load_shifted(x, x_row_stride, row0, rows, cols, T, C, 1 - W)
@@ -99,14 +105,17 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dz, dw_part, T, C, eps, W: 
             x3 = _load_shifted(x, x_row_stride, row0, rows, cols, T, C, 4 - W)
             z += x3 * w3[None, :]
         sig = tl.sigmoid(z)
-        g = tl.load(dy + (row0 + rows)[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        at = (row0 + rows)[:, None] * C + cols[None, :]
+        g = tl.load(dy + at, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DY2:
+            g += tl.load(dy2 + at, mask=ok, other=0.0).to(tl.float32)
         if NORMALIZE:  # one program's channels are exactly one head
             act = z * sig
             rstd = tl.rsqrt(tl.sum(act * act, axis=1) + eps)
             normed = act * rstd[:, None]
             g = (g - normed * tl.sum(g * normed, axis=1)[:, None]) * rstd[:, None]
         d_pre = g * sig * (1.0 + z * (1.0 - sig))  # SiLU'; zero past T, where dy is masked to zero
-        tl.store(dz + (row0 + rows)[:, None] * C + cols[None, :], d_pre.to(dz.dtype.element_ty), mask=ok)
+        tl.store(dz + at, d_pre.to(dz.dtype.element_ty), mask=ok)
         acc0 += d_pre * x0
         if W > 1:
             acc1 += d_pre * x1
@@ -160,21 +169,24 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, head_dim: int, normali
 
 
 def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, head_dim: int,
-                   normalize: bool, eps: float = 1e-6,
-                   tiles: tuple[int, int, int] = (DZ_DW_ROWS, DZ_DW_TILES, DZ_DW_WARPS),
+                   normalize: bool, eps: float = 1e-6, dy2: torch.Tensor | None = None,
+                   tiles: tuple[int, int, int, int] = DZ_DW_TILES,
                    dx_tiles: tuple[int, int] = (DX_ROWS, DX_WARPS)) -> torch.Tensor:
-    """Gradients of short_conv_fwd: writes d x into `dx` (same shape as x, may be a column slice of a wider
-    buffer) and returns d weight (fp32, [C, W]). tiles: (rows, tiles per program, warps) of the pre-activation
-    and weight-gradient kernel; dx_tiles: (rows, warps) of the input-gradient kernel."""
+    """Gradients of short_conv_fwd for the incoming gradient dy (+ dy2 if given, same shape): writes d x into `dx`
+    (same shape as x, may be a column slice of a wider buffer) and returns d weight (fp32, [C, W]). tiles: (rows
+    per tile, tiles per program, warps, pipeline stages) of the pre-activation and weight-gradient kernel;
+    dx_tiles: (rows, warps) of the input-gradient kernel."""
     B, T, C = _check_conv_input(x, weight)
     W = weight.shape[1]
     assert dy.is_contiguous() and dy.shape == x.shape and dx.shape == x.shape and dx.stride(-1) == 1 and W <= 4
-    rows, per_program, warps = tiles
+    assert dy2 is None or (dy2.is_contiguous() and dy2.shape == dy.shape)
+    rows, per_program, warps, stages = tiles
     dz = torch.empty_like(dy)
     grid = (triton.cdiv(T, rows * per_program), triton.cdiv(C, head_dim), B)
     dw_part = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
-    _short_conv_dz_dw_kernel[grid](x, x.stride(1), weight, dy, dz, dw_part, T, C, eps, W=W, BT=rows, BC=head_dim,
-                                   TILES=per_program, NORMALIZE=normalize, num_warps=warps)
+    _short_conv_dz_dw_kernel[grid](x, x.stride(1), weight, dy, dy if dy2 is None else dy2, dz, dw_part, T, C, eps,
+                                   W=W, BT=rows, BC=head_dim, TILES=per_program, STAGES=stages, NORMALIZE=normalize,
+                                   HAS_DY2=dy2 is not None, num_warps=warps)
     rows, warps = dx_tiles
     grid = (triton.cdiv(T, rows), triton.cdiv(C, head_dim), B)
     _short_conv_dx_kernel[grid](dz, weight, dx, dx.stride(1), T, C, W=W, BT=rows, BC=head_dim, num_warps=warps)
@@ -185,10 +197,11 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, dx: 
 # Gated RMSNorm: y = o / rms(o) * weight * SiLU(gate), per head
 
 
-# (token, head) rows per program and warps, measured best on an H200 at the study shape; the backward runs TILES
-# tiles of rows per program, so the weight gradient's partial sums are few
+# (token, head) rows per program and warps, measured best on an H200 at the study shape. The backward runs tiles of
+# rows, several per program (so the weight gradient's partial sums are few) with the loop's loads pipelined:
+# (rows per tile, tiles per program, warps, pipeline stages).
 NORM_ROWS, NORM_WARPS = 16, 4
-NORM_BWD_ROWS, NORM_BWD_TILES, NORM_BWD_WARPS = 4, 16, 2
+NORM_BWD_TILES = (4, 8, 2, 3)
 
 
 @triton.jit
@@ -219,11 +232,11 @@ def _gated_norm_fwd_kernel(o, gate, gate_row_stride, w, y, R, H, eps, V: tl.cons
 
 @triton.jit
 def _gated_norm_bwd_kernel(dy, o, gate, gate_row_stride, w, do, dgate, dgate_row_stride, dw_part, R, H, eps,
-                           V: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr):
+                           V: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr):
     cols = tl.arange(0, V)
     wv = tl.load(w + cols).to(tl.float32)
     dw_acc = tl.zeros([BR, V], dtype=tl.float32)
-    for it in range(TILES):
+    for it in tl.range(0, TILES, num_stages=STAGES):
         rows = (tl.program_id(0) * TILES + it) * BR + tl.arange(0, BR)
         ok = (rows < R)[:, None]
         ov, gv = _gated_norm_load(o, gate, gate_row_stride, rows, cols, R, H, V)
@@ -260,17 +273,17 @@ def gated_rms_norm_fwd(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
 
 
 def gated_rms_norm_bwd(dy: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
-                       dgate: torch.Tensor,
-                       tiles: tuple[int, int, int] = (NORM_BWD_ROWS, NORM_BWD_TILES, NORM_BWD_WARPS)
+                       dgate: torch.Tensor, tiles: tuple[int, int, int, int] = NORM_BWD_TILES
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Writes d gate into `dgate` (gate's shape, may be a column slice); returns (d o, d weight in fp32).
-    tiles: (rows, tiles per program, warps)."""
+    tiles: (rows per tile, tiles per program, warps, pipeline stages)."""
     R, H, V = _check_norm_input(o, gate)
     assert dy.is_contiguous() and dgate.shape == gate.shape and dgate.stride(-1) == 1
-    rows, per_program, warps = tiles
+    rows, per_program, warps, stages = tiles
     do = torch.empty_like(o)
     programs = triton.cdiv(R, rows * per_program)
     dw_part = torch.empty(programs, V, dtype=torch.float32, device=o.device)
     _gated_norm_bwd_kernel[(programs,)](dy, o, gate, gate.stride(1), weight, do, dgate, dgate.stride(1), dw_part, R, H,
-                                        eps, V=V, BR=rows, TILES=per_program, num_warps=warps)
+                                        eps, V=V, BR=rows, TILES=per_program, STAGES=stages,
+                                        num_warps=warps)
     return do, dw_part.sum(0)
