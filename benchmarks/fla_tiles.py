@@ -1,10 +1,10 @@
 """Launch configs of the fla chunk kernels that the fused Gated DeltaNet op can launch itself on Hopper.
 
-    python benchmarks/fla_tiles.py [--batch 48] [--seq 1024] [--heads 6] [--head-dim 128] [--kernels fwd_h,...]
+    python benchmarks/fla_tiles.py [--batch 48] [--seq 1024] [--heads 6] [--head-dim 128] [--kernels kkt_solve,...]
                                    [--json FILE]
 
-For each kernel (forward: the chunk states `fwd_h`, the output `fwd_o`; backward: the chunk-state gradient
-`dhu`, the q/k/w/g gradients `dqkwg`) and each config: its GPU time per call (profiler, kernels only) and the
+For each kernel (forward: the WY factor's triangular inverse `kkt_solve`, the chunk states `fwd_h`, the output
+`fwd_o`; backward: the chunk-state gradient `dhu`, the q/k/w/g gradients `dqkwg`) and each config: its GPU time per call (profiler, kernels only) and the
 relative L2 error of each output against fla's own wrapper, which autotunes over its own configs. Inputs are a
 real forward of the op at the given shape. Configs that beat the wrapper with no error go into `HOPPER_CONFIGS`
 in hybridctl/core/gdn_fused.py.
@@ -46,12 +46,15 @@ def inputs(args) -> dict[str, torch.Tensor]:
     scale = args.head_dim**-0.5
     dv_local = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=gdn_fused.CHUNK)
     dh, dv = gdn_fused.bwd_dhu(q, k, w, g, do, dv_local, scale, config=None)
-    return dict(q=q, k=k, g=g, h=h, u=u, v_new=v_new, w=w, do=do, dv_local=dv_local, dh=dh, dv=dv, scale=scale)
+    return dict(q=q, k=k, g=g, beta=beta, h=h, u=u, v_new=v_new, w=w, do=do, dv_local=dv_local, dh=dh, dv=dv, scale=scale)
 
 
 def kernels(t: dict) -> dict:
     """Per kernel: (the call at a config, output names, the configs to try)."""
     return {
+        "kkt_solve": (lambda c: [gdn_fused.fwd_kkt_solve(t["k"], t["u"], t["g"], t["beta"], c)], ["A"],
+                      [{"BK": bk, "num_warps": nw, "num_stages": ns}
+                       for bk, nw, ns in itertools.product([32, 64, 128], [1, 2, 4, 8], [1, 2, 3])]),
         "fwd_h": (lambda c: gdn_fused.fwd_h(t["k"], t["w"], t["u"], t["g"], c), ["h", "v_new"],
                   [{"BV": bv, "num_warps": nw, "num_stages": ns}
                    for bv, nw, ns in itertools.product([32, 64, 128], [4, 8], [1, 2, 3])]),
@@ -77,7 +80,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--kernels", default="fwd_h,fwd_o,dhu,dqkwg", help="Comma-separated subset.")
+    parser.add_argument("--kernels", default="kkt_solve,fwd_h,fwd_o,dhu,dqkwg", help="Comma-separated subset.")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     ok, why = fla_status(args.head_dim)  # also lifts fla's Hopper guard where that is verified

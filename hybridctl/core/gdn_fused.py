@@ -51,9 +51,9 @@ def fla_internals_available() -> bool:
             chunk_gated_delta_rule_fwd_h, chunk_gated_delta_rule_fwd_kernel_h_blockdim64)
         from fla.ops.common.chunk_o import (  # noqa: F401
             chunk_bwd_dqkwg, chunk_bwd_dv_local, chunk_bwd_kernel_dqkwg, chunk_fwd_kernel_o, chunk_fwd_o)
-        from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra  # noqa: F401
+        from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_kkt_solve_kernel  # noqa: F401
         from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum  # noqa: F401
-        from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd  # noqa: F401
+        from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd  # noqa: F401
         from fla.ops.utils import chunk_local_cumsum  # noqa: F401
 
         from hybridctl.core import gdn_kernels  # noqa: F401  (needs Triton)
@@ -70,16 +70,19 @@ def _parts(proj: Tensor, num_heads: int, head_dim: int, head_v_dim: int):
 # ---------------------------------------------------------------------------------------------------------
 # fla's chunk kernels at this op's own launch configs on Hopper
 
-# fla 0.6 autotunes these kernels at their first call, on Hopper over 2 and 4 warps (fwd_o also one 8-warp config).
-# Its dqkwg uses BV 128 there, where every such config spills registers (ptxas -v: 5 KB per thread).
-# `benchmarks/fla_tiles.py` timed each kernel alone on an H200 at the study shape (ms per layer, fla's -> below):
-#   fwd_h 0.362 -> 0.245, fwd_o 0.286 -> 0.223, dhu 0.636 -> 0.494, dqkwg 1.069 -> 0.454.
-# Three of the four are inside fla's own lists: its autotuner, timing a few runs, picks slower ones here. Some
-# configs compute wrong results (dqkwg at BV 32 with 4 warps gets dw wrong by 7%; prepare_wy_repr_bwd at BK 32
-# with 4 warps faults), so the sweep reports each config's error against fla's launch, and the configs apply only
-# at the head sizes where tests/test_gpu.py checks them against the PyTorch reference. Elsewhere, on other GPUs,
-# and for kernels not listed (no prepare_wy_repr_bwd config beat fla's own) the op calls fla's wrappers.
+# fla 0.6 autotunes these kernels at their first call, on Hopper over 2 and 4 warps (fwd_o also one 8-warp config;
+# kkt_solve over 1, 2 and 4 warps at BK 32 / 64). Its dqkwg uses BV 128 there, where every such config spills
+# registers (ptxas -v: 5 KB per thread). `benchmarks/fla_tiles.py` timed each kernel alone on an H200 at the study
+# shape (ms per layer, fla's -> below): kkt_solve 0.196 -> 0.121, fwd_h 0.362 -> 0.245, fwd_o 0.286 -> 0.223,
+# dhu 0.636 -> 0.494, dqkwg 1.069 -> 0.454.
+# fwd_h's, fwd_o's and dhu's are inside fla's own lists, and so is kkt_solve at 1 warp with BK 64 (0.129): its
+# autotuner, timing a few runs, picks slower ones here. Some configs compute wrong results (dqkwg at BV 32 with 4
+# warps gets dw wrong by 7%; prepare_wy_repr_bwd at BK 32 with 4 warps faults), so the sweep reports each config's
+# error against fla's launch, and the configs apply only at the head sizes where tests/test_gpu.py checks them
+# against the PyTorch reference. Elsewhere, on other GPUs, and for kernels not listed (no prepare_wy_repr_bwd
+# config beat fla's own) the op calls fla's wrappers.
 HOPPER_CONFIGS = {
+    "kkt_solve": {"BK": 128, "num_warps": 1, "num_stages": 1},
     "fwd_h": {"BV": 64, "num_warps": 4, "num_stages": 3},
     "fwd_o": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
     "dhu": {"BV": 32, "num_warps": 4, "num_stages": 2},
@@ -104,6 +107,23 @@ def _jit(kernel):
     while isinstance(kernel, (Autotuner, Heuristics)):
         kernel = kernel.fn
     return kernel
+
+
+def fwd_kkt_solve(k: Tensor, v: Tensor, g: Tensor, beta: Tensor, config: dict | str | None = "auto") -> Tensor:
+    """The WY factor's triangular inverse per chunk, (I + strict_tril(diag(beta) K K^T * decay))^-1 [B, T, H, 64]
+    (as `chunk_gated_delta_rule_fwd_intra` makes it; v gives the value head size for the launch config)."""
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_kkt_solve_kernel as kernel
+    config = launch_config("kkt_solve", k, v, config)
+    B, T, H, K = k.shape
+    A = k.new_zeros(B, T, H, CHUNK)  # the kernel writes the lower triangle only
+    grid = (-(-T // CHUNK), B * H)
+    if config is None:
+        kernel[grid](k=k, g=g, beta=beta, A=A, cu_seqlens=None, chunk_indices=None, T=T, H=H, HV=H, K=K, BT=CHUNK,
+                     BC=16)
+    else:
+        _jit(kernel)[grid](k, g, beta, A, None, None, T, H=H, HV=H, K=K, BT=CHUNK, BC=16, USE_G=True, IS_VARLEN=False,
+                           **config)
+    return A
 
 
 def fwd_h(k: Tensor, w: Tensor, u: Tensor, g: Tensor, config: dict | str | None = "auto") -> tuple[Tensor, Tensor]:
@@ -189,8 +209,8 @@ def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor,
                    num_heads: int, head_dim: int, head_v_dim: int, norm_eps: float
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns y and what the backward needs: q, k, v, g, beta, A, h, v_new, w, o."""
-    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
     from fla.ops.gated_delta_rule.gate import gdn_gate_chunk_cumsum
+    from fla.ops.gated_delta_rule.wy_fast import recompute_w_u_fwd
     from fla.ops.utils.constant import RCP_LN2
 
     from hybridctl.core.gdn_kernels import gated_rms_norm_fwd, short_conv_fwd
@@ -205,7 +225,8 @@ def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor,
     a, b = ab[..., :H].contiguous(), ab[..., H:]
     beta = torch.sigmoid(b)
     g = gdn_gate_chunk_cumsum(g=a, A_log=A_log, chunk_size=CHUNK, scale=RCP_LN2, dt_bias=dt_bias)
-    w, u, A = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=CHUNK)
+    A = fwd_kkt_solve(k, v, g, beta)
+    w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g)
     h, v_new = fwd_h(k, w, u, g)
     o = fwd_o(q, k, v_new, h, g, K**-0.5)
     y = gated_rms_norm_fwd(o, gate, norm_weight, norm_eps)
