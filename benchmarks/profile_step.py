@@ -1,7 +1,8 @@
 """Where the time of a training step goes on a CUDA GPU: kernel time per step by category (matmul, attention,
 Gated DeltaNet kernels, compiled elementwise, optimizer, ...), the top kernels, and GPU idle time.
 
-    python benchmarks/profile_step.py --preset hybrid_sparse [--set train.compile=false] [--steps 5] [--json FILE]
+    python benchmarks/profile_step.py --preset hybrid_sparse [--set train.compile=false] [--steps 5] [--top 40]
+                                      [--json FILE]
 
 The step is the one `hybridctl bench speed` times (forward, backward, clipping, AdamW) on random tokens at the
 preset's shape; the first steps (compilation, autotuning) are run before profiling starts.
@@ -74,7 +75,7 @@ def kernel_ms(fn, steps: int = 10, warmup: int = 5) -> float:
     return sum(ms for ms, _ in profiled_kernel_times(fn, steps).values())
 
 
-def profile_preset(cfg, steps: int, warmup: int) -> dict:
+def profile_preset(cfg, steps: int, warmup: int, top: int = 40) -> dict:
     t = cfg.train
     _, step = benchmark_step(cfg, torch.device("cuda"))
     start = time.perf_counter()
@@ -94,7 +95,7 @@ def profile_preset(cfg, steps: int, warmup: int) -> dict:
     for name, (ms, _) in kernels.items():
         by_category[category(name)] += ms
     busy = sum(by_category.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return {
         "name": cfg.name, "compile": t.compile, "loss": t.loss, "warmup_s": warmup_s, "step_ms": 1000 * wall,
         "tok_s": t.batch_size * t.seq_len / wall, "kernel_ms": busy, "idle_ms": 1000 * wall - busy,
@@ -110,13 +111,14 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Override, e.g. train.compile=false.")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=40, help="Kernels listed in the JSON, the longest first.")
     parser.add_argument("--json", help="Write the full results here.")
     args = parser.parse_args()
     names = [p for item in args.preset or ["hybrid_sparse"] for p in item.split(",") if p]
     results = []
     for cfg in speed_configs(names, [], args.overrides):
         torch.cuda.reset_peak_memory_stats()
-        r = profile_preset(cfg, args.steps, args.warmup)
+        r = profile_preset(cfg, args.steps, args.warmup, args.top)
         results.append(r)
         print(f"\n== {r['name']} (compile={r['compile']}, loss={r['loss']}): {r['step_ms']:.1f} ms/step, {r['tok_s'] / 1e3:.0f}K tok/s, "
               f"kernels {r['kernel_ms']:.1f} ms, idle {r['idle_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB, "
