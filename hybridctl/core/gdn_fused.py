@@ -14,7 +14,7 @@ layer at the study shape, traded for two kernels per layer).
 
 The fla calls follow `fla.ops.gated_delta_rule.chunk` of fla 0.6 (the op is used only with that release): the same
 kernels in the same order, so the op computes what `chunk_gated_delta_rule(..., use_qk_l2norm_in_kernel=True,
-use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)` computes. On Hopper, four of those kernels are launched
+use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)` computes. On Hopper, five of those kernels are launched
 at this op's own configs instead of fla's autotuned ones (`HOPPER_CONFIGS`). fla and Triton are imported only when
 the op runs.
 """
