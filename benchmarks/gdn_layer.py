@@ -144,10 +144,7 @@ NORM_BWD_SWEEP = [(4, 16, 2, 1), (4, 16, 2, 3), (4, 8, 2, 3), (4, 8, 2, 4), (8, 
 def sweep_tiles(out: dict, label: str, fragment: str, call, tile_list) -> None:
     """GPU time per call of the kernels whose names contain `fragment`, in call(tiles) for each tiles."""
     for tiles in tile_list:
-        call(tiles)  # compile
-        torch.cuda.synchronize()
-        kernels = profiled_kernel_times(lambda: call(tiles), 10)
-        out[f"{label} kernel: tiles={tiles}"] = sum(t for name, (t, _) in kernels.items() if fragment in name)
+        out[f"{label} kernel: tiles={tiles}"] = kernel_ms(lambda: call(tiles), warmup=1, name=fragment)
 
 
 def main() -> None:

@@ -66,13 +66,14 @@ def profiled_kernel_times(fn, steps: int) -> dict[str, list[float]]:
     return kernel_times(prof, steps)
 
 
-def kernel_ms(fn, steps: int = 10, warmup: int = 5) -> float:
-    """GPU time of fn's kernels per call: the sum of their durations, so the host's time between launches (which
-    a compiled model hides behind the GPU's work, but a lone eager call of a small op does not) is left out."""
+def kernel_ms(fn, steps: int = 10, warmup: int = 5, name: str = "") -> float:
+    """GPU time of fn's kernels per call (those whose names contain `name`): the sum of their durations, so the
+    host's time between launches (which a compiled model hides behind the GPU's work, but a lone eager call of a
+    small op does not) is left out."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    return sum(ms for ms, _ in profiled_kernel_times(fn, steps).values())
+    return sum(ms for kernel, (ms, _) in profiled_kernel_times(fn, steps).items() if name in kernel)
 
 
 def profile_preset(cfg, steps: int, warmup: int, top: int = 40) -> dict:
