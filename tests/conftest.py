@@ -27,6 +27,10 @@ MICRO = [
     "data.max_tokens=60000",
 ]
 
+# `bench speed` options for a model as small as MICRO's.
+MICRO_SPEED = ["--set", "model.d_model=32", "--set", "model.n_heads=2", "--set", "model.gdn.num_heads=2",
+               "--set", "model.gdn.head_dim=16", "--set", "model.gdn.chunk_size=16", "--vocab", "300"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):

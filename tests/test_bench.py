@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import micro_config, run_cli, write_plugin
+from conftest import MICRO_SPEED, micro_config, run_cli, write_plugin
 from hybridctl.cli import main
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core import evaluation
@@ -190,10 +190,6 @@ def test_arc_cli_errors_are_one_line(tiny_run, tmp_path, capsys, case, needle):
     assert code == 1
     assert needle in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-
-
-MICRO_SPEED = ["--set", "model.d_model=32", "--set", "model.n_heads=2", "--set", "model.gdn.num_heads=2",
-               "--set", "model.gdn.head_dim=16", "--set", "model.gdn.chunk_size=16", "--vocab", "300"]
 
 
 def test_speed_cli_on_cpu(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_args_for_micro, micro_config
+from conftest import MICRO_SPEED, cli_args_for_micro, micro_config
 from hybridctl.cli import main
 from hybridctl.commands import train as train_command
 from hybridctl.core import checkpoint as ckpt
@@ -162,14 +162,44 @@ def test_sigint_stops_every_process_at_the_same_step(tmp_path):
     assert max(losses(run)) == step and not run.lock_path.exists()
 
 
+def test_speed_bench_over_two_processes(tmp_path):
+    out = tmp_path / "speed.json"
+    code, output = torchrun("bench", "speed", "--patterns", "LF,LL", "--seq", "16", "--batch", "4", "--steps", "2",
+                            "--warmup", "1", "--json", str(out), *MICRO_SPEED, logs=tmp_path / "logs")
+    assert code == 0, output
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and [r["name"] for r in report["results"]] == ["LF", "LL"]
+    for row in report["results"]:
+        assert row["error"] is None and row["batch_size"] == 4  # the global batch, 2 rows per process
+        assert row["tok_s"] == pytest.approx(2 * 4 * 16 / row["seconds"])
+    (out0, err0), (out1, err1) = output[0], output[1]
+    assert "on 2 x cpu" in out0 and "the 2 processes together" in " ".join(out0.split()) and str(out) in out0
+    assert "LL: seq 16, batch 4 ..." in err0
+    assert out1 == err1 == ""  # rank 1 prints nothing
+    assert [p.name for p in tmp_path.iterdir() if p.name != "logs"] == ["speed.json"]
+
+
+def test_speed_bench_batch_that_does_not_split(tmp_path):
+    code, output = torchrun("bench", "speed", "--patterns", "LL", "--seq", "16", "--batch", "3",
+                            "--json", str(tmp_path / "speed.json"), *MICRO_SPEED, logs=tmp_path / "logs")
+    assert code != 0
+    (out0, err0), (out1, err1) = output[0], output[1]
+    assert err0.splitlines() == ["error: batch 3 (LL, seq 16) does not split over 2 processes x train.grad_accum (1); "
+                                 "pass --batch with a multiple of 2"]
+    assert out0 == out1 == err1 == ""
+    assert not (tmp_path / "speed.json").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-@pytest.mark.parametrize("command", ["train", "resume"])
+@pytest.mark.parametrize("command", ["train", "resume", "bench speed"])
 def test_gpus_without_cuda_says_how_to_use_torchrun(command, tmp_path, capsys):
-    argv = ["train", "--preset", "tiny", "--out", str(tmp_path), "--gpus", "2"] if command == "train" else ["resume", str(tmp_path / "run"), "--gpus", "2"]
+    argv = {"train": ["train", "--preset", "tiny", "--out", str(tmp_path), "--gpus", "2"],
+            "resume": ["resume", str(tmp_path / "run"), "--gpus", "2"],
+            "bench speed": ["bench", "speed", "--preset", "tiny", "--out", str(tmp_path), "--gpus", "2"]}[command]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        f"error: --gpus 2: no CUDA GPUs are available here; to train with 2 processes on CPU, run "
+        f"error: --gpus 2: no CUDA GPUs are available here; to run 2 processes on CPU, run "
         f"`torchrun --nproc-per-node 2 -m hybridctl {command} ...` with the same options, without --gpus"
     ]
     assert list(tmp_path.iterdir()) == []
@@ -201,3 +231,13 @@ def test_gpus_starts_the_same_command_under_torchrun(monkeypatch, tmp_path):
     assert main(["train", "--gpus", "2", *rest, "--set", "train.batch_size=15"]) == 1  # checked before launching
     assert main(["train", "--gpus", "2", *rest, "--device", "cuda:1"]) == 1  # each process takes its own GPU
     assert len(started) == 2
+
+    bench = ["bench", "speed", "--preset", "tiny", "--json", str(tmp_path / "speed.json")]
+    assert main([*bench, "--gpus", "2"]) == 7
+    assert started[-1] == launcher + bench
+    assert main([*bench, "--gpus", "2", "--batch", "3"]) == 1  # checked before launching
+    assert main([*bench, "--gpus", "2", "--device", "cuda:1"]) == 1
+    (tmp_path / "speed.json").write_text("{}")
+    assert main([*bench, "--gpus", "2"]) == 1  # an existing report is not replaced without --force
+    assert main([*bench, "--gpus", "2", "--force"]) == 7 and started[-1] == launcher + bench + ["--force"]
+    assert len(started) == 4 and (tmp_path / "speed.json").read_text() == "{}"

@@ -13,9 +13,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hybridctl.cli import register_entry_points
+from hybridctl.commands.train import check_device_for_gpus, check_gpus, launch_on_gpus
+from hybridctl.core import distributed as dist
 from hybridctl.core import evaluation
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.render import console, err_console, fmt_count, fmt_num
+from hybridctl.core.trainer import resolve_device
 
 ENTRY_POINT_GROUP = "hybridctl.benchmarks"
 
@@ -105,21 +108,38 @@ def speed(
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders; results go to OUT/bench/speed-<time>.json."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this file instead."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Measure on N GPUs of this machine: N processes under torchrun, each with its share of every batch, under DDP."),
 ):
     """Training-step throughput (tok/s), model FLOPs utilisation and peak memory per architecture."""
+    if gpus is not None:
+        check_gpus(gpus, "bench speed")
     names = [p.strip() for item in presets for p in item.split(",") if p.strip()]
     pattern_list = [p.strip() for p in (patterns or "").split(",") if p.strip()]
     if not names:
         names = ["base_study_a"] if pattern_list else ["deltanet", "hybrid_sparse", "transformer"]
     if device is not None:
         overrides = [*overrides, f'train.device="{device}"']
-    report = evaluation.bench_speed(
-        evaluation.speed_configs(names, pattern_list, overrides, vocab), int_list(seq, "--seq"), int_list(batch, "--batch"),
-        tokens_per_step, steps, warmup, forward_only, json_path or evaluation.default_speed_path(out), force,
-        on_start=lambda name, s, b: err_console.print(f"{name}: seq {s}, batch {b} ...", highlight=False),
-    )
-    console.print(speed_table(report))
-    console.print(f"saved {report['path']}", highlight=False)
+    configs = evaluation.speed_configs(names, pattern_list, overrides, vocab)
+    seqs, batches = int_list(seq, "--seq"), int_list(batch, "--batch")
+    if gpus is not None and gpus > 1:  # what would stop every process, checked here once
+        for cfg in configs:
+            check_device_for_gpus(cfg, gpus)
+        evaluation.speed_plan(configs, seqs, batches, tokens_per_step, gpus)
+        if json_path is not None:
+            evaluation.refuse_overwrite(json_path, force)
+        return launch_on_gpus(gpus)
+
+    def on_start(name: str, seq_len: int, batch_size: int) -> None:
+        if dist.is_main():  # under torchrun, process 0 alone prints
+            err_console.print(f"{name}: seq {seq_len}, batch {batch_size} ...", highlight=False)
+
+    with dist.session(resolve_device(configs[0].train.device)):
+        report = evaluation.bench_speed(configs, seqs, batches, tokens_per_step, steps, warmup, forward_only,
+                                        json_path or evaluation.default_speed_path(out), force, on_start=on_start)
+        main = dist.is_main()
+    if main:
+        console.print(speed_table(report))
+        console.print(f"saved {report['path']}", highlight=False)
 
 
 def fmt_bytes(n: Optional[float]) -> str:
@@ -129,7 +149,9 @@ def fmt_bytes(n: Optional[float]) -> str:
 def speed_table(report: dict[str, Any]) -> Table:
     mode = "inference forward" if report["mode"] == "forward" else "training step"
     peak = report["peak_bf16_tflops"]
-    table = Table(title=f"Speed ({mode}) on {report['device']}" + (f", bf16 peak {peak:g} TFLOP/s" if peak else ""),
+    processes = report.get("processes", 1)
+    where = report["device"] if processes == 1 else f"{processes} x {report['device']}"
+    table = Table(title=f"Speed ({mode}) on {where}" + (f", bf16 peak {peak:g} TFLOP/s" if peak else ""),
                   title_justify="left")
     rows = report["results"]
     show_layers = any(r["name"] != r["layer_types"] for r in rows)  # a --patterns arch is named by its layers
@@ -147,7 +169,9 @@ def speed_table(report: dict[str, Any]) -> Table:
         step_ms = r["step_ms"]
         table.add_row(*head, fmt_count(r["tok_s"]), f"{step_ms:.0f}" if step_ms >= 100 else f"{step_ms:.1f}",
                       f"{r['tflops']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", fmt_bytes(memory))
-    table.caption = "model FLOPs: train = 3 x forward, causal attention counts (T+1)/2 keys (see README); " + (
+    table.caption = (f"tok/s and TFLOP/s: the {processes} processes together; MFU and memory: per process. "
+                     if processes > 1 else "") + (
+        "model FLOPs: train = 3 x forward, causal attention counts (T+1)/2 keys (see README); ") + (
         "memory: the process's peak RSS" if report["device"] == "cpu" else "memory: torch.cuda.max_memory_allocated")
     return table
 

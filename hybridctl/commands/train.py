@@ -44,19 +44,23 @@ def check_gpus(gpus: int, command: str) -> None:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"--gpus {gpus}: no CUDA GPUs are available here; to train with {gpus} processes on CPU, run "
+            f"--gpus {gpus}: no CUDA GPUs are available here; to run {gpus} processes on CPU, run "
             f"`torchrun --nproc-per-node {gpus} -m hybridctl {command} ...` with the same options, without --gpus"
         )
     if gpus > torch.cuda.device_count():
         raise ConfigError(f"--gpus {gpus}, but only {torch.cuda.device_count()} CUDA GPUs are visible here; pass --gpus {torch.cuda.device_count()} or fewer")
 
 
-def check_config_for_gpus(cfg, gpus: int) -> None:
-    """What would make every process of a --gpus run fail at once, checked here in one process and one line."""
+def check_device_for_gpus(cfg, gpus: int) -> None:
     device = resolve_device(cfg.train.device)
     if device.type != "cuda" or device.index is not None:
-        raise ConfigError(f"--gpus trains on GPUs {'0' if gpus == 1 else f'0..{gpus - 1}'}, but train.device is '{cfg.train.device}'; "
+        raise ConfigError(f"--gpus runs on GPUs {'0' if gpus == 1 else f'0..{gpus - 1}'}, but train.device is '{cfg.train.device}'; "
                           "leave it at auto or set it to cuda (CUDA_VISIBLE_DEVICES picks which GPUs)")
+
+
+def check_config_for_gpus(cfg, gpus: int) -> None:
+    """What would make every process of a --gpus run fail at once, checked here in one process and one line."""
+    check_device_for_gpus(cfg, gpus)
     micro_batch_size(cfg, gpus)
 
 

@@ -158,6 +158,15 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's `value` (a number on the host; in one process, the number itself)."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def share_text(text: str) -> str:
     """Rank 0's `text` on every rank (as UTF-8 bytes in a tensor: nothing is pickled)."""
     if not active():

@@ -46,12 +46,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybridctl.core import checkpoint as ckpt
+from hybridctl.core import distributed as dist
 from hybridctl.core.config import Config, ModelConfig, load_config
 from hybridctl.core.data import Tokenizer, get_tokenizer
-from hybridctl.core.errors import ConfigError, DataError, RunError
+from hybridctl.core.errors import ConfigError, DataError, HybridctlError, RunError
 from hybridctl.core.model import HybridLM, build_model, pick_loss, uses_moe
 from hybridctl.core.runs import RunDir, write_json_atomic
-from hybridctl.core.trainer import autocast_for, build_optimizer, forward_backward, micro_batch_size, optimizer_step, resolve_device
+from hybridctl.core.trainer import (autocast_for, build_optimizer, forward_backward, micro_batch_size, optimizer_step,
+                                    resolve_device, wrap_for_training)
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -468,6 +470,9 @@ def measure_speed(cfg: Config, seq_len: int, batch_size: int, device: torch.devi
     try:
         row.update(_timed_steps(cfg, device, steps, warmup, forward_only), error=None)
     except torch.OutOfMemoryError:
+        if dist.active():  # the other processes may be waiting in a collective: end them all (torchrun does)
+            raise ConfigError(f"out of memory at seq {seq_len}, batch {batch_size} over {dist.world_size()} processes; "
+                              "lower --batch or --seq") from None
         row.update(tok_s=None, mfu=None, error="out of memory")
     gc.collect()  # the model and optimizer are gone with _timed_steps' frame; give their memory back
     if device.type == "cuda":
@@ -475,40 +480,50 @@ def measure_speed(cfg: Config, seq_len: int, batch_size: int, device: torch.devi
     return row
 
 
-def benchmark_step(cfg: Config, device: torch.device, forward_only: bool = False) -> tuple[HybridLM, Callable[[], None]]:
+def benchmark_step(cfg: Config, device: torch.device, forward_only: bool = False, ddp: bool | None = None
+                   ) -> tuple[HybridLM, Callable[[], None]]:
     """The config's model on random tokens and one step of it: the trainer's training step (forward and loss under
     its autocast per micro-batch, backward, gradient clipping, AdamW step skipped on the device if the loss or
     gradients are not finite: no host sync, as in the trainer, which reads those flags at log steps), or an
-    inference forward pass. Used by `bench speed` and benchmarks/profile_step.py."""
+    inference forward pass. Under several processes each takes its share of the global batch, as in training,
+    and trains under DDP (`ddp` forces the wrapper, e.g. for a one-process group). Used by `bench speed` and
+    benchmarks/profile_step.py."""
     t = cfg.train
-    micro = micro_batch_size(cfg)
-    torch.manual_seed(t.seed)
+    world = dist.world_size()
+    micro = micro_batch_size(cfg, world)
+    torch.manual_seed(t.seed)  # the same weights in every process
     model = build_model(cfg.model).to(device)
-    compiled = t.compile and device.type == "cuda"
-    step_model = torch.compile(model) if compiled else model
     model.loss_impl = pick_loss(t.loss, device.type)
-    tokens = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
+    generator = torch.Generator(device).manual_seed(t.seed + dist.rank())  # each process its own tokens
+    tokens = torch.randint(0, cfg.model.vocab_size, (t.batch_size // world, t.seq_len + 1), device=device,
+                           generator=generator)
     x, y = tokens[:, :-1], tokens[:, 1:]
     autocast = autocast_for(device, t.dtype)
+    compiled = t.compile and device.type == "cuda"
     if forward_only:
         model.eval()
+        step_model = torch.compile(model) if compiled else model
 
         def step():
             with torch.inference_mode(), autocast:
                 step_model(x)
     else:
+        step_model, no_sync = wrap_for_training(model, device, compiled, dist.active() if ddp is None else ddp)
         optimizer = build_optimizer(model, cfg, device)
         model.train()
 
         def step():
-            loss = forward_backward(step_model, x, y, micro, t.grad_accum, autocast)
+            loss = forward_backward(step_model, x, y, micro, t.grad_accum, autocast, no_sync=no_sync)
             optimizer_step(model, optimizer, loss, t.grad_clip)
 
     return model, step
 
 
 def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, forward_only: bool) -> dict[str, Any]:
+    """Times the steps of every process together: each starts after all have warmed up, and the slowest one's
+    time counts. tok/s is for the global batch; MFU is per GPU, and peak memory the largest of any process."""
     t = cfg.train
+    world = dist.world_size()
     model, step = benchmark_step(cfg, device, forward_only)
     flops = flops_per_token(model, t.seq_len)
     flops_per_step_token = flops["forward" if forward_only else "train"]
@@ -517,11 +532,16 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
     for _ in range(warmup):
         step()
     synchronize(device)
+    dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     synchronize(device)
     seconds = time.perf_counter() - start
+    peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    rss = peak_rss_bytes() if device.type == "cpu" else None
+    seconds = dist.max_over_ranks(seconds)
+    peak_memory, rss = (None if v is None else int(dist.max_over_ranks(v)) for v in (peak_memory, rss))
     tok_s = steps * t.batch_size * t.seq_len / seconds
     achieved = tok_s * flops_per_step_token
     peak = peak_bf16_tflops(device_name(device)) if device.type == "cuda" else None
@@ -529,9 +549,8 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
         "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
         "flops_per_token": flops_per_step_token, "flops_breakdown": flops,
         "seconds": seconds, "step_ms": 1000 * seconds / steps, "tok_s": tok_s, "tflops": achieved / 1e12,
-        "mfu": achieved / (peak * 1e12) if peak else None,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "rss_bytes": peak_rss_bytes() if device.type == "cpu" else None,
+        "mfu": achieved / (peak * 1e12 * world) if peak else None,
+        "peak_memory_bytes": peak_memory, "rss_bytes": rss,
     }
 
 
@@ -550,24 +569,44 @@ def speed_shapes(cfg: Config, seqs: list[int], batches: list[int], tokens_per_st
     return shapes
 
 
+def speed_plan(configs: list[Config], seqs: list[int], batches: list[int], tokens_per_step: int | None,
+               world: int = 1) -> list[tuple[Config, int, int]]:
+    """(config, seq_len, batch_size) for every architecture at every shape, each batch checked to split evenly
+    over `world` processes and their train.grad_accum micro-batches."""
+    plan = []
+    for cfg in configs:
+        for seq, batch in speed_shapes(cfg, seqs, batches, tokens_per_step):
+            parts = world * cfg.train.grad_accum
+            if batch % parts:
+                raise ConfigError(
+                    f"batch {batch} ({cfg.name}, seq {seq}) does not split over {world} processes x train.grad_accum "
+                    f"({cfg.train.grad_accum}); pass --batch with a multiple of {parts}")
+            plan.append((cfg, seq, batch))
+    return plan
+
+
 def bench_speed(configs: list[Config], seqs: list[int], batches: list[int], tokens_per_step: int | None = None,
                 steps: int = 10, warmup: int = 3, forward_only: bool = False, path: Path | None = None,
                 force: bool = False, on_start: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Measure every architecture at every shape on the first config's train.device; write the report to `path`
-    (checked before measuring) and return it with its path."""
-    if steps < 1 or warmup < 0 or any(v < 1 for v in [*seqs, *batches, tokens_per_step or 1]):
-        raise ConfigError("--steps, --seq, --batch and --tokens-per-step must be >= 1 and --warmup >= 0")
-    plan = [(cfg, shape) for cfg in configs for shape in speed_shapes(cfg, seqs, batches, tokens_per_step)]
-    if path is not None:
-        refuse_overwrite(path, force)
-    device = resolve_device(configs[0].train.device)
+    (checked before measuring) and return it with its path. Under torchrun every process measures its share of
+    each batch together with the others, and process 0 writes the report."""
+    try:  # every process finds the same problem here; process 0 alone prints it
+        if steps < 1 or warmup < 0 or any(v < 1 for v in [*seqs, *batches, tokens_per_step or 1]):
+            raise ConfigError("--steps, --seq, --batch and --tokens-per-step must be >= 1 and --warmup >= 0")
+        plan = speed_plan(configs, seqs, batches, tokens_per_step, dist.world_size())
+        if path is not None:
+            refuse_overwrite(path, force)
+        device = resolve_device(configs[0].train.device)
+    except HybridctlError as error:
+        raise dist.shared(error) from None
     rows = []
-    for cfg, (seq, batch) in plan:
+    for cfg, seq, batch in plan:
         if on_start is not None:
             on_start(cfg.name, seq, batch)
         rows.append(measure_speed(cfg, seq, batch, device, steps, warmup, forward_only))
     report = speed_report(rows, device, forward_only)
-    if path is not None:
+    if path is not None and dist.is_main():
         write_json(path, report, force=True)
     return {**report, "path": str(path) if path else None}
 
@@ -578,6 +617,7 @@ def speed_report(rows: list[dict[str, Any]], device: torch.device, forward_only:
         "task": "speed",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": name,
+        "processes": dist.world_size(),  # one per GPU on CUDA; tok/s is for all of them, MFU per GPU
         "peak_bf16_tflops": peak_bf16_tflops(name) if device.type == "cuda" else None,
         "mode": "forward" if forward_only else "train",
         "torch": torch.__version__,

@@ -237,6 +237,23 @@ def micro_batch_size(cfg: Config, world: int = 1) -> int:
     return t.batch_size // parts
 
 
+def wrap_for_training(model: HybridLM, device: torch.device, compiled: bool, ddp: bool
+                      ) -> tuple[torch.nn.Module, Callable[[], Any] | None]:
+    """The module the training step calls (compiled, under DDP, both or neither) and DDP's no_sync, if any.
+
+    torch.compile wraps DDP rather than the other way round: compiling the DDP module lets Dynamo split the
+    graph at DDP's gradient buckets, so each bucket's all-reduce overlaps the rest of the backward (a compiled
+    inner module would run its whole backward first and leave all communication to the end). Buffers (the
+    rotary frequencies) are constants, so they are not broadcast before every forward (newer torch names that
+    switch forward_sync_buffers and warns about the old name)."""
+    if not ddp:
+        return (torch.compile(model) if compiled else model), None
+    ddp_class = torch.nn.parallel.DistributedDataParallel
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_class).parameters else "broadcast_buffers"
+    wrapped = ddp_class(model, device_ids=[device.index] if device.type == "cuda" else None, **{buffers: False})
+    return (torch.compile(wrapped) if compiled else wrapped), wrapped.no_sync
+
+
 def forward_backward(model, x, y, micro: int, grad_accum: int, autocast, aux_sums: dict | None = None,
                      no_sync: Callable[[], Any] | None = None) -> torch.Tensor:
     """Forward and backward over the batch in micro-batches; returns the mean cross-entropy (not synced).
@@ -322,24 +339,8 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
                     f"only {free / 1e6:.1f} MB free on the disk of {run.path}, but one checkpoint of this model takes about "
                     f"{need / 1e6:.1f} MB; free some space or choose another --out folder"
                 )
-    compiled = t.compile and device.type == "cuda"
     model.loss_impl = pick_loss(t.loss, device.type)
-    no_sync = None
-    if world > 1:
-        # torch.compile wraps DDP rather than the other way round: compiling the DDP module lets Dynamo split the
-        # graph at DDP's gradient buckets, so each bucket's all-reduce overlaps the rest of the backward (a
-        # compiled inner module would run its whole backward first and leave all communication to the end).
-        # Buffers (the rotary frequencies) are constants, so they are not broadcast before every forward (newer
-        # torch names that switch forward_sync_buffers and warns about the old name).
-        ddp_class = torch.nn.parallel.DistributedDataParallel
-        buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_class).parameters else "broadcast_buffers"
-        ddp = ddp_class(model, device_ids=[device.index] if device.type == "cuda" else None, **{buffers: False})
-        train_model = torch.compile(ddp) if compiled else ddp
-        no_sync = ddp.no_sync
-    elif compiled:
-        train_model = torch.compile(model)
-    else:
-        train_model = model
+    train_model, no_sync = wrap_for_training(model, device, compiled=t.compile and device.type == "cuda", ddp=world > 1)
     rows = t.batch_size // world  # this rank's contiguous slice of the global batch
     emit("start", {"step": start_step, "steps": t.steps, "params": n_params, "device": str(device),
                    "train_tokens": len(data.train), "val_tokens": len(data.val), "layer_types": "".join(cfg.model.layer_types())})
