@@ -50,8 +50,8 @@ def kernel_sweep(args) -> dict[str, float]:
     logits = torch.randn(rows, args.vocab, device="cuda", dtype=torch.bfloat16)
     targets = torch.randint(0, args.vocab, (rows,), device="cuda")
     out = {}
-    for block in (1024, 2048, 4096, 8192):
-        for warps in (4, 8, 16):
+    for block in (2048, 4096, 8192, 16384, 32768):
+        for warps in (4, 8, 16, 32):
             work = logits.clone()
             t = float(do_bench(lambda: fused_loss.softmax_grad_(work, targets, 1.0, block, warps), warmup=5, rep=40))
             out[f"kernel block={block} warps={warps}"] = t

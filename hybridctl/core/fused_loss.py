@@ -22,7 +22,7 @@ from torch import Tensor
 
 # Vocabulary entries per loop step and warps per row, and tokens per chunk: measured best on an H200 at the study
 # shape (benchmarks/loss.py).
-BLOCK_V, WARPS = 8192, 16
+BLOCK_V, WARPS = 16384, 16
 CHUNK_TOKENS = 16384
 
 
