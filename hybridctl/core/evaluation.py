@@ -52,8 +52,8 @@ from hybridctl.core.data import Tokenizer, get_tokenizer
 from hybridctl.core.errors import ConfigError, DataError, HybridctlError, RunError
 from hybridctl.core.model import HybridLM, build_model, pick_loss, uses_moe
 from hybridctl.core.runs import RunDir, write_json_atomic
-from hybridctl.core.trainer import (autocast_for, build_optimizer, forward_backward, micro_batch_size, optimizer_step,
-                                    resolve_device, wrap_for_training)
+from hybridctl.core.trainer import (autocast_for, build_optimizer, compile_model, forward_backward, micro_batch_size,
+                                    optimizer_step, resolve_device, wrap_for_training)
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -502,7 +502,7 @@ def benchmark_step(cfg: Config, device: torch.device, forward_only: bool = False
     compiled = t.compile and device.type == "cuda"
     if forward_only:
         model.eval()
-        step_model = torch.compile(model) if compiled else model
+        step_model = compile_model(model) if compiled else model
 
         def step():
             with torch.inference_mode(), autocast:
