@@ -225,18 +225,22 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
     (sw._swiglu_bwd_kernel, "dh:*bf16 gate_up:*bf16 d_gate_up:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
 ]
 for kernel, signature, constexprs, warps in cases:
+    constexprs = {**constexprs, "PDL": True}  # as Hopper launches them (pdl.py)
     sig = dict(item.split(":") for item in signature.split())
     sig.update({name: "constexpr" for name in constexprs})
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    assert len(compiled.asm["cubin"]) > 0
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "launch_pdl": True})
+    assert len(compiled.asm["cubin"]) > 0 and compiled.metadata.launch_pdl
+    ptx = compiled.asm["ptx"]
+    first_read = min(ptx.find(op) for op in ("ld.global", "cp.async") if op in ptx)
+    assert ptx.index("griddepcontrol.wait") < first_read, "waits before its first read of global memory"
     print(compiled.metadata.name)
 '''
 
 
 def test_kernels_compile_for_hopper():
     """The interpreter is lenient: compile every kernel at its default tiles to Hopper machine code (Triton's own
-    ptxas; no GPU needed), as a CUDA run would."""
+    ptxas; no GPU needed), as a CUDA run would, with the programmatic dependent launch's wait before any load."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=300)

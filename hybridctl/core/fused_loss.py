@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridctl.core.pdl import launch_options, wait_then_release
+
 # Vocabulary entries per loop step and warps per row, and tokens per chunk: measured best on an H200 at the study
 # shape (benchmarks/loss.py).
 BLOCK_V, WARPS = 16384, 16
@@ -27,8 +29,10 @@ CHUNK_TOKENS = 16384
 
 
 @triton.jit
-def _softmax_grad_kernel(logits, row_stride, targets, row_loss, grad_scale, V: tl.constexpr, BLOCK: tl.constexpr):
+def _softmax_grad_kernel(logits, row_stride, targets, row_loss, grad_scale, V: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
     """One row: row_loss = logsumexp(x) - x[target]; x is overwritten with (softmax(x) - onehot) * grad_scale."""
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = logits + row * row_stride
     target = tl.load(targets + row)
@@ -61,7 +65,7 @@ def softmax_grad_(logits: Tensor, targets: Tensor, grad_scale: float, block: int
     row_loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
         _softmax_grad_kernel[(n,)](logits, logits.stride(0), targets, row_loss, grad_scale, V=V,
-                                   BLOCK=block or BLOCK_V, num_warps=warps or WARPS)
+                                   BLOCK=block or BLOCK_V, num_warps=warps or WARPS, **launch_options(logits.device))
     return row_loss
 
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridctl.core.pdl import launch_options, wait_then_release
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Short convolution (+ SiLU, + per-head L2 norm)
@@ -55,7 +57,8 @@ def _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W: tl.constexpr):
 
 @triton.jit
 def _short_conv_fwd_kernel(x, x_row_stride, w, y, T, C, eps, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                           NORMALIZE: tl.constexpr):
+                           NORMALIZE: tl.constexpr, PDL: tl.constexpr = False):
+    wait_then_release(PDL)
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = i_t * BT + tl.arange(0, BT)
     cols = i_c * BC + tl.arange(0, BC)
@@ -71,7 +74,7 @@ def _short_conv_fwd_kernel(x, x_row_stride, w, y, T, C, eps, W: tl.constexpr, BT
 @triton.jit
 def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dy2, dz, dw_part, T, C, eps, W: tl.constexpr, BT: tl.constexpr,
                              BC: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, NORMALIZE: tl.constexpr,
-                             HAS_DY2: tl.constexpr):
+                             HAS_DY2: tl.constexpr, PDL: tl.constexpr = False):
     """Backward, first half, over TILES row tiles per program: the gradient of the convolution's output before
     SiLU (through the L2 norm), and from it and the same loads of x the weight gradient, tap j = sum over t of
     dz[t] x[t - W + 1 + j]. The products accumulate elementwise and are reduced once per program. The incoming
@@ -79,6 +82,7 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dy2, dz, dw_part, T, C, eps
 
     The tile loop's loads are software-pipelined STAGES deep (Triton copies the next tiles into shared memory
     while this one computes): a program's serial chain of loads is what bounds this kernel otherwise."""
+    wait_then_release(PDL)
     i_s, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = i_c * BC + tl.arange(0, BC)
     col_ok = cols < C
@@ -135,8 +139,10 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dy2, dz, dw_part, T, C, eps
 
 
 @triton.jit
-def _short_conv_dx_kernel(dz, w, dx, dx_row_stride, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _short_conv_dx_kernel(dz, w, dx, dx_row_stride, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """Backward, input gradient: x[t] fed the outputs at t + s through tap W - 1 - s."""
+    wait_then_release(PDL)
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = i_t * BT + tl.arange(0, BT)
     cols = i_c * BC + tl.arange(0, BC)
@@ -165,7 +171,7 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, head_dim: int, normali
     y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(T, rows), triton.cdiv(C, head_dim), B)
     _short_conv_fwd_kernel[grid](x, x.stride(1), weight, y, T, C, eps, W=weight.shape[1], BT=rows, BC=head_dim,
-                                 NORMALIZE=normalize, num_warps=warps)
+                                 NORMALIZE=normalize, num_warps=warps, **launch_options(x.device))
     return y
 
 
@@ -187,10 +193,11 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, dx: 
     dw_part = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
     _short_conv_dz_dw_kernel[grid](x, x.stride(1), weight, dy, dy if dy2 is None else dy2, dz, dw_part, T, C, eps,
                                    W=W, BT=rows, BC=head_dim, TILES=per_program, STAGES=stages, NORMALIZE=normalize,
-                                   HAS_DY2=dy2 is not None, num_warps=warps)
+                                   HAS_DY2=dy2 is not None, num_warps=warps, **launch_options(x.device))
     rows, warps = dx_tiles
     grid = (triton.cdiv(T, rows), triton.cdiv(C, head_dim), B)
-    _short_conv_dx_kernel[grid](dz, weight, dx, dx.stride(1), T, C, W=W, BT=rows, BC=head_dim, num_warps=warps)
+    _short_conv_dx_kernel[grid](dz, weight, dx, dx.stride(1), T, C, W=W, BT=rows, BC=head_dim, num_warps=warps,
+                                **launch_options(x.device))
     return dw_part.sum(0)
 
 
@@ -221,7 +228,9 @@ def _gated_norm_load(o, gate, gate_row_stride, rows, cols, R, H, V: tl.constexpr
 
 
 @triton.jit
-def _gated_norm_fwd_kernel(o, gate, gate_row_stride, w, y, R, H, eps, V: tl.constexpr, BR: tl.constexpr):
+def _gated_norm_fwd_kernel(o, gate, gate_row_stride, w, y, R, H, eps, V: tl.constexpr, BR: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    wait_then_release(PDL)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, V)
     ov, gv = _gated_norm_load(o, gate, gate_row_stride, rows, cols, R, H, V)
@@ -233,7 +242,9 @@ def _gated_norm_fwd_kernel(o, gate, gate_row_stride, w, y, R, H, eps, V: tl.cons
 
 @triton.jit
 def _gated_norm_bwd_kernel(dy, o, gate, gate_row_stride, w, do, dgate, dgate_row_stride, dw_part, R, H, eps,
-                           V: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr):
+                           V: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    wait_then_release(PDL)
     cols = tl.arange(0, V)
     wv = tl.load(w + cols).to(tl.float32)
     dw_acc = tl.zeros([BR, V], dtype=tl.float32)
@@ -269,7 +280,7 @@ def gated_rms_norm_fwd(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
     R, H, V = _check_norm_input(o, gate)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=o.device)
     _gated_norm_fwd_kernel[(triton.cdiv(R, rows),)](o, gate, gate.stride(1), weight, y, R, H, eps, V=V, BR=rows,
-                                                    num_warps=warps)
+                                                    num_warps=warps, **launch_options(o.device))
     return y
 
 
@@ -286,5 +297,5 @@ def gated_rms_norm_bwd(dy: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, we
     dw_part = torch.empty(programs, V, dtype=torch.float32, device=o.device)
     _gated_norm_bwd_kernel[(programs,)](dy, o, gate, gate.stride(1), weight, do, dgate, dgate.stride(1), dw_part, R, H,
                                         eps, V=V, BR=rows, TILES=per_program, STAGES=stages,
-                                        num_warps=warps)
+                                        num_warps=warps, **launch_options(o.device))
     return do, dw_part.sum(0)

@@ -17,14 +17,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridctl.core.pdl import launch_options, wait_then_release
+
 ROWS, WARPS = 32, 4  # time steps per program and warps; a program holds one head of one sequence
 
 
 @triton.jit
 def _rotary_kernel(src, src_b, src_t, src_h, dst, dst_b, dst_t, dst_h, cos, sin, table_stride, T,
-                   HALF: tl.constexpr, BT: tl.constexpr, ROTATE: tl.constexpr, INVERSE: tl.constexpr):
+                   HALF: tl.constexpr, BT: tl.constexpr, ROTATE: tl.constexpr, INVERSE: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """dst[b, t, h] = src[b, t, h] rotated by +angle(t) (or -angle(t), the backward) in pairs (i, i + HALF), or
     copied (v). A plain copy from the strided projection ran at a third of the bandwidth."""
+    wait_then_release(PDL)
     i_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = i_t * BT + tl.arange(0, BT)
     cols = tl.arange(0, HALF)
@@ -55,7 +59,8 @@ def _rotate(src: Tensor, dst: Tensor, cos: Tensor, sin: Tensor, inverse: bool = 
     if src.numel():
         _rotary_kernel[(triton.cdiv(T, ROWS), H, B)](
             src, src.stride(0), src.stride(1), src.stride(2), dst, dst.stride(0), dst.stride(1), dst.stride(2),
-            cos, sin, cos.stride(0), T, HALF=D // 2, BT=ROWS, ROTATE=rotate, INVERSE=inverse, num_warps=WARPS)
+            cos, sin, cos.stride(0), T, HALF=D // 2, BT=ROWS, ROTATE=rotate, INVERSE=inverse, num_warps=WARPS,
+            **launch_options(src.device))
 
 
 def _heads(t: Tensor, n_heads: int) -> Tensor:

@@ -17,11 +17,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridctl.core.pdl import launch_options, wait_then_release
+
 BLOCK, WARPS = 2048, 8  # elements of the output per program; most tiles are within 2% (benchmarks/swiglu.py)
 
 
 @triton.jit
-def _swiglu_fwd_kernel(gate_up, h, n, F: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(gate_up, h, n, F: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    wait_then_release(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     row, col = offs // F, offs % F
@@ -32,7 +35,8 @@ def _swiglu_fwd_kernel(gate_up, h, n, F: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd_kernel(dh, gate_up, d_gate_up, n, F: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_bwd_kernel(dh, gate_up, d_gate_up, n, F: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    wait_then_release(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     row, col = offs // F, offs % F
@@ -58,7 +62,8 @@ def swiglu(gate_up: Tensor) -> Tensor:
     F = gate_up.shape[-1] // 2
     h = gate_up.new_empty((*gate_up.shape[:-1], F))
     if h.numel():
-        _swiglu_fwd_kernel[_grid(h.numel(), BLOCK)](gate_up, h, h.numel(), F=F, BLOCK=BLOCK, num_warps=WARPS)
+        _swiglu_fwd_kernel[_grid(h.numel(), BLOCK)](gate_up, h, h.numel(), F=F, BLOCK=BLOCK, num_warps=WARPS,
+                                                    **launch_options(h.device))
     return h
 
 
@@ -73,7 +78,7 @@ def swiglu_backward(dh: Tensor, gate_up: Tensor) -> Tensor:
     d_gate_up = torch.empty_like(gate_up)
     if dh.numel():
         _swiglu_bwd_kernel[_grid(dh.numel(), BLOCK)](dh, gate_up, d_gate_up, dh.numel(), F=dh.shape[-1], BLOCK=BLOCK,
-                                                     num_warps=WARPS)
+                                                     num_warps=WARPS, **launch_options(dh.device))
     return d_gate_up
 
 

@@ -1,0 +1,39 @@
+"""Programmatic dependent launch for the project's Triton kernels (Hopper and newer GPUs).
+
+A kernel launched this way may be scheduled while the kernel before it in the stream is still finishing, so its
+launch and its programs' start overlap that kernel's tail. Each kernel that takes `PDL` calls `wait_then_release`
+before it reads anything: the wait returns once the previous kernel has finished and its writes are visible, and
+the release lets the next kernel be scheduled as soon as every program of this one has started. torch.compile's
+kernels do the same (`trainer.compile_model`); TORCHINDUCTOR_ENABLE_PDL=0 turns it off for both. Under Triton's
+interpreter (CPU tests) the kernels run without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wait_then_release(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _enabled(device_index: int) -> bool:
+    if os.environ.get("TORCHINDUCTOR_ENABLE_PDL") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def launch_options(device: torch.device) -> dict:
+    """The launch keywords for a kernel that takes `PDL` and runs on `device`."""
+    if device.type == "cuda" and _enabled(device.index if device.index is not None else torch.cuda.current_device()):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
