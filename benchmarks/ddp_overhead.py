@@ -2,10 +2,10 @@
 
     python benchmarks/ddp_overhead.py --preset hybrid_sparse [--batch 24] [--steps 20] [--json FILE]
 
-Several GPUs scale by N x (one GPU's step under DDP) / (the all-reduce time the backward does not hide). This
-measures the first factor where only one GPU is at hand: a one-process NCCL group, the model compiled around
-DDP as the trainer does it (Dynamo splits the graph at DDP's gradient buckets), against the plain compiled
-step. --batch 24 is each GPU's share of the study's batch of 48 on two GPUs.
+N GPUs reach N x (one GPU's tok/s on its share of the batch under DDP), less whatever all-reduce time the backward
+does not hide. This measures the DDP part where only one GPU is at hand: a one-process NCCL group, the model
+compiled around DDP as the trainer does it (Dynamo splits the graph at DDP's gradient buckets), against the plain
+compiled step. --batch 24 is each GPU's share of the study's batch of 48 on two GPUs.
 """
 
 from __future__ import annotations

@@ -179,6 +179,36 @@ def test_speed_bench_over_two_processes(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name != "logs"] == ["speed.json"]
 
 
+def test_out_of_memory_under_several_processes_stops_them_all(monkeypatch):
+    """A shape that does not fit in one process ends the benchmark (no row: the others may be waiting for it in a
+    collective), with an error that leaves the process group alone instead of tearing it down."""
+    from hybridctl.core import distributed as dist
+    from hybridctl.core import evaluation
+    from hybridctl.core.errors import ConfigError
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(evaluation, "_timed_steps", out_of_memory)
+    cfg = micro_config()
+    assert evaluation.measure_speed(cfg, 16, 4, torch.device("cpu"))["error"] == "out of memory"  # one process: a row
+    monkeypatch.setattr(dist, "active", lambda: True)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="out of memory in process 1 at seq 16, batch 4 over 2 processes") as caught:
+        evaluation.measure_speed(cfg, 16, 4, torch.device("cpu"))
+    closed = []
+    monkeypatch.setattr(dist, "close", lambda: closed.append(True))
+    with pytest.raises(ConfigError):
+        with dist.session(torch.device("cpu")):
+            raise caught.value
+    assert closed == []
+    with pytest.raises(ConfigError):
+        with dist.session(torch.device("cpu")):
+            raise ConfigError("the same error in every process")
+    assert closed == [True]
+
+
 def test_speed_bench_batch_that_does_not_split(tmp_path):
     code, output = torchrun("bench", "speed", "--patterns", "LL", "--seq", "16", "--batch", "3",
                             "--json", str(tmp_path / "speed.json"), *MICRO_SPEED, logs=tmp_path / "logs")
@@ -241,3 +271,6 @@ def test_gpus_starts_the_same_command_under_torchrun(monkeypatch, tmp_path):
     assert main([*bench, "--gpus", "2"]) == 1  # an existing report is not replaced without --force
     assert main([*bench, "--gpus", "2", "--force"]) == 7 and started[-1] == launcher + bench + ["--force"]
     assert len(started) == 4 and (tmp_path / "speed.json").read_text() == "{}"
+    assert main([*bench, "--gpus", "2", "--force", "--steps", "0"]) == 1  # checked before launching
+    assert main([*bench, "--gpus", "1", "--device", "cpu"]) == 1  # --gpus means GPUs, one or several
+    assert len(started) == 4

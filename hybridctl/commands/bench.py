@@ -121,9 +121,11 @@ def speed(
         overrides = [*overrides, f'train.device="{device}"']
     configs = evaluation.speed_configs(names, pattern_list, overrides, vocab)
     seqs, batches = int_list(seq, "--seq"), int_list(batch, "--batch")
-    if gpus is not None and gpus > 1:  # what would stop every process, checked here once
+    if gpus is not None:
         for cfg in configs:
             check_device_for_gpus(cfg, gpus)
+    if gpus is not None and gpus > 1:  # what would stop every process, checked here once
+        evaluation.check_speed_counts(steps, warmup, seqs, batches, tokens_per_step)
         evaluation.speed_plan(configs, seqs, batches, tokens_per_step, gpus)
         if json_path is not None:
             evaluation.refuse_overwrite(json_path, force)

@@ -110,7 +110,8 @@ def session(device: torch.device) -> Iterator[None]:
     leave = True
     try:
         yield
-    except HybridctlError:
+    except HybridctlError as error:
+        leave = not getattr(error, "abandon_group", False)
         raise
     except BaseException as error:
         leave = False
@@ -235,6 +236,14 @@ def local_first(load: Callable[[], T]) -> T:
         if local_rank() != 0:
             result = load()
     return result
+
+
+def abandon_group(error: HybridctlError) -> HybridctlError:
+    """An error raised by one process while the others may be inside a collective (out of memory in a step, say):
+    `session` then leaves the process group as it is, since tearing it down could hang, and torchrun ends the
+    other processes when this one exits."""
+    error.abandon_group = True
+    return error
 
 
 def shared(error: HybridctlError) -> HybridctlError:

@@ -470,9 +470,10 @@ def measure_speed(cfg: Config, seq_len: int, batch_size: int, device: torch.devi
     try:
         row.update(_timed_steps(cfg, device, steps, warmup, forward_only), error=None)
     except torch.OutOfMemoryError:
-        if dist.active():  # the other processes may be waiting in a collective: end them all (torchrun does)
-            raise ConfigError(f"out of memory at seq {seq_len}, batch {batch_size} over {dist.world_size()} processes; "
-                              "lower --batch or --seq") from None
+        if dist.active():  # no row: the other processes may be waiting in a collective, so all of them stop
+            raise dist.abandon_group(ConfigError(
+                f"out of memory in process {dist.rank()} at seq {seq_len}, batch {batch_size} over {dist.world_size()} "
+                "processes; lower --batch or --seq")) from None
         row.update(tok_s=None, mfu=None, error="out of memory")
     gc.collect()  # the model and optimizer are gone with _timed_steps' frame; give their memory back
     if device.type == "cuda":
@@ -569,6 +570,11 @@ def speed_shapes(cfg: Config, seqs: list[int], batches: list[int], tokens_per_st
     return shapes
 
 
+def check_speed_counts(steps: int, warmup: int, seqs: list[int], batches: list[int], tokens_per_step: int | None) -> None:
+    if steps < 1 or warmup < 0 or any(v < 1 for v in [*seqs, *batches, tokens_per_step or 1]):
+        raise ConfigError("--steps, --seq, --batch and --tokens-per-step must be >= 1 and --warmup >= 0")
+
+
 def speed_plan(configs: list[Config], seqs: list[int], batches: list[int], tokens_per_step: int | None,
                world: int = 1) -> list[tuple[Config, int, int]]:
     """(config, seq_len, batch_size) for every architecture at every shape, each batch checked to split evenly
@@ -592,8 +598,7 @@ def bench_speed(configs: list[Config], seqs: list[int], batches: list[int], toke
     (checked before measuring) and return it with its path. Under torchrun every process measures its share of
     each batch together with the others, and process 0 writes the report."""
     try:  # every process finds the same problem here; process 0 alone prints it
-        if steps < 1 or warmup < 0 or any(v < 1 for v in [*seqs, *batches, tokens_per_step or 1]):
-            raise ConfigError("--steps, --seq, --batch and --tokens-per-step must be >= 1 and --warmup >= 0")
+        check_speed_counts(steps, warmup, seqs, batches, tokens_per_step)
         plan = speed_plan(configs, seqs, batches, tokens_per_step, dist.world_size())
         if path is not None:
             refuse_overwrite(path, force)
