@@ -224,6 +224,11 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
     (sw._swiglu_fwd_kernel, "gate_up:*bf16 h:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
     (sw._swiglu_bwd_kernel, "dh:*bf16 gate_up:*bf16 d_gate_up:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
 ]
+# Every kernel of these modules that takes PDL is launched that way on Hopper, so every one is checked here.
+with_pdl = {f.fn.__name__ for module in (fl, gk, rope, sw) for f in vars(module).values()
+            if isinstance(f, triton.runtime.jit.JITFunction) and "PDL" in f.arg_names
+            and f.fn.__module__ == module.__name__}
+assert with_pdl == {kernel.fn.__name__ for kernel, *_ in cases}, with_pdl
 for kernel, signature, constexprs, warps in cases:
     constexprs = {**constexprs, "PDL": True}  # as Hopper launches them (pdl.py)
     sig = dict(item.split(":") for item in signature.split())
@@ -249,3 +254,43 @@ def test_kernels_compile_for_hopper():
                                      "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
                                      "_softmax_grad_kernel", "_rotary_kernel", "_swiglu_fwd_kernel",
                                      "_swiglu_bwd_kernel"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch settings (no GPU needed)
+
+
+@pytest.mark.parametrize("env,capability,expected", [
+    ({}, (9, 0), True), ({}, (10, 0), True), ({}, (8, 0), False),
+    ({"TORCHINDUCTOR_ENABLE_PDL": "0"}, (9, 0), False), ({"TORCHINDUCTOR_ENABLE_PDL": "1"}, (9, 0), True),
+    ({"TORCHINDUCTOR_ENABLE_PDL": "false"}, (9, 0), False), ({"TRITON_INTERPRET": "1"}, (9, 0), False)])
+def test_dependent_launch_options(monkeypatch, env, capability, expected):
+    """The project's kernels launch as programmatic dependent launches on CUDA from compute capability 9, unless
+    the environment turns it off (the switch inductor reads) or the interpreter runs them."""
+    from hybridctl.core import pdl
+
+    for name in ("TORCHINDUCTOR_ENABLE_PDL", "TRITON_INTERPRET"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    pdl._enabled.cache_clear()
+    try:
+        assert pdl.launch_options(torch.device("cuda", 0)) == ({"PDL": True, "launch_pdl": True} if expected else {"PDL": False})
+        assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    finally:
+        pdl._enabled.cache_clear()
+
+
+@pytest.mark.parametrize("env,options", [({}, {"triton.enable_pdl": True}), ({"TORCHINDUCTOR_ENABLE_PDL": "0"}, None)])
+def test_compile_model_asks_inductor_for_dependent_launch(monkeypatch, env, options):
+    from hybridctl.core import trainer
+
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
+    module = torch.nn.Linear(2, 2)
+    assert trainer.compile_model(module) is module
+    assert calls == [{"options": options} if options else {}]

@@ -65,7 +65,8 @@ def softmax_grad_(logits: Tensor, targets: Tensor, grad_scale: float, block: int
     row_loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
         _softmax_grad_kernel[(n,)](logits, logits.stride(0), targets, row_loss, grad_scale, V=V,
-                                   BLOCK=block or BLOCK_V, num_warps=warps or WARPS, **launch_options(logits.device))
+                                   BLOCK=block or min(BLOCK_V, triton.next_power_of_2(V)), num_warps=warps or WARPS,
+                                   **launch_options(logits.device))
     return row_loss
 
 
