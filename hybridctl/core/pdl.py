@@ -33,7 +33,7 @@ def _flag(name: str) -> bool:
 
 @functools.cache
 def _enabled(device_index: int) -> bool:
-    if "TORCHINDUCTOR_ENABLE_PDL" in os.environ and not _flag("TORCHINDUCTOR_ENABLE_PDL"):
+    if os.environ.get("TORCHINDUCTOR_ENABLE_PDL", "1") != "1":  # as inductor reads it: 1 is on
         return False
     if _flag("TRITON_INTERPRET") or torch.version.hip is not None or not hasattr(tl.extra.cuda, "gdc_wait"):
         return False
