@@ -179,6 +179,43 @@ def test_speed_bench_over_two_processes(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name != "logs"] == ["speed.json"]
 
 
+SPLIT_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from conftest import micro_config
+from hybridctl.core import distributed as dist
+from hybridctl.core.evaluation import benchmark_step
+
+with dist.session(torch.device("cpu")):
+    cfg = micro_config(["train.batch_size=4", "train.seq_len=16"])
+    cfg.model.vocab_size = 300
+    model, step = benchmark_step(cfg, torch.device("cpu"))
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(tuple(args[0].shape)))
+    step()
+    print(dist.rank(), rows, float(model.embed.weight.sum()))
+"""
+
+
+def test_speed_bench_splits_the_batch_over_the_processes(tmp_path):
+    """What each process of `bench speed` runs under torchrun: its half of the batch, and after a step the same
+    weights as the other (DDP averaged their gradients)."""
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SCRIPT.format(tests=str(Path(__file__).parent)))
+    logs = tmp_path / "logs"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--log-dir", str(logs), "--redirects", "3", str(script)],
+                          capture_output=True, text=True, timeout=120)
+    output = rank_output(logs)
+    assert done.returncode == 0, output
+    lines = [output[rank][0].split(maxsplit=1) for rank in (0, 1)]
+    assert [int(rank) for rank, _ in lines] == [0, 1]
+    (_, first), (_, second) = lines
+    assert "[(2, 16)]" in first and "[(2, 16)]" in second  # 4 rows, 2 per process, one micro-batch each
+    assert first.split()[-1] == second.split()[-1]  # the same weights after the step
+
+
 def test_out_of_memory_under_several_processes_stops_them_all(monkeypatch):
     """A shape that does not fit in one process ends the benchmark (no row: the others may be waiting for it in a
     collective), with an error that leaves the process group alone instead of tearing it down."""
