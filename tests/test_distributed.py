@@ -30,9 +30,11 @@ SETTINGS = ["train.grad_accum=2"]
 REL = 1e-5
 
 
-def torchrun_command(*args: str, logs: Path, nproc: int = 2) -> list[str]:
+def torchrun_command(*args: str, logs: Path, nproc: int = 2, script: Path | None = None) -> list[str]:
+    """torchrun running `hybridctl ARGS`, or a Python script, with each rank's output kept apart under `logs`."""
+    target = [str(script)] if script is not None else ["-m", "hybridctl"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "--log-dir", str(logs), "--redirects", "3", "-m", "hybridctl", *args]
+            "--log-dir", str(logs), "--redirects", "3", *target, *args]
 
 
 def rank_output(logs: Path, nproc: int = 2) -> dict[int, tuple[str, str]]:
@@ -204,9 +206,7 @@ def test_speed_bench_splits_the_batch_over_the_processes(tmp_path):
     script = tmp_path / "split.py"
     script.write_text(SPLIT_SCRIPT.format(tests=str(Path(__file__).parent)))
     logs = tmp_path / "logs"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--log-dir", str(logs), "--redirects", "3", str(script)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(torchrun_command(logs=logs, script=script), capture_output=True, text=True, timeout=120)
     output = rank_output(logs)
     assert done.returncode == 0, output
     lines = [output[rank][0].split(maxsplit=1) for rank in (0, 1)]

@@ -142,13 +142,16 @@ def test_linear_cross_entropy_bf16(impl):
     assert max(errors) < 2e-2
 
 
+# The micro model of the CPU tests at this file's head sizes, for whole-model checks on CUDA.
+CUDA_MICRO = [f"model.gdn.head_dim={K}", f"model.gdn.num_heads={H}", "model.d_model=256", "model.n_heads=4"]
+
+
 def test_training_steps_on_cuda(tmp_path):
     from conftest import micro_config
     from hybridctl.core.runs import RunDir
     from hybridctl.core.trainer import train
 
-    cfg = micro_config([f"model.gdn.head_dim={K}", f"model.gdn.num_heads={H}", "model.d_model=256", "model.n_heads=4",
-                        f"train.seq_len={T}", f"train.batch_size={B}"])
+    cfg = micro_config(CUDA_MICRO + [f"train.seq_len={T}", f"train.batch_size={B}"])
     run = RunDir(tmp_path / "cuda")
     run.create(cfg)
     summary = train(cfg, run)
@@ -162,8 +165,7 @@ def test_compiled_training_model_matches_eager():
     from hybridctl.core.model import build_model, pick_loss
     from hybridctl.core.trainer import wrap_for_training
 
-    cfg = micro_config([f"model.gdn.head_dim={K}", f"model.gdn.num_heads={H}", "model.d_model=256", "model.n_heads=4",
-                        'model.pattern="LFL"', "model.n_layers=3"])
+    cfg = micro_config(CUDA_MICRO + ['model.pattern="LFL"', "model.n_layers=3"])
     cfg.model.vocab_size = 512
     torch.manual_seed(0)
     model = build_model(cfg.model).cuda()

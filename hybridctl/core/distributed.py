@@ -163,9 +163,7 @@ def max_over_ranks(value: float) -> float:
     """The largest of every rank's `value` (a number on the host; in one process, the number itself)."""
     if not active():
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return float(all_reduce_max(torch.tensor([value], dtype=torch.float64, device=_collective_device())).item())
 
 
 def share_text(text: str) -> str:
