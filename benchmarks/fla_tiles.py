@@ -4,7 +4,7 @@
                                    [--json FILE]
 
 For each kernel (forward: the WY factor's triangular inverse `kkt_solve`, the chunk states `fwd_h`, the output
-`fwd_o`; backward: the chunk-state gradient `dhu`, the q/k/w/g gradients `dqkwg`) and each config: its GPU time per call (profiler, kernels only) and the
+`fwd_o`; backward: the q/k/w/g gradients `dqkwg`) and each config: its GPU time per call (profiler, kernels only) and the
 relative L2 error of each output against fla's own wrapper, which autotunes over its own configs. Inputs are a
 real forward of the op at the given shape. Configs that beat the wrapper with no error go into `HOPPER_CONFIGS`
 in hybridctl/core/gdn_fused.py.
@@ -29,8 +29,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def inputs(args) -> dict[str, torch.Tensor]:
     """The saved tensors of one forward of the op, and the incoming gradients of the backward's fla kernels."""
-    from fla.ops.common.chunk_o import chunk_bwd_dv_local
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+
+    from hybridctl.core.gdn_kernels import state_grad
 
     torch.manual_seed(0)
     d_model = args.heads * args.head_dim
@@ -44,9 +45,8 @@ def inputs(args) -> dict[str, torch.Tensor]:
     _, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=gdn_fused.CHUNK)
     do = torch.randn_like(o)
     scale = args.head_dim**-0.5
-    dv_local = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=gdn_fused.CHUNK)
-    dh, dv = gdn_fused.bwd_dhu(q, k, w, g, do, dv_local, scale, config=None)
-    return dict(q=q, k=k, g=g, beta=beta, h=h, u=u, v_new=v_new, w=w, do=do, dv_local=dv_local, dh=dh, dv=dv, scale=scale)
+    dh, dv = state_grad(q, k, w, g, do, scale, gdn_fused.CHUNK)
+    return dict(q=q, k=k, g=g, beta=beta, h=h, u=u, v_new=v_new, w=w, do=do, dh=dh, dv=dv, scale=scale)
 
 
 def kernels(t: dict) -> dict:
@@ -62,10 +62,6 @@ def kernels(t: dict) -> dict:
                   [{"BK": bk, "BV": bv, "num_warps": nw, "num_stages": ns}
                    for (bk, bv), nw, ns in itertools.product([(128, 128), (128, 64), (64, 128), (64, 64)], [4, 8],
                                                              [2, 3])]),
-        "dhu": (lambda c: gdn_fused.bwd_dhu(t["q"], t["k"], t["w"], t["g"], t["do"], t["dv_local"], t["scale"], c),
-                ["dh", "dv"],
-                [{"BV": bv, "num_warps": nw, "num_stages": ns}
-                 for bv, nw, ns in itertools.product([32, 64, 128], [4, 8], [1, 2, 3])]),
         "dqkwg": (lambda c: gdn_fused.bwd_dqkwg(t["q"], t["k"], t["v_new"], t["w"], t["g"], t["h"], t["dv"], t["do"],
                                                 t["dh"], t["scale"], c),
                   ["dq", "dk", "dw", "dg"],
@@ -80,7 +76,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--kernels", default="kkt_solve,fwd_h,fwd_o,dhu,dqkwg", help="Comma-separated subset.")
+    parser.add_argument("--kernels", default="kkt_solve,fwd_h,fwd_o,dqkwg", help="Comma-separated subset.")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     ok, why = fla_status(args.head_dim)  # also lifts fla's Hopper guard where that is verified

@@ -9,6 +9,7 @@ Times (CUDA events, median of repeats, bf16 autocast):
 - the short convolution over q, k and v: fla's causal_conv1d against this project's kernel (with the L2 norm of
   q and k inside), forward and forward + backward;
 - the gated RMSNorm: fla's against this project's kernel;
+- the recurrence's backward through its chunk states: fla's two kernels against this project's one;
 - with --sweep, the GPU time of each of the project's kernels (profiler, kernels only) at the tiles of the
   *_SWEEP lists below, to choose the defaults in gdn_kernels.py.
 """
@@ -128,7 +129,48 @@ def part_times(args, sweep: bool) -> dict[str, float]:
                     NORM_FWD_SWEEP)
         sweep_tiles(out, "gated norm bwd", "_gated_norm_bwd", lambda t: our_norm(forward=False, bwd_tiles=t),
                     NORM_BWD_SWEEP)
+    state_grad_times(out, args, sweep)
     return out
+
+
+def state_grad_times(out: dict, args, sweep: bool) -> None:
+    """The recurrence's backward through its states on the forward's own intermediates: fla's two kernels (the
+    intra-chunk value gradient, then the state gradients, at fla's own configs) against the project's one, kernel
+    time and each output's largest difference relative to fla's largest value."""
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu
+    from fla.ops.common.chunk_o import chunk_bwd_dv_local
+    from fla.ops.gated_delta_rule.wy_fast import recompute_w_u_fwd
+
+    from hybridctl.core import gdn_fused
+
+    B, T, H, K = args.batch, args.seq, args.heads, args.head_dim
+    V, C = 2 * K, gdn_fused.CHUNK
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).bfloat16()
+            for _ in range(2))
+    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    beta = torch.rand(B, T, H, device="cuda").bfloat16()
+    g = (-torch.rand(B, T // C, C, H, device="cuda") * 0.1).cumsum(2).view(B, T, H)
+    A = gdn_fused.fwd_kkt_solve(k, v, g, beta)
+    w, _ = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    scale = K**-0.5
+
+    def fla_state_grad():
+        dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=C)
+        dh, _, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=None, dht=None, do=do, dv=dv, scale=scale,
+                                                   chunk_size=C)
+        return dh, dv
+
+    def ours(tiles=gdn_kernels.STATE_GRAD_TILES):
+        return gdn_kernels.state_grad(q, k, w, g, do, scale, C, tiles)
+
+    for name, mine, theirs in zip(("dh", "dv"), ours(), fla_state_grad()):
+        out[f"state grad {name}: max difference / max |fla|"] = float(
+            (mine.float() - theirs.float()).abs().max() / theirs.float().abs().max())
+    out["state grad kernels: fla (dv_local + dhu)"] = kernel_ms(fla_state_grad)
+    out["state grad kernel: ours"] = kernel_ms(ours)
+    if sweep:
+        sweep_tiles(out, "state grad", "_state_grad", ours, STATE_GRAD_SWEEP)
 
 
 # Tiles tried by --sweep: (rows, warps) for the one-tile kernels; (rows per tile, tiles per program, warps,
@@ -139,6 +181,7 @@ DZ_DW_SWEEP = [(8, 32, 4, 1), (8, 32, 4, 3), (4, 32, 2, 1), (4, 32, 2, 3), (4, 3
 DX_SWEEP = [(8, 2), (16, 2), (8, 1), (16, 4)]
 NORM_FWD_SWEEP = [(16, 4), (8, 4), (32, 4)]
 NORM_BWD_SWEEP = [(4, 16, 2, 1), (4, 16, 2, 3), (4, 8, 2, 3), (4, 8, 2, 4), (8, 8, 4, 4), (4, 4, 2, 3)]
+STATE_GRAD_SWEEP = [(32, 4, 2), (32, 4, 3), (32, 8, 2), (16, 2, 2), (16, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3)]
 
 
 def sweep_tiles(out: dict, label: str, fragment: str, call, tile_list) -> None:

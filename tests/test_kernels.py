@@ -103,6 +103,49 @@ def test_gated_rms_norm_matches_reference(tiles):
     assert (d_proj[..., : H * V] == SENTINEL).all() and (d_proj[..., 2 * H * V :] == SENTINEL).all()
 
 
+def chunk_recurrence(q, k, w, u, g, scale, chunk):
+    """The chunked gated delta rule's state recurrence and output, from the WY factor w and values u (g: the
+    chunk-local cumulative log2 gate), and the state leaving each chunk, kept for its gradient."""
+    B, T, H, K = q.shape
+    h = torch.zeros(B, H, K, u.shape[-1], dtype=q.dtype)
+    states, outs = [], []
+    for t0 in range(0, T, chunk):
+        qc, kc, wc, uc = (x[:, t0 : t0 + chunk].transpose(1, 2) for x in (q, k, w, u))  # [B, H, L, *]
+        gc = g[:, t0 : t0 + chunk].transpose(1, 2)  # [B, H, L]
+        v_new = uc - wc @ h
+        causal = torch.ones(gc.shape[-1], gc.shape[-1], dtype=torch.bool).tril()
+        decay = torch.exp2(torch.where(causal, gc[..., :, None] - gc[..., None, :], float("-inf")))
+        outs.append(scale * ((qc * torch.exp2(gc)[..., None]) @ h + (qc @ kc.transpose(-1, -2) * decay) @ v_new))
+        g_last = gc[..., -1:]
+        h = h * torch.exp2(g_last)[..., None] + (kc * torch.exp2(g_last - gc)[..., None]).transpose(-1, -2) @ v_new
+        h.retain_grad()
+        states.append(h)
+    return torch.cat(outs, dim=2).transpose(1, 2), states
+
+
+@pytest.mark.parametrize("tiles", [None, (16, 2, 2), (32, 8, 2), (64, 8, 3)])
+def test_state_grad_matches_autograd(tiles):
+    """The state and corrected-value gradients against autograd through the recurrence in fp64, over three chunks
+    (the last one short), and (16, ...) splits the value columns over two programs per head."""
+    torch.manual_seed(8)
+    B, T, H, K, V, chunk = 2, 150, 2, 16, 32, 64
+    q, k, w = (torch.randn(B, T, H, K, device=DEVICE) * 0.5 for _ in range(3))
+    u, do = torch.randn(B, T, H, V, device=DEVICE), torch.randn(B, T, H, V, device=DEVICE)
+    g = torch.cat([-(torch.rand(B, n, H, device=DEVICE) * 0.2).cumsum(1) for n in (chunk, chunk, T - 2 * chunk)], 1)
+    scale = K**-0.5
+    u_ref = u.double().requires_grad_()
+    o, states = chunk_recurrence(*(x.double().cpu() for x in (q, k, w)), u_ref.cpu(), g.double().cpu(), scale, chunk)
+    o.backward(do.double().cpu())
+
+    dh, dv = gdn_kernels.state_grad(q, k, w, g, do, scale, chunk, **({"tiles": tiles} if tiles else {}))
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3  # a GPU multiplies fp32 tiles in TF32
+    assert dh.shape == (B, 3, H, K, V) and dv.shape == u.shape
+    assert max_rel(dv, u_ref.grad) < tol
+    last = states[-1]  # the output does not depend on the final state
+    assert last.grad is None and (dh[:, -1] == 0).all()
+    assert max_rel(dh[:, :-1].cpu(), torch.stack([s.grad for s in states[:-1]], dim=1)) < tol
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softmax_grad_kernel_matches_cross_entropy(dtype):
     """Per-row loss and in-place gradient against autograd through F.cross_entropy in fp64, with a vocabulary that
@@ -221,6 +264,9 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
     (rope._rotary_kernel, "src:*bf16 src_b:i32 src_t:i32 src_h:i32 dst:*bf16 dst_b:i32 dst_t:i32 dst_h:i32 "
      "cos:*fp32 sin:*fp32 table_stride:i32 T:i32", {"HALF": 32, "BT": rope.ROWS, "ROTATE": True, "INVERSE": False},
      rope.WARPS),
+    (gk._state_grad_kernel, "q:*bf16 k:*bf16 w:*bf16 g:*fp32 do:*bf16 dh:*bf16 dv:*bf16 T:i32 scale:fp32",
+     {"H": 6, "K": 128, "V": 256, "BT": 64, "BV": gk.STATE_GRAD_TILES[0], "NT": 16, "STAGES": gk.STATE_GRAD_TILES[2]},
+     gk.STATE_GRAD_TILES[1]),
     (sw._swiglu_fwd_kernel, "gate_up:*bf16 h:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
     (sw._swiglu_bwd_kernel, "dh:*bf16 gate_up:*bf16 d_gate_up:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
 ]
@@ -252,7 +298,7 @@ def test_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_dw_kernel", "_short_conv_dx_kernel",
                                      "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
-                                     "_softmax_grad_kernel", "_rotary_kernel", "_swiglu_fwd_kernel",
+                                     "_softmax_grad_kernel", "_rotary_kernel", "_state_grad_kernel", "_swiglu_fwd_kernel",
                                      "_swiglu_bwd_kernel"]
 
 

@@ -14,9 +14,10 @@ layer at the study shape, traded for two kernels per layer).
 
 The fla calls follow `fla.ops.gated_delta_rule.chunk` of fla 0.6 (the op is used only with that release): the same
 kernels in the same order, so the op computes what `chunk_gated_delta_rule(..., use_qk_l2norm_in_kernel=True,
-use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)` computes. On Hopper, five of those kernels are launched
-at this op's own configs instead of fla's autotuned ones (`HOPPER_CONFIGS`). fla and Triton are imported only when
-the op runs.
+use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)` computes; except that the backward's first two (the
+intra-chunk value gradient and the state gradients) are one kernel of the project's, `gdn_kernels.state_grad`. On
+Hopper, four of fla's kernels are launched at this op's own configs instead of fla's autotuned ones
+(`HOPPER_CONFIGS`). fla and Triton are imported only when the op runs.
 """
 
 from __future__ import annotations
@@ -47,10 +48,9 @@ def fla_internals_available() -> bool:
         if not fla.__version__.startswith(FLA_VERSION + "."):
             return False
         from fla.ops.common.chunk_delta_h import (  # noqa: F401
-            chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_bwd_kernel_dhu_blockdim64,
             chunk_gated_delta_rule_fwd_h, chunk_gated_delta_rule_fwd_kernel_h_blockdim64)
         from fla.ops.common.chunk_o import (  # noqa: F401
-            chunk_bwd_dqkwg, chunk_bwd_dv_local, chunk_bwd_kernel_dqkwg, chunk_fwd_kernel_o, chunk_fwd_o)
+            chunk_bwd_dqkwg, chunk_bwd_kernel_dqkwg, chunk_fwd_kernel_o, chunk_fwd_o)
         from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_kkt_solve_kernel  # noqa: F401
         from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum  # noqa: F401
         from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd  # noqa: F401
@@ -74,8 +74,8 @@ def _parts(proj: Tensor, num_heads: int, head_dim: int, head_v_dim: int):
 # kkt_solve over 1, 2 and 4 warps at BK 32 / 64). Its dqkwg uses BV 128 there, where every such config spills
 # registers (ptxas -v: 5 KB per thread). `benchmarks/fla_tiles.py` timed each kernel alone on an H200 at the study
 # shape (ms per layer, fla's -> below): kkt_solve 0.196 -> 0.121, fwd_h 0.362 -> 0.245, fwd_o 0.286 -> 0.223,
-# dhu 0.636 -> 0.494, dqkwg 1.069 -> 0.454.
-# fwd_h's, fwd_o's and dhu's are inside fla's own lists, and so is kkt_solve at 1 warp with BK 64 (0.129): its
+# dqkwg 1.069 -> 0.454 (and the state gradients' dhu, which state_grad has since replaced, 0.636 -> 0.494).
+# fwd_h's and fwd_o's are inside fla's own lists, and so is kkt_solve at 1 warp with BK 64 (0.129): its
 # autotuner, timing a few runs, picks slower ones here. Some configs compute wrong results (dqkwg at BV 32 with 4
 # warps gets dw wrong by 7%; prepare_wy_repr_bwd at BK 32 with 4 warps faults), so the sweep reports each config's
 # error against fla's launch, and the configs apply only at the head sizes where tests/test_gpu.py checks them
@@ -85,7 +85,6 @@ HOPPER_CONFIGS = {
     "kkt_solve": {"BK": 128, "num_warps": 1, "num_stages": 1},
     "fwd_h": {"BV": 64, "num_warps": 4, "num_stages": 3},
     "fwd_o": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
-    "dhu": {"BV": 32, "num_warps": 4, "num_stages": 2},
     "dqkwg": {"BV": 64, "num_warps": 8, "num_stages": 3},
 }
 HOPPER_HEAD_DIMS = {(128, 256)}  # (head_dim, head_v_dim): the study presets'
@@ -163,27 +162,6 @@ def fwd_o(q: Tensor, k: Tensor, v_new: Tensor, h: Tensor, g: Tensor, scale: floa
     return o
 
 
-def bwd_dhu(q: Tensor, k: Tensor, w: Tensor, g: Tensor, do: Tensor, dv: Tensor, scale: float,
-            config: dict | str | None = "auto") -> tuple[Tensor, Tensor]:
-    """Chunk-state gradients dh [B, NT, H, K, V] and the value gradient with the state's share added."""
-    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu
-    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_kernel_dhu_blockdim64 as kernel
-    config = launch_config("dhu", k, do, config)
-    if config is None:
-        dh, _, dv2 = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=None, dht=None, do=do, dv=dv, scale=scale,
-                                                    chunk_size=CHUNK)
-        return dh, dv2
-    B, T, H, K = q.shape
-    V, NT, config = do.shape[-1], -(-T // CHUNK), dict(config)
-    BV = min(config.pop("BV"), V)
-    dh, dv2 = q.new_empty(B, NT, H, K, V), torch.empty_like(dv)
-    _jit(kernel)[(-(-V // BV) * B * H,)](
-        q, k, w, g, None, None, None, do, dh, dv, dv2, None, None, scale, T, H=H, HV=H, K=K, V=V, BT=CHUNK, BV=BV,
-        USE_G=True, USE_GK=False, USE_INITIAL_STATE=False, USE_FINAL_STATE_GRADIENT=False, STATE_V_FIRST=False,
-        IS_VARLEN=False, **config)
-    return dh, dv2
-
-
 def bwd_dqkwg(q: Tensor, k: Tensor, v_new: Tensor, w: Tensor, g: Tensor, h: Tensor, dv: Tensor, do: Tensor,
               dh: Tensor, scale: float, config: dict | str | None = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of q, k, the WY factor w and the cumulative gate g (before its reverse cumsum)."""
@@ -250,12 +228,11 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
                             h: Tensor, v_new: Tensor, w: Tensor, o: Tensor, norm_eps: float
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for proj, ab, conv_weight, A_log, dt_bias and norm_weight."""
-    from fla.ops.common.chunk_o import chunk_bwd_dv_local
     from fla.ops.gated_delta_rule.gate import gdn_gate_bwd
     from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd
     from fla.ops.utils import chunk_local_cumsum
 
-    from hybridctl.core.gdn_kernels import gated_rms_norm_bwd, short_conv_bwd
+    from hybridctl.core.gdn_kernels import gated_rms_norm_bwd, short_conv_bwd, state_grad
 
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -264,8 +241,7 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
     dq_in, dk_in, dv_in, d_gate = _parts(d_proj, H, K, V)
     q_in, k_in, v_in, gate = _parts(proj, H, K, V)
     do, d_norm_weight = gated_rms_norm_bwd(dy.contiguous(), o, gate, norm_weight, norm_eps, d_gate)
-    dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=CHUNK)
-    dh, dv = bwd_dhu(q, k, w, g, do, dv, scale)
+    dh, dv = state_grad(q, k, w, g, do, scale, CHUNK)
     dq, dk, dw, dg = bwd_dqkwg(q, k, v_new, w, g, h, dv, do, dh, scale)
     dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
     dg.add_(dg2)

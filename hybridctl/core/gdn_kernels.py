@@ -1,4 +1,4 @@
-"""Triton kernels for the parts of the Gated DeltaNet layer around fla's chunk recurrence.
+"""Triton kernels for the parts of the Gated DeltaNet layer around fla's chunk recurrence, and one inside it.
 
 - `short_conv_fwd` / `short_conv_bwd`: the depthwise causal convolution + SiLU over one of q, k, v, reading its
   columns of the fused projection in place (a strided view) and, for q and k, the L2 norm over each head on top.
@@ -11,10 +11,12 @@
   0.85 ms, fla's convolution (no L2 norm) 2.9-3.9 ms.
 - `gated_rms_norm_fwd` / `gated_rms_norm_bwd`: RMSNorm over each head's value vector times SiLU(gate), the gate
   read from (and its gradient written to) the fused projection in place.
+- `state_grad`: the chunked recurrence's backward through its states (fla's intra-chunk value gradient and
+  state-gradient kernels in one: 0.60 against 0.75 ms per layer for fla's pair at its own configs on an H200).
 
-They compute the same functions as `causal_conv_silu`, `l2norm` and `GatedRMSNorm` in gated_delta.py (tests run
-them through Triton's interpreter on CPU against those). Importing this module needs Triton; gated_delta.py
-imports it only on CUDA.
+They compute the same functions as `causal_conv_silu`, `l2norm` and `GatedRMSNorm` in gated_delta.py, and
+state_grad the gradients that autograd takes through the recurrence (tests run them through Triton's interpreter
+on CPU against those). Importing this module needs Triton; gated_delta.py imports it only on CUDA.
 """
 
 from __future__ import annotations
@@ -299,3 +301,95 @@ def gated_rms_norm_bwd(dy: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, we
                                         eps, V=V, BR=rows, TILES=per_program, STAGES=stages,
                                         num_warps=warps, **launch_options(o.device))
     return do, dw_part.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chunk recurrence's backward through its states
+
+# (value columns per program, warps, pipeline stages of the chunk loop's loads); measured on an H200 at the study
+# shape (benchmarks/gdn_layer.py --sweep). The loop unpipelined (1 stage) faulted there with an illegal address
+# (Triton 3.6; the interpreter and every pipelined config compute the right values), so it takes 2 or more.
+STATE_GRAD_TILES = (32, 4, 2)
+
+
+@triton.jit
+def _state_grad_kernel(q, k, w, g, do, dh, dv, T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BT: tl.constexpr, BV: tl.constexpr, NT: tl.constexpr, STAGES: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """One program per (sequence, head, BV value columns) walks the chunks backwards. The gradient dh_t [K, BV] of
+    the state leaving chunk t (stored first) gives the gradient of the chunk's corrected values, to which the
+    intra-chunk attention's share is added here (scale * k_j . q_i * 2^(g_i - g_j) for i >= j, times do_i); then
+    the gradient of the state entering the chunk, which left chunk t - 1:
+
+        dv = 2^(g_last - g) * (k @ dh_t) + A^T @ do
+        dh_t-1 = 2^g_last * dh_t + scale * (2^g * q)^T @ do - w^T @ dv
+
+    The attention's share is independent of the chain over chunks, so the pipelined loads and its matmul overlap
+    the chain's. g is the chunk-local cumulative log2 gate. NT, the number of chunks, is a compile-time constant
+    (Triton's interpreter cannot loop over a run-time count)."""
+    wait_then_release(PDL)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0)
+    i_v, i_bh = pid % NV, pid // NV  # a head's value blocks are neighbours: they read the same q, k, w
+    i_b, i_h = i_bh // H, i_bh % H
+    row0 = i_b.to(tl.int64) * T
+    q += (row0 * H + i_h) * K
+    k += (row0 * H + i_h) * K
+    w += (row0 * H + i_h) * K
+    do += (row0 * H + i_h) * V
+    dv += (row0 * H + i_h) * V
+    g += row0 * H + i_h
+    dh += (i_b.to(tl.int64) * NT * H + i_h) * K * V
+    t_in = tl.arange(0, BT)
+    cols_k = tl.arange(0, K)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    v_ok = cols_v < V
+    later = t_in[:, None] <= t_in[None, :]  # A^T: row j, column i >= j
+    b_dh = tl.zeros([K, BV], dtype=tl.float32)
+    for step in tl.range(0, NT, num_stages=STAGES):
+        i_t = NT - 1 - step
+        tl.store(dh + i_t.to(tl.int64) * H * K * V + cols_k[:, None] * V + cols_v[None, :],
+                 b_dh.to(dh.dtype.element_ty), mask=v_ok[None, :])
+        rows = i_t * BT + t_in
+        ok = rows < T
+        b_g = tl.load(g + rows * H, mask=ok, other=0.0).to(tl.float32)
+        g_last = tl.load(g + (tl.minimum(i_t * BT + BT, T) - 1) * H).to(tl.float32)
+        at_k = rows[:, None] * (H * K) + cols_k[None, :]
+        b_q = tl.load(q + at_k, mask=ok[:, None], other=0.0)
+        b_k = tl.load(k + at_k, mask=ok[:, None], other=0.0)
+        b_w = tl.load(w + at_k, mask=ok[:, None], other=0.0)
+        at_v = rows[:, None] * (H * V) + cols_v[None, :]
+        ok_v = ok[:, None] & v_ok[None, :]
+        b_do = tl.load(do + at_v, mask=ok_v, other=0.0)
+        a_t = tl.dot(b_k, tl.trans(b_q)) * scale
+        a_t = tl.where(later & ok[None, :], a_t * tl.math.exp2(b_g[None, :] - b_g[:, None]), 0.0)
+        b_dv = tl.dot(b_k, b_dh.to(b_k.dtype)) * tl.where(ok, tl.math.exp2(g_last - b_g), 0.0)[:, None]
+        b_dv = tl.dot(a_t.to(b_do.dtype), b_do, b_dv)
+        tl.store(dv + at_v, b_dv.to(dv.dtype.element_ty), mask=ok_v)
+        b_qg = (b_q * tl.math.exp2(b_g)[:, None]).to(b_q.dtype)
+        b_dh = b_dh * tl.math.exp2(g_last) + tl.dot(tl.trans(b_qg), b_do) * scale
+        b_dh -= tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype))
+
+
+def state_grad(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, g: torch.Tensor, do: torch.Tensor, scale: float,
+               chunk: int = 64, tiles: tuple[int, int, int] = STATE_GRAD_TILES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked gated delta rule's state gradients dh [B, NT, H, K, V] (dh[:, t]: of the state leaving chunk t,
+    zero for the last, as fla's chunk kernels take it) and the gradient of the corrected values v_new = u - w @ h [B, T, H, V], from the output's
+    gradient do, where o = scale * (2^g * q) @ h_t + the causal intra-chunk attention over v_new.
+    q, k, w: [B, T, H, K]; g: [B, T, H] fp32, chunk-local cumulative log2 gates; do: [B, T, H, V].
+    tiles: (value columns per program, warps, pipeline stages)."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    assert all(t.is_contiguous() for t in (q, k, w, g, do)) and k.shape == w.shape == q.shape
+    assert g.shape == (B, T, H) and do.shape[:3] == (B, T, H)
+    columns, warps, stages = tiles
+    assert stages >= 2, "the unpipelined loop faults on Hopper (see STATE_GRAD_TILES)"
+    BV = min(columns, V)
+    NT = triton.cdiv(T, chunk)
+    dh = q.new_empty(B, NT, H, K, V)
+    dv = torch.empty_like(do)
+    _state_grad_kernel[(triton.cdiv(V, BV) * B * H,)](q, k, w, g, do, dh, dv, T, scale, H=H, K=K, V=V, BT=chunk, BV=BV,
+                                                      NT=NT, STAGES=stages, num_warps=warps,
+                                                      **launch_options(q.device))
+    return dh, dv
+
