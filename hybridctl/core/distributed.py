@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
+import traceback
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -105,13 +107,20 @@ def session(device: torch.device) -> Iterator[None]:
     A collective that fails because a peer died becomes PeerFailed: the peer printed the cause, and torchrun
     stops the rest. After such an error, or any other that is not a HybridctlError (those are raised by every
     rank alike, past their collectives), the group is not destroyed: tearing down a communicator with a collective
-    still pending can hang, and the process is about to exit anyway."""
+    still pending can hang, and the process is about to exit anyway.
+
+    Before the group is destroyed, what still holds it goes: a DDP model keeps a reference to it, from the local
+    variables of the frames an error passes through and from reference cycles. Left to the interpreter's exit,
+    the group's destructor ran there and sometimes aborted the process ("terminate called without an active
+    exception", seen on gloo after Ctrl-C)."""
     init(device)
     leave = True
     try:
         yield
     except HybridctlError as error:
         leave = not getattr(error, "abandon_group", False)
+        if leave:
+            traceback.clear_frames(error.__traceback__)  # their locals; the traceback still prints
         raise
     except BaseException as error:
         leave = False
@@ -120,6 +129,7 @@ def session(device: torch.device) -> Iterator[None]:
         raise
     finally:
         if leave:
+            gc.collect()
             close()
 
 
