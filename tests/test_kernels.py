@@ -1,7 +1,8 @@
 """The project's Triton kernels against the PyTorch code they replace on CUDA: the Gated DeltaNet short convolution
-(+ SiLU + L2 norm) and gated RMSNorm, on column slices of a wider projection as the fused op passes them; the
-fused linear + cross-entropy; SwiGLU's activation; the rotary embedding. Forward and gradients. Without a GPU they
-run in Triton's interpreter on the CPU; on a GPU, compiled."""
+(+ SiLU + L2 norm) and gated RMSNorm, on column slices of a wider projection as the fused op passes them, and the
+chunk recurrence's state gradients (against autograd); the fused linear + cross-entropy; SwiGLU's activation; the
+rotary embedding. Forward and gradients. Without a GPU they run in Triton's interpreter on the CPU; on a GPU,
+compiled."""
 
 import os
 import subprocess
@@ -298,8 +299,8 @@ def test_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_dw_kernel", "_short_conv_dx_kernel",
                                      "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
-                                     "_softmax_grad_kernel", "_rotary_kernel", "_state_grad_kernel", "_swiglu_fwd_kernel",
-                                     "_swiglu_bwd_kernel"]
+                                     "_softmax_grad_kernel", "_rotary_kernel", "_state_grad_kernel",
+                                     "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"]
 
 
 # ---------------------------------------------------------------------------------------------------------

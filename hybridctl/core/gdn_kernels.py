@@ -308,7 +308,8 @@ def gated_rms_norm_bwd(dy: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, we
 
 # (value columns per program, warps, pipeline stages of the chunk loop's loads); measured on an H200 at the study
 # shape (benchmarks/gdn_layer.py --sweep). The loop unpipelined (1 stage) faulted there with an illegal address
-# (Triton 3.6; the interpreter and every pipelined config compute the right values), so it takes 2 or more.
+# (Triton 3.6; the interpreter computes the right values, and so do the pipelined configs the tests run), so it
+# takes 2 or more.
 STATE_GRAD_TILES = (32, 4, 2)
 
 
@@ -326,7 +327,7 @@ def _state_grad_kernel(q, k, w, g, do, dh, dv, T, scale, H: tl.constexpr, K: tl.
 
     The attention's share is independent of the chain over chunks, so the pipelined loads and its matmul overlap
     the chain's. g is the chunk-local cumulative log2 gate. NT, the number of chunks, is a compile-time constant
-    (Triton's interpreter cannot loop over a run-time count)."""
+    (Triton's interpreter cannot loop over a run-time count), so each sequence length compiles its own kernel."""
     wait_then_release(PDL)
     NV: tl.constexpr = (V + BV - 1) // BV
     pid = tl.program_id(0)
@@ -374,8 +375,9 @@ def _state_grad_kernel(q, k, w, g, do, dh, dv, T, scale, H: tl.constexpr, K: tl.
 def state_grad(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, g: torch.Tensor, do: torch.Tensor, scale: float,
                chunk: int = 64, tiles: tuple[int, int, int] = STATE_GRAD_TILES) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked gated delta rule's state gradients dh [B, NT, H, K, V] (dh[:, t]: of the state leaving chunk t,
-    zero for the last, as fla's chunk kernels take it) and the gradient of the corrected values v_new = u - w @ h [B, T, H, V], from the output's
-    gradient do, where o = scale * (2^g * q) @ h_t + the causal intra-chunk attention over v_new.
+    zero for the last, as fla's chunk kernels take it) and the gradient of the corrected values v_new = u - w @ h
+    [B, T, H, V], from the output's gradient do, where o = scale * (2^g * q) @ h_t + the causal intra-chunk
+    attention over v_new.
     q, k, w: [B, T, H, K]; g: [B, T, H] fp32, chunk-local cumulative log2 gates; do: [B, T, H, V].
     tiles: (value columns per program, warps, pipeline stages)."""
     B, T, H, K = q.shape
@@ -392,4 +394,3 @@ def state_grad(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, g: torch.Tenso
                                                       NT=NT, STAGES=stages, num_warps=warps,
                                                       **launch_options(q.device))
     return dh, dv
-
