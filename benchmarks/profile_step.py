@@ -1,5 +1,6 @@
 """Where the time of a training step goes on a CUDA GPU: kernel time per step by category (matmul, attention,
-Gated DeltaNet kernels, compiled elementwise, optimizer, ...), the top kernels, and GPU idle time.
+Gated DeltaNet kernels, compiled elementwise, optimizer, ...), the top kernels, and GPU idle time: in all, and
+between kernels by the gaps' size.
 
     python benchmarks/profile_step.py --preset hybrid_sparse [--set train.compile=false] [--steps 5] [--top 40]
                                       [--json FILE]
@@ -57,6 +58,36 @@ def kernel_times(prof, steps: int) -> dict[str, list[float]]:
     return dict(kernels)
 
 
+GAP_SIZES = [(1, "<1 us"), (2, "1-2 us"), (4, "2-4 us"), (10, "4-10 us"), (100, "10-100 us"),
+             (float("inf"), ">=100 us")]  # (upper bound in µs, label)
+
+
+def launch_gaps(kernels: list[tuple[float, float, str]], steps: int, largest: int = 10) -> dict:
+    """Where the GPU idles between kernels, from each kernel's (start, end, name), times in µs: per step, the
+    launches, the time during which no kernel runs (kernels on other streams overlap) in all and by the gaps'
+    size, and the largest gaps with the kernel that ended last before each and the one that starts it."""
+    ordered = sorted(kernels)
+    gaps = []
+    busy_until, last = (ordered[0][1], ordered[0][2]) if ordered else (0.0, "")
+    for start, end, name in ordered[1:]:
+        gaps.append((start - busy_until, last, name))
+        if end > busy_until:
+            busy_until, last = end, name
+    by_size = {label: {"gaps": 0.0, "ms": 0.0} for _, label in GAP_SIZES}
+    for gap, _, _ in gaps:
+        if gap > 0:
+            bucket = by_size[next(label for bound, label in GAP_SIZES if gap < bound)]
+            bucket["gaps"] += 1 / steps
+            bucket["ms"] += gap / 1000 / steps
+    return {
+        "launches_per_step": len(ordered) / steps,
+        "idle_ms_per_step": sum(max(gap, 0.0) for gap, _, _ in gaps) / 1000 / steps,
+        "by_size": by_size,
+        "largest": [{"us": gap, "after": prev[:90], "before": nxt[:90]}
+                    for gap, prev, nxt in sorted(gaps, key=lambda item: -item[0])[:largest]],
+    }
+
+
 def profiled_kernel_times(fn, steps: int) -> dict[str, list[float]]:
     """kernel_times of `steps` calls of fn under the profiler."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -92,6 +123,8 @@ def profile_preset(cfg, steps: int, warmup: int, top: int = 40) -> dict:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / steps
     kernels = kernel_times(prof, steps)
+    gaps = launch_gaps([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                        if e.device_type == torch.autograd.DeviceType.CUDA], steps)
     by_category: dict[str, float] = collections.defaultdict(float)
     for name, (ms, _) in kernels.items():
         by_category[category(name)] += ms
@@ -101,7 +134,7 @@ def profile_preset(cfg, steps: int, warmup: int, top: int = 40) -> dict:
         "name": cfg.name, "compile": t.compile, "loss": t.loss, "warmup_s": warmup_s, "step_ms": 1000 * wall,
         "tok_s": t.batch_size * t.seq_len / wall, "kernel_ms": busy, "idle_ms": 1000 * wall - busy,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+        "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])), "gaps": gaps,
         "top": [{"name": n[:110], "ms": ms, "calls": calls, "category": category(n)} for n, (ms, calls) in top],
     }
 
@@ -126,6 +159,10 @@ def main() -> None:
               f"warm-up {r['warmup_s']:.0f} s")
         for cat, ms in r["categories"].items():
             print(f"  {cat:<26} {ms:8.2f} ms  {100 * ms / r['kernel_ms']:5.1f}%")
+        gaps = r["gaps"]
+        print(f"  {gaps['launches_per_step']:.0f} launches per step; idle between kernels "
+              f"{gaps['idle_ms_per_step']:.2f} ms: " + ", ".join(
+                  f"{size} {b['gaps']:.0f} x ({b['ms']:.2f} ms)" for size, b in gaps["by_size"].items() if b["gaps"]))
         print("  top kernels (ms/step, calls/step):")
         for k in r["top"][:25]:
             print(f"    {k['ms']:7.2f} {k['calls']:5.0f}  [{k['category']}] {k['name']}")
