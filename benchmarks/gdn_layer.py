@@ -139,21 +139,13 @@ def state_grad_times(out: dict, args, sweep: bool) -> None:
     time and each output's largest difference relative to fla's largest value."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu
     from fla.ops.common.chunk_o import chunk_bwd_dv_local
-    from fla.ops.gated_delta_rule.wy_fast import recompute_w_u_fwd
 
+    from fla_tiles import inputs  # benchmarks/ is on the path when this script runs
     from hybridctl.core import gdn_fused
 
-    B, T, H, K = args.batch, args.seq, args.heads, args.head_dim
-    V, C = 2 * K, gdn_fused.CHUNK
-    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).bfloat16()
-            for _ in range(2))
-    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-    beta = torch.rand(B, T, H, device="cuda").bfloat16()
-    g = (-torch.rand(B, T // C, C, H, device="cuda") * 0.1).cumsum(2).view(B, T, H)
-    A = gdn_fused.fwd_kkt_solve(k, v, g, beta)
-    w, _ = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g)
-    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-    scale = K**-0.5
+    C = gdn_fused.CHUNK
+    saved = inputs(args)
+    q, k, w, g, do, scale = (saved[name] for name in ("q", "k", "w", "g", "do", "scale"))
 
     def fla_state_grad():
         dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=C)
