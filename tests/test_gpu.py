@@ -186,3 +186,55 @@ def test_compiled_training_model_matches_eager():
           + ", ".join(f"{n} {errors[n]:.2e}" for n in worst))
     assert rel_err(loss, eager_loss) < 1e-2
     assert errors[worst[0]] < 3e-2
+
+
+
+def test_cuda_model_matches_cpu_model():
+    """A whole model on CUDA (the fused layer, the residual add + norm kernels) in bf16 autocast, compiled as the
+    trainer compiles it, against the same weights on the CPU in fp32 (the PyTorch code): loss and every
+    parameter's gradient. The decay's parameters (A_log, dt_bias) sum the gate's gradient over every token and
+    time step after three layers of bf16, so they get twice the others' tolerance."""
+    import copy
+
+    from conftest import micro_config
+    from hybridctl.core.model import build_model, pick_loss
+    from hybridctl.core.trainer import wrap_for_training
+
+    cfg = micro_config(CUDA_MICRO + ['model.pattern="LFL"', "model.n_layers=3"])
+    cfg.model.vocab_size = 512
+    torch.manual_seed(0)
+    cpu = build_model(cfg.model)
+    cpu.loss_impl = pick_loss("auto", "cpu")
+    gpu = copy.deepcopy(cpu).cuda()
+    gpu.loss_impl = pick_loss("auto", "cuda")
+    tokens = torch.randint(0, 512, (B, T + 1))
+    ref = cpu(tokens[:, :-1], tokens[:, 1:]).loss
+    ref.backward()
+    step_model, _ = wrap_for_training(gpu, torch.device("cuda"), compiled=True, ddp=False)
+    tokens = tokens.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = step_model(tokens[:, :-1], tokens[:, 1:]).loss
+    loss.backward()
+    errors = {n: rel_err(p.grad.cpu(), q.grad) for (n, p), q in zip(gpu.named_parameters(), cpu.parameters())}
+    worst = sorted(errors, key=errors.get, reverse=True)[:3]
+    print(f"\nCUDA model vs CPU model: loss {rel_err(loss.cpu(), ref.detach()):.2e}; largest gradient errors "
+          + ", ".join(f"{n} {errors[n]:.2e}" for n in worst))
+    assert rel_err(loss.cpu(), ref.detach()) < 1e-2
+    assert all(e < (6e-2 if n.endswith(("A_log", "dt_bias")) else 3e-2) for n, e in errors.items()), errors
+
+
+def test_moe_router_reads_fp32_norm_on_cuda():
+    """Under bf16 autocast the norm before an MoE layer hands it fp32 (as F.rms_norm does), so routing decisions
+    are taken on unrounded values; the other norms hand their matmuls bf16."""
+    from conftest import micro_config
+    from hybridctl.core.model import build_model
+
+    cfg = micro_config(CUDA_MICRO + ['model.pattern="LFL"', "model.n_layers=3", "model.moe.n_experts=4"])
+    cfg.model.vocab_size = 512
+    model = build_model(cfg.model).cuda()
+    seen = {}
+    for i, block in enumerate(model.blocks):
+        block.mlp.register_forward_pre_hook(lambda module, args, i=i: seen.__setitem__(i, args[0].dtype))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.randint(0, 512, (B, T), device="cuda"))
+    assert seen == {0: torch.bfloat16, 1: torch.float32, 2: torch.bfloat16}

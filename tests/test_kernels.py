@@ -15,7 +15,7 @@ import torch.nn.functional as F
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, conftest.py switches Triton to its interpreter
 pytest.importorskip("triton")
 
-from hybridctl.core import fused_loss, gdn_kernels, rope, swiglu  # noqa: E402
+from hybridctl.core import add_norm, fused_loss, gdn_kernels, rope, swiglu  # noqa: E402
 from hybridctl.core.attention import Rotary  # noqa: E402
 from hybridctl.core.gated_delta import GatedRMSNorm, causal_conv_silu, l2norm  # noqa: E402
 
@@ -147,6 +147,68 @@ def test_state_grad_matches_autograd(tiles):
     assert max_rel(dh[:, :-1].cpu(), torch.stack([s.grad for s in states[:-1]], dim=1)) < tol
 
 
+@pytest.mark.parametrize("delta_dtype,tiles", [(torch.bfloat16, None), (torch.float32, (2, 4, 2, 2)), (None, None),
+                                               (None, (2, 4, 2, 2))])
+def test_add_rms_norm_matches_autograd(delta_dtype, tiles, monkeypatch):
+    """s = x + delta and its RMSNorm, forward and both gradients, against autograd through x + delta and
+    F.rms_norm in fp64. 50 rows of 96 (neither a whole number of tiles nor a power of two); (2, 4, ...) runs 4
+    tiles per program over 7 programs, so the weight gradient sums partials."""
+    if tiles:
+        monkeypatch.setattr(add_norm, "BWD_TILES", tiles)
+    torch.manual_seed(10)
+    R, D, eps = 50, 96, 1e-5
+    x = (torch.randn(R, D, device=DEVICE) * 2).requires_grad_()
+    delta = torch.randn(R, D, device=DEVICE).to(delta_dtype).requires_grad_() if delta_dtype else None
+    weight = (1 + torch.randn(D, device=DEVICE) * 0.1).requires_grad_()
+    ds, dn = torch.randn(R, D, device=DEVICE), torch.randn(R, D, device=DEVICE)
+    s, n = add_norm.add_rms_norm(x, delta, weight, eps)
+    assert s.dtype == n.dtype == torch.float32
+    torch.autograd.backward([s, n], [ds, dn])  # one backward kernel takes both gradients
+
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (x, weight) + ((delta,) if delta is not None else ())]
+    s_ref = leaves[0] + leaves[2] if delta is not None else leaves[0]
+    n_ref = F.rms_norm(s_ref, (D,), leaves[1], eps)
+    ((s_ref * ds.double().cpu()).sum() + (n_ref * dn.double().cpu()).sum()).backward()
+    tol = 1e-5
+    assert max_rel(s.detach().cpu(), s_ref.detach()) < tol and max_rel(n.detach().cpu(), n_ref.detach()) < tol
+    assert max_rel(x.grad.cpu(), leaves[0].grad) < tol
+    assert max_rel(weight.grad.cpu(), leaves[1].grad) < tol
+    if delta is not None:
+        assert delta.grad.dtype == delta_dtype
+        assert max_rel(delta.grad.cpu(), leaves[2].grad) < (1e-2 if delta_dtype == torch.bfloat16 else tol)
+
+
+def test_add_rms_norm_outputs_autocast_dtype():
+    """Under autocast the norm comes out in the matmul's dtype; the residual stream keeps x's."""
+    x, delta = torch.randn(3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE, dtype=torch.bfloat16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        s, n = add_norm.add_rms_norm(x, delta, torch.ones(8, device=DEVICE), 1e-5)
+    assert s.dtype == torch.float32 and n.dtype == torch.bfloat16
+    assert max_rel(n.float(), F.rms_norm(x + delta.float(), (8,), eps=1e-5)) < 1e-2
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # for a reader in fp32 (the MoE router), as F.rms_norm gives
+        n32 = add_norm.add_rms_norm(x, delta, torch.ones(8, device=DEVICE), 1e-5, cast_to_autocast=False)[1]
+    assert n32.dtype == torch.float32
+    assert max_rel(n32, F.rms_norm(x + delta.float(), (8,), eps=1e-5)) < 1e-5
+
+
+def test_every_custom_op_is_registered_with_inductor():
+    """Each op of the hybridctl namespace gets its fallback (with the layout constraint inductor would pick) before
+    compiling, so a new op left off the list fails here rather than slowing compiles down at depth."""
+    from torch._inductor.lowering import lowerings, maybe_layout_constraints, tag_to_layout_constraint
+    from torch._library.utils import get_layout_constraint_tag
+
+    from hybridctl.core import inductor_fallbacks
+
+    assert inductor_fallbacks.register()
+    names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("hybridctl::")]
+    assert sorted(names) == sorted(n for ops in inductor_fallbacks.OPS.values() for n in ops)
+    for name in names:
+        op = getattr(torch.ops.hybridctl, name).default
+        assert op in lowerings
+        expected = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+        assert expected is not None and maybe_layout_constraints(op) is expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softmax_grad_kernel_matches_cross_entropy(dtype):
     """Per-row loss and in-place gradient against autograd through F.cross_entropy in fp64, with a vocabulary that
@@ -235,6 +297,7 @@ COMPILE_FOR_HOPPER = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from hybridctl.core import add_norm as an
 from hybridctl.core import fused_loss as fl
 from hybridctl.core import gdn_kernels as gk
 from hybridctl.core import rope
@@ -260,6 +323,10 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
     (gk._gated_norm_bwd_kernel, "dy:*bf16 o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 do:*bf16 dgate:*bf16 "
      "dgate_row_stride:i32 dw_part:*fp32 R:i32 H:i32 eps:fp32", {"V": 256, **tiles(gk.NORM_BWD_TILES, "BR")},
      gk.NORM_BWD_TILES[2]),
+    (an._add_norm_fwd_kernel, "x:*fp32 delta:*bf16 w:*fp32 s:*fp32 n:*bf16 R:i32 eps:fp32",
+     {"D": 768, "BLOCK": 1024, "BR": an.ROWS, "HAS_DELTA": True}, an.WARPS),
+    (an._add_norm_bwd_kernel, "ds:*fp32 dn:*bf16 s:*fp32 w:*fp32 dx:*fp32 d_delta:*bf16 dw_part:*fp32 R:i32 eps:fp32",
+     {"D": 768, "BLOCK": 1024, **tiles(an.BWD_TILES, "BR"), "HAS_DS": True, "HAS_DELTA": True}, an.BWD_TILES[2]),
     (fl._softmax_grad_kernel, "logits:*bf16 row_stride:i32 targets:*i64 row_loss:*fp32 grad_scale:fp32",
      {"V": 49152, "BLOCK": fl.BLOCK_V}, fl.WARPS),
     (rope._rotary_kernel, "src:*bf16 src_b:i32 src_t:i32 src_h:i32 dst:*bf16 dst_b:i32 dst_t:i32 dst_h:i32 "
@@ -272,7 +339,7 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
     (sw._swiglu_bwd_kernel, "dh:*bf16 gate_up:*bf16 d_gate_up:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
 ]
 # Every kernel of these modules that takes PDL is launched that way on Hopper, so every one is checked here.
-with_pdl = {f.fn.__name__ for module in (fl, gk, rope, sw) for f in vars(module).values()
+with_pdl = {f.fn.__name__ for module in (an, fl, gk, rope, sw) for f in vars(module).values()
             if isinstance(f, triton.runtime.jit.JITFunction) and "PDL" in f.arg_names
             and f.fn.__module__ == module.__name__}
 assert with_pdl == {kernel.fn.__name__ for kernel, *_ in cases}, with_pdl
@@ -298,8 +365,8 @@ def test_kernels_compile_for_hopper():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_dw_kernel", "_short_conv_dx_kernel",
-                                     "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
-                                     "_softmax_grad_kernel", "_rotary_kernel", "_state_grad_kernel",
+                                     "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel", "_add_norm_fwd_kernel",
+                                     "_add_norm_bwd_kernel", "_softmax_grad_kernel", "_rotary_kernel", "_state_grad_kernel",
                                      "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"]
 
 

@@ -1,8 +1,9 @@
 """The hybrid language model, top to bottom: token embedding, one block per letter of the layer pattern
 (L = Gated DeltaNet, F = softmax attention, D = sparse attention), final RMSNorm, tied output head.
 
-Each block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)). Modules that add an auxiliary loss (the
-sparse-attention indexer, the MoE router) leave it in `aux_loss` after their forward; the model adds them up.
+Each block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)); each residual add is done by the norm after it
+(one kernel on CUDA). Modules that add an auxiliary loss (the sparse-attention indexer, the MoE router) leave it
+in `aux_loss` after their forward; the model adds them up.
 """
 
 from __future__ import annotations
@@ -21,13 +22,26 @@ from hybridctl.core.gated_delta import GatedDeltaNet
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, cast_to_autocast: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # add_and_norm's output on CUDA: in autocast's dtype for the matmul that reads it, or in the residual
+        # stream's (fp32, as F.rms_norm gives under autocast) for a reader that computes in fp32 (the MoE router).
+        self.cast_to_autocast = cast_to_autocast
 
     def forward(self, x):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the sum normalised): a residual add and the norm after it, one kernel each way on CUDA
+        (add_norm.py). delta None: (x, x normalised)."""
+        if x.is_cuda:
+            from hybridctl.core.add_norm import add_rms_norm  # needs Triton
+
+            return add_rms_norm(x, delta, self.weight, self.eps, self.cast_to_autocast)
+        x = x if delta is None else x + delta
+        return x, self(x)
 
 
 def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
@@ -82,12 +96,15 @@ class Block(nn.Module):
         self.kind = kind
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = make_mixer(kind, cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cast_to_autocast=not uses_moe(layer, cfg))
         self.mlp = make_mlp(layer, cfg)
 
-    def forward(self, x):
-        x = x + self.mixer(self.mixer_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + mixer(norm(x)), then + mlp(norm(...)), with each add done by the norm that follows it: `pending` is
+        the previous block's MLP output, not yet in the residual stream x, and this block returns its own."""
+        x, h = self.mixer_norm.add_and_norm(x, pending)
+        x, h = self.mlp_norm.add_and_norm(x, self.mixer(h))
+        return x, self.mlp(h)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -181,14 +198,14 @@ class HybridLM(nn.Module):
         return n - self.embed.weight.numel() if non_embedding else n
 
     def hidden_states(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = self.embed(idx)
+        x, pending = self.embed(idx), None
         aux: dict[str, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x)
+        for block in self.blocks:
+            x, pending = block(x, pending)
             for module in (block.mixer, block.mlp):
                 for key, value in getattr(module, "aux_losses", {}).items():
                     aux[key] = aux.get(key, 0) + value
-        return self.norm(x), aux
+        return self.norm.add_and_norm(x, pending)[1], aux
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False) -> ModelOutput:
         h, aux = self.hidden_states(idx)

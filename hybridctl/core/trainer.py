@@ -242,8 +242,15 @@ def compile_model(module: torch.nn.Module) -> torch.nn.Module:
     """torch.compile, with inductor's kernels launched as programmatic dependent launches (on Hopper and newer
     GPUs; inductor leaves them out elsewhere): each kernel's start overlaps the end of the one before, and waits
     for the earlier kernels before reading what they wrote; about 0.7% of the hybrid's step on an H200.
-    TORCHINDUCTOR_ENABLE_PDL in the environment decides instead when it is set."""
+    TORCHINDUCTOR_ENABLE_PDL in the environment decides instead when it is set. On CUDA the project's custom ops
+    are registered with inductor first (inductor_fallbacks.py: without it the study models take minutes to
+    compile)."""
     import torch._inductor.config as inductor_config
+
+    if torch.cuda.is_available():
+        from hybridctl.core import inductor_fallbacks
+
+        inductor_fallbacks.register()
 
     if "TORCHINDUCTOR_ENABLE_PDL" in os.environ or not hasattr(inductor_config.triton, "enable_pdl"):
         return torch.compile(module)

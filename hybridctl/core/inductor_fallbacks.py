@@ -1,0 +1,43 @@
+"""The project's custom ops registered with inductor as calls it makes as they are, before anything compiles.
+
+Inductor runs an op it has no lowering for as an "implicit fallback" (the op's own code, called from the compiled
+graph), but torch 2.11 first formats the call's inputs for a log line, whether or not anything logs it. That
+string spells out the inputs' whole graph, and where the project's ops feed each other (each block's residual add
++ norm feeds the next block's, both outputs of one into the other) it doubles with each layer: the 12-layer study
+models did not finish compiling in 7 minutes. Registering the same fallbacks up front, with the layout constraint
+inductor would give them itself (by the op's tags, else its default for custom ops), skips that string; the
+compiled code is the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Every op in the hybridctl namespace (tests check that none is missing), by the module that defines it.
+OPS = {
+    "add_norm": ("add_rms_norm", "add_rms_norm_backward", "rms_norm", "rms_norm_backward"),
+    "fused_loss": ("linear_cross_entropy",),
+    "gdn_fused": ("gated_deltanet", "gated_deltanet_backward"),
+    "rope": ("rotary_qkv", "rotary_qkv_backward"),
+    "swiglu": ("swiglu", "swiglu_backward"),
+}
+
+
+def register() -> bool:
+    """Registers the fallbacks (once; the op modules need Triton). False where this torch lays inductor out
+    differently: compiling then takes inductor's own path, correct but slow to compile at depth."""
+    import importlib
+
+    try:
+        from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:
+        return False
+    for module, names in OPS.items():
+        importlib.import_module(f"hybridctl.core.{module}")
+        for name in names:
+            op = getattr(torch.ops.hybridctl, name).default
+            if op not in lowerings:
+                constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+                make_fallback(op, layout_constraint=constraint, warn=False)
+    return True
