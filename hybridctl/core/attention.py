@@ -9,22 +9,20 @@ import torch.nn.functional as F
 
 
 class Rotary(nn.Module):
-    """Rotate-half RoPE; cos/sin tables are recomputed per length and device, never saved in checkpoints."""
+    """Rotate-half RoPE. The cos/sin tables are made in each forward (T x head_dim, next to nothing) rather than
+    cached on the module: a cache filled inside a compiled graph is that graph's output, read by the graph that
+    its guard then recompiles, and under CUDA graphs that memory is reused by the next replay."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
-    def tables(self, T: int, device: torch.device):
-        if self._cache is None or self._cache[0] < T or self._cache[1] != device:
-            t = torch.arange(T, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._cache = (T, device, emb.cos(), emb.sin())
-        _, _, cos, sin = self._cache
-        return cos[:T], sin[:T]
+    def tables(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(T, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, D]"""
