@@ -147,12 +147,14 @@ def test_state_grad_matches_autograd(tiles):
     assert max_rel(dh[:, :-1].cpu(), torch.stack([s.grad for s in states[:-1]], dim=1)) < tol
 
 
-@pytest.mark.parametrize("delta_dtype,tiles", [(torch.bfloat16, None), (torch.float32, (2, 4, 2, 2)), (None, None),
-                                               (None, (2, 4, 2, 2))])
-def test_add_rms_norm_matches_autograd(delta_dtype, tiles, monkeypatch):
+@pytest.mark.parametrize("delta_dtype,tiles,sum_used", [(torch.bfloat16, None, True), (torch.float32, (2, 4, 2, 2), True),
+                                                        (torch.float32, None, False), (None, None, True),
+                                                        (None, (2, 4, 2, 2), True)])
+def test_add_rms_norm_matches_autograd(delta_dtype, tiles, sum_used, monkeypatch):
     """s = x + delta and its RMSNorm, forward and both gradients, against autograd through x + delta and
     F.rms_norm in fp64. 50 rows of 96 (neither a whole number of tiles nor a power of two); (2, 4, ...) runs 4
-    tiles per program over 7 programs, so the weight gradient sums partials."""
+    tiles per program over 7 programs, so the weight gradient sums partials. sum_used False: only the norm gets a
+    gradient (the final norm's case), so the backward runs without one for the sum."""
     if tiles:
         monkeypatch.setattr(add_norm, "BWD_TILES", tiles)
     torch.manual_seed(10)
@@ -161,9 +163,14 @@ def test_add_rms_norm_matches_autograd(delta_dtype, tiles, monkeypatch):
     delta = torch.randn(R, D, device=DEVICE).to(delta_dtype).requires_grad_() if delta_dtype else None
     weight = (1 + torch.randn(D, device=DEVICE) * 0.1).requires_grad_()
     ds, dn = torch.randn(R, D, device=DEVICE), torch.randn(R, D, device=DEVICE)
+    if not sum_used:
+        ds = torch.zeros_like(ds)
     s, n = add_norm.add_rms_norm(x, delta, weight, eps)
     assert s.dtype == n.dtype == torch.float32
-    torch.autograd.backward([s, n], [ds, dn])  # one backward kernel takes both gradients
+    if sum_used:
+        torch.autograd.backward([s, n], [ds, dn])  # one backward kernel takes both gradients
+    else:
+        n.backward(dn)
 
     leaves = [t.detach().double().cpu().requires_grad_() for t in (x, weight) + ((delta,) if delta is not None else ())]
     s_ref = leaves[0] + leaves[2] if delta is not None else leaves[0]
@@ -176,6 +183,70 @@ def test_add_rms_norm_matches_autograd(delta_dtype, tiles, monkeypatch):
     if delta is not None:
         assert delta.grad.dtype == delta_dtype
         assert max_rel(delta.grad.cpu(), leaves[2].grad) < (1e-2 if delta_dtype == torch.bfloat16 else tol)
+
+
+def test_add_rms_norm_rejects_other_shapes_and_takes_strided_input():
+    """delta must have x's shape (no broadcasting: the kernel reads x's rows from it); a strided x is read as a
+    contiguous copy, forward and backward."""
+    x, w = torch.randn(8, 16, device=DEVICE), torch.ones(16, device=DEVICE)
+    with pytest.raises(AssertionError, match="shape"):
+        add_norm.add_rms_norm(x, torch.randn(1, 16, device=DEVICE), w, 1e-5)
+    xt = torch.randn(16, 8, device=DEVICE).t().requires_grad_()
+    n = add_norm.add_rms_norm(xt, None, w, 1e-5)[1]
+    n.sum().backward()
+    ref = xt.detach().clone().requires_grad_()
+    F.rms_norm(ref, (16,), w, 1e-5).sum().backward()
+    assert max_rel(n, F.rms_norm(ref, (16,), w, 1e-5)) < 1e-5 and max_rel(xt.grad, ref.grad) < 1e-4
+
+
+def test_add_rms_norm_compiled_matches_eager():
+    """Two chained add + norm ops under torch.compile, registered with inductor as the trainer registers them,
+    against the same calls run eagerly: outputs and every gradient. The last sum is unused (no gradient for it)."""
+    from hybridctl.core import inductor_fallbacks
+
+    assert inductor_fallbacks.register()
+    torch.manual_seed(3)
+    leaves = [torch.randn(6, 32, device=DEVICE).requires_grad_() for _ in range(3)]
+    weights = [(1 + 0.1 * torch.randn(32, device=DEVICE)).requires_grad_() for _ in range(2)]
+
+    def chain(x, d1, d2, w1, w2):
+        s1, n1 = add_norm.add_rms_norm(x, d1, w1, 1e-5)
+        return add_norm.add_rms_norm(s1, d2 * n1, w2, 1e-5)[1]
+
+    results = []
+    for fn in (chain, torch.compile(chain, fullgraph=True)):
+        out = fn(*leaves, *weights)
+        grads = torch.autograd.grad((out * out).sum(), leaves + weights)
+        results.append((out.detach(), grads))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert max_rel(compiled, eager) < 1e-6
+    assert all(max_rel(a, b) < 1e-5 for a, b in zip(compiled_grads, eager_grads))
+
+
+def test_model_through_the_add_norm_op_matches_pytorch(monkeypatch):
+    """The model's blocks wired through the op (as on CUDA) against the PyTorch path, on layers of every kind
+    (Gated DeltaNet, attention, sparse attention) with an MoE layer: loss and every gradient."""
+    from conftest import micro_config
+    from hybridctl.core import model as model_module
+    from hybridctl.core.model import build_model
+
+    cfg = micro_config(['model.pattern="LDLF"', "model.n_layers=4", "model.moe.n_experts=4"])
+    cfg.model.vocab_size = 256
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    tokens = torch.randint(0, 256, (2, 33))
+    results = []
+    for through_op in (False, True):
+        if through_op:
+            monkeypatch.setattr(model_module.RMSNorm, "add_and_norm", lambda self, x, delta: add_norm.add_rms_norm(
+                x, delta, self.weight, self.eps, self.cast_to_autocast))
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens[:, :-1], tokens[:, 1:]).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert max_rel(loss, ref_loss) < 1e-6
+    assert all(max_rel(a, b) < 1e-4 for a, b in zip(grads, ref_grads))
 
 
 def test_add_rms_norm_outputs_autocast_dtype():
@@ -199,14 +270,36 @@ def test_every_custom_op_is_registered_with_inductor():
 
     from hybridctl.core import inductor_fallbacks
 
+    import pathlib
+    import re
+
     assert inductor_fallbacks.register()
+    package = pathlib.Path(inductor_fallbacks.__file__).parents[1]
+    defined = {(path.stem, name) for path in package.rglob("*.py")  # every op the package's source defines
+               for name in re.findall(r'custom_op\(\s*"hybridctl::(\w+)"', path.read_text())}
+    assert defined == {(module, name) for module, ops in inductor_fallbacks.OPS.items() for name in ops}
     names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("hybridctl::")]
-    assert sorted(names) == sorted(n for ops in inductor_fallbacks.OPS.values() for n in ops)
+    assert sorted(names) == sorted(name for _, name in defined)
     for name in names:
         op = getattr(torch.ops.hybridctl, name).default
         assert op in lowerings
         expected = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
         assert expected is not None and maybe_layout_constraints(op) is expected
+
+
+def test_fused_loss_scales_bf16_gradients_in_fp32():
+    """The fused loss's gradients, made in the forward, are scaled by the incoming gradient (1 / grad_accum) in
+    fp32: the bf16 result is the unscaled one times 1/3 rounded once, with no bf16-rounded 1/3 in it."""
+    torch.manual_seed(4)
+    h = torch.randn(64, 32, device=DEVICE).bfloat16().requires_grad_()
+    w = (torch.randn(100, 32, device=DEVICE) * 0.1).bfloat16().requires_grad_()
+    y = torch.randint(0, 100, (64,), device=DEVICE)
+    fused_loss.fused_linear_cross_entropy(h, w, y, 32).backward()
+    unscaled = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (fused_loss.fused_linear_cross_entropy(h, w, y, 32) / 3).backward()
+    third = torch.tensor(1 / 3)
+    assert all(torch.equal(g, (u.float() * third).bfloat16()) for g, u in zip((h.grad, w.grad), unscaled))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -87,3 +87,20 @@ def test_train_loss_setting_picks_the_loss_and_all_agree():
         torch.testing.assert_close(results["fused"][0], results["plain"][0].float(), rtol=1e-6, atol=1e-6)
         scale = results["plain"][1].abs().max().item()
         torch.testing.assert_close(results["fused"][1], results["plain"][1], rtol=0, atol=1e-6 * scale)
+
+
+def test_blocks_compute_the_plain_pre_norm_residual_stream():
+    """Blocks hand each residual add to the norm after it; the hidden states must equal the plain pre-norm
+    recurrence x += mixer(norm(x)); x += mlp(norm(x)), then the final norm, on layers of every kind with an MoE."""
+    cfg = load_config("tiny", ['model.pattern="LDLF"', "model.n_layers=4", "model.moe.n_experts=4", "model.d_model=64",
+                               "model.n_heads=2", "model.gdn.num_heads=2", "model.gdn.head_dim=16", "model.vocab_size=97"])
+    torch.manual_seed(0)
+    model = HybridLM(cfg.model)
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        h, _ = model.hidden_states(idx)
+        x = model.embed(idx)
+        for block in model.blocks:
+            x = x + block.mixer(block.mixer_norm(x))
+            x = x + block.mlp(block.mlp_norm(x))
+        assert torch.equal(h, model.norm(x))

@@ -81,6 +81,7 @@ def _rows(x: Tensor) -> tuple[int, int]:
 def _forward(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
              ) -> tuple[Tensor, Tensor]:
     R, D = _rows(x)
+    assert (delta is None or delta.shape == x.shape) and weight.shape == (D,), "delta: x's shape; weight: [D]"
     rows, warps = ROWS, WARPS
     s = torch.empty_like(x) if delta is not None else x
     n = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -95,6 +96,7 @@ def _forward(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, out_dt
 def _backward(ds: Tensor | None, dn: Tensor, s: Tensor, weight: Tensor, eps: float, delta_dtype: torch.dtype | None
               ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(gradient of x, of delta when delta_dtype is given, of weight in fp32)."""
+    s = s.contiguous()
     R, D = _rows(s)
     rows, per_program, warps, stages = BWD_TILES
     dn = dn.contiguous()
@@ -122,7 +124,7 @@ def _add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float, out_dtyp
 
 @_add_rms_norm.register_fake
 def _(x, delta, weight, eps, out_dtype):
-    return torch.empty_like(x), x.new_empty(x.shape, dtype=out_dtype)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("hybridctl::add_rms_norm_backward", mutates_args=())
@@ -133,7 +135,7 @@ def _add_rms_norm_backward(ds: Tensor | None, dn: Tensor, s: Tensor, weight: Ten
 
 @_add_rms_norm_backward.register_fake
 def _(ds, dn, s, weight, eps, delta_dtype):
-    return torch.empty_like(s), s.new_empty(s.shape, dtype=delta_dtype), weight.new_empty(weight.shape,
+    return s.new_empty(s.shape), s.new_empty(s.shape, dtype=delta_dtype), weight.new_empty(weight.shape,
                                                                                            dtype=torch.float32)
 
 
@@ -141,10 +143,13 @@ def _add_setup_context(ctx, inputs, output):
     _, delta, weight, eps, _ = inputs
     ctx.save_for_backward(output[0], weight)
     ctx.eps, ctx.delta_dtype = eps, delta.dtype
+    ctx.set_materialize_grads(False)  # an unused sum (the final norm's) gets no gradient: no zeros to write and read
 
 
 def _add_backward(ctx, ds, dn):
     s, weight = ctx.saved_tensors
+    if dn is None:  # only the sum was used
+        dn = torch.zeros_like(s)
     dx, d_delta, dw = _add_rms_norm_backward(ds, dn, s, weight, ctx.eps, ctx.delta_dtype)
     return dx, d_delta, dw.to(weight.dtype), None, None
 
@@ -172,7 +177,7 @@ def _rms_norm_backward(dn: Tensor, x: Tensor, weight: Tensor, eps: float) -> tup
 
 @_rms_norm_backward.register_fake
 def _(dn, x, weight, eps):
-    return torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 def _norm_setup_context(ctx, inputs, output):

@@ -113,7 +113,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_unused):
     grad_h, grad_w = ctx.saved_tensors
-    return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+    # Scaled in fp32: a factor such as 1 / grad_accum rounded to bf16 would bias every gradient below the head.
+    scaled = [(g.float() * grad_loss).to(g.dtype) for g in (grad_h, grad_w)]
+    return *scaled, None, None, None
 
 
 linear_cross_entropy_with_grads.register_autograd(_backward, setup_context=_setup_context)

@@ -24,20 +24,22 @@ OPS = {
 
 
 def register() -> bool:
-    """Registers the fallbacks (once; the op modules need Triton). False where this torch lays inductor out
-    differently: compiling then takes inductor's own path, correct but slow to compile at depth."""
+    """Registers the fallbacks (once; the op modules need Triton). False where they cannot be registered (no
+    Triton, or a torch whose inductor internals differ): compiling then takes inductor's own path, correct but
+    slow to compile at depth on torch 2.11."""
     import importlib
 
     try:
         from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
         from torch._library.utils import get_layout_constraint_tag
-    except ImportError:
+
+        for module, names in OPS.items():
+            importlib.import_module(f"hybridctl.core.{module}")
+            for name in names:
+                op = getattr(torch.ops.hybridctl, name).default
+                if op not in lowerings:
+                    constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+                    make_fallback(op, layout_constraint=constraint, warn=False)
+    except (ImportError, AttributeError, TypeError):
         return False
-    for module, names in OPS.items():
-        importlib.import_module(f"hybridctl.core.{module}")
-        for name in names:
-            op = getattr(torch.ops.hybridctl, name).default
-            if op not in lowerings:
-                constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
-                make_fallback(op, layout_constraint=constraint, warn=False)
     return True
