@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
-# Every op in the hybridctl namespace (tests check that none is missing), by the module that defines it.
-OPS = {
-    "add_norm": ("add_rms_norm", "add_rms_norm_backward", "rms_norm", "rms_norm_backward"),
-    "fused_loss": ("linear_cross_entropy",),
-    "gdn_fused": ("gated_deltanet", "gated_deltanet_backward"),
-    "rope": ("rotary_qkv", "rotary_qkv_backward"),
-    "swiglu": ("swiglu", "swiglu_backward"),
-}
+# The modules that define the hybridctl namespace's ops (tests check that none is missing); importing them
+# registers the ops, which are then read back from the dispatcher.
+OP_MODULES = ("add_norm", "fused_loss", "gdn_fused", "rope", "swiglu")
+
+
+def op_names() -> list[str]:
+    """The ops of the hybridctl namespace that are registered now."""
+    return [name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("hybridctl::")]
 
 
 def register() -> bool:
@@ -33,13 +33,13 @@ def register() -> bool:
         from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
         from torch._library.utils import get_layout_constraint_tag
 
-        for module, names in OPS.items():
+        for module in OP_MODULES:
             importlib.import_module(f"hybridctl.core.{module}")
-            for name in names:
-                op = getattr(torch.ops.hybridctl, name).default
-                if op not in lowerings:
-                    constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
-                    make_fallback(op, layout_constraint=constraint, warn=False)
+        for name in op_names():
+            op = getattr(torch.ops.hybridctl, name).default
+            if op not in lowerings:
+                constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+                make_fallback(op, layout_constraint=constraint, warn=False)
     except (ImportError, AttributeError, TypeError):
         return False
     return True
