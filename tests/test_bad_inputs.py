@@ -128,10 +128,20 @@ ROWS = [
     Row("vocab-too-small", train("--set", "model.vocab_size=100"), "smaller than the tokenizer's vocabulary"),
     Row("grad-accum", train("--set", "train.grad_accum=3"), "divisible by train.grad_accum"),
     Row("corpus-too-small", train("--set", "data.max_tokens=20"), "too few for one sequence"),
+    Row("no-validation-split", train("--set", "data.val_fraction=0"), "the validation split has 0 tokens"),
     # output folder
     Row("out-under-a-file", ["train", "--preset", "tiny", "--out", "{ws}/afile/runs", *MICRO], "is a file, not a folder", write("afile", "x")),
     Row("name-is-a-file", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "afile", *MICRO], "is a file, not a folder", write("afile", "x")),
     Row("existing-run-no-force", train(), "pass --force", existing_run_named("bad")),
+    Row("force-over-non-run", train("--force"), "is not a run folder (no config.toml)", write("runs/bad/notes.txt", "mine")),
+    Row("force-over-sweep", train("--force"), "is not a run folder", existing_run_named("bad/sweep_run_1")),
+    Row("name-with-slash", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "a/b", *MICRO], "must be a plain folder name"),
+    Row("name-parent", ["train", "--preset", "tiny", "--out", "{ws}/runs", "--name", "..", "--force", *MICRO], "must be a plain folder name"),
+    Row("name-absolute", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "{ws}/run", "--force", *MICRO], "must be a plain folder name"),
+    # --force over a run, with a mistake that fails only when the data is read: the old run is still all there
+    Row("force-bad-data", train("--force", "--set", 'data.dataset="{ws}/no_such_corpus.txt"'), "no_such_corpus.txt", existing_run_named("bad")),
+    Row("force-hub-tokenizer-offline", train("--force", "--set", 'data.tokenizer="no-such-org/no-such-tokenizer"'), None, existing_run_named("bad")),
+    Row("force-small-vocab", train("--force", "--set", "model.vocab_size=100"), "smaller than the tokenizer's vocabulary", existing_run_named("bad")),
     # checkpoints
     Row("corrupt-checkpoint", ["resume", "{run}", "--from", "step_000003"], "is corrupt (checksum mismatch)", flip_bytes("model.safetensors")),
     Row("truncated-checkpoint", ["resume", "{run}", "--from", "step_000003"], "is truncated", truncate("optimizer.safetensors")),
@@ -141,8 +151,10 @@ ROWS = [
     Row("corrupt-state-json", ["resume", "{run}", "--from", "step_000003"], "not valid JSON", write("run/checkpoints/step_000003/state.json", '{"step": 3,')),
     Row("foreign-state-json", ["resume", "{run}", "--from", "step_000003"], "was not written by hybridctl", write("run/checkpoints/step_000003/state.json", '{"hello": 1}')),
     Row("every-checkpoint-damaged", ["resume", "{run}", "--extend-steps", "2"], "no intact checkpoint", damage_every_checkpoint),
-    Row("config-other-width", ["resume", "{run}", "--from", "step_000003"], "model.d_model: 32 vs 64", edit_run_config("d_model = 32", "d_model = 64")),
-    Row("config-other-pattern", ["resume", "{run}", "--from", "step_000003"], 'model.pattern: "LF" vs "FL"', edit_run_config('pattern = "LF"', 'pattern = "FL"')),
+    # with --force too: a checkpoint that does not fit the run is refused before anything after it is deleted
+    Row("config-other-width", ["resume", "{run}", "--from", "step_000003", "--force"], "model.d_model: 32 vs 64", edit_run_config("d_model = 32", "d_model = 64")),
+    Row("config-other-pattern", ["resume", "{run}", "--from", "step_000003", "--force"], 'model.pattern: "LF" vs "FL"', edit_run_config('pattern = "LF"', 'pattern = "FL"')),
+    Row("resume-earlier-no-force", ["resume", "{run}", "--from", "step_000003", "--extend-steps", "2"], "has checkpoints after step_000003 (step_000006, best); resuming from it deletes them"),
     Row("resume-non-run-folder", ["resume", "{ws}/plain"], "not a run folder", write("plain/notes.txt", "mine")),
     Row("resume-missing-folder", ["resume", "{ws}/nowhere"], "not a run folder"),
     Row("resume-missing-step", ["resume", "{run}", "--from", "step_000999"], "has no checkpoint 'step_000999'; available: step_000003, step_000006"),

@@ -33,13 +33,13 @@ def test_train_then_resume_with_extension(tmp_path):
     assert "steps = 9" in (run / "config.toml").read_text()
 
 
-def test_existing_run_is_not_overwritten(tmp_path):
+def test_folder_that_is_not_a_run_is_not_replaced_even_with_force(tmp_path):
     run = tmp_path / "runs" / "x"
     run.mkdir(parents=True)
     (run / "precious.txt").write_text("keep")
-    result = run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "runs"), "--name", "x", *cli_args_for_micro())
+    result = run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "runs"), "--name", "x", "--force", *cli_args_for_micro())
     assert result.returncode == 1
-    assert "--force" in result.stderr and "Traceback" not in result.stderr
+    assert "is not a run folder" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert (run / "precious.txt").read_text() == "keep"
 

@@ -109,7 +109,7 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path, capsys):
     assert code == 0
     run = RunDir(tmp_path / "two")
     shutil.copytree(two.path, run.path)
-    assert main(["resume", str(run.path), "--from", "step_000003"]) == 0
+    assert main(["resume", str(run.path), "--from", "step_000003", "--force"]) == 0
     assert_close(losses(run), losses(one))
     assert ckpt.read_state(run.step_checkpoints()[-1])["world_size"] == 1
 
@@ -118,7 +118,7 @@ def test_checkpoint_of_one_process_resumes_in_two(runs, tmp_path):
     _, one, _, _, _ = runs
     run = RunDir(tmp_path / "one")
     shutil.copytree(one.path, run.path)
-    code, output = torchrun("resume", str(run.path), "--from", "step_000003", logs=tmp_path / "logs")
+    code, output = torchrun("resume", str(run.path), "--from", "step_000003", "--force", logs=tmp_path / "logs")
     assert code == 0, output
     assert "from step_000003 (step 3) to step 6" in " ".join(output[0][0].split()) and output[1] == ("", "")
     assert_close(losses(run), losses(one))

@@ -257,7 +257,7 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(monkeypatch, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("loss not finite, update skipped") == 3
-    assert err.strip().splitlines()[-1].startswith("error: loss was not finite for 3 steps in a row (last at step 5); lower train.lr")
+    assert err.strip().splitlines()[-1].startswith("error: loss was not finite for 3 steps in a row (last at step 5); train again with a lower train.lr")
     assert sorted(losses(RunDir(run))) == [1, 2] and not (run / "summary.json").exists()
     # The count survives a resume: step 3's checkpoint holds one bad step, so two more stop the run again at step 5.
     assert ckpt.read_state(run / "checkpoints" / "step_000003")["bad_in_row"] == 1

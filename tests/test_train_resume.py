@@ -67,15 +67,37 @@ def test_resume_drops_metrics_after_checkpoint(full_run, tmp_path):
     assert steps == list(range(1, 7))
 
 
+def test_resume_from_earlier_checkpoint_starts_the_history_again(full_run, tmp_path):
+    """Resuming from step 3 of a finished run abandons steps 4-6: their checkpoint and best/ go with their
+    metrics, so a crash at step 4 leaves a run whose next plain resume continues from step 3, not from the old 6."""
+    import shutil
+
+    _, full, _ = full_run
+    run = RunDir(tmp_path / "again")
+    shutil.copytree(full.path, run.path)
+    assert [p.name for p in run.checkpoints_after(3)] == ["step_000006", "best"]  # best/ is the step-6 eval's
+
+    def crash_at_step_4(kind, record):
+        if kind == "log" and record["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config_file(run.config_path), run, resume_from=run.resolve_checkpoint("step_000003"),
+              callback=crash_at_step_4)
+    assert [p.name for p in run.step_checkpoints()] == ["step_000003"] and not run.best_dir.exists()
+    assert run.resolve_checkpoint("latest").name == "step_000003"
+    assert max(r["step"] for r in run.read_metrics()) <= 4
+
+
 def test_schedule_warmup_cosine_and_extension():
     s = Schedule(lr=1.0, warmup_steps=10, steps=100, min_lr_ratio=0.1)
     assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
-    assert s(99) == pytest.approx(0.1, abs=1e-3)
-    assert all(s(i) >= s(i + 1) for i in range(10, 99))
+    assert s(10) == pytest.approx(1.0) and s(99) == pytest.approx(0.1)  # the last step trains at the floor
+    assert all(s(i) > s(i + 1) for i in range(10, 99))
     before = s(60)
-    s.extend(60, 200)
+    s.extend(60, 64)  # four more steps than 60: 60..63, the last of them at the floor
     assert s(60) == pytest.approx(before)  # no jump at the extension point
-    assert s(200) == pytest.approx(0.1) and s(130) < before
+    assert s(61) < before and s(63) == pytest.approx(0.1)
 
 
 def test_schedule_round_trips():

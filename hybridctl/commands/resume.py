@@ -28,6 +28,11 @@ def resume(
     ),
     from_: str = typer.Option("latest", "--from", help="Checkpoint to continue from: latest, best, or step_000200."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help=GPUS_HELP),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Resume from an earlier checkpoint than the newest: deletes the checkpoints (and best/) saved after "
+             "it, and the metrics logged after it.",
+    ),
 ):
     """Continue a run from its newest (or a chosen) checkpoint."""
     if gpus is not None:
@@ -54,6 +59,13 @@ def resume(
                     checkpoint = run.resolve_checkpoint(from_, on_skip=skipped)
                     # Check the chosen checkpoint before anything is written ('latest' is checked as it is picked).
                     step = (read_state(checkpoint) if from_ == "latest" else verify_checkpoint(checkpoint))["step"]
+                    # Resuming starts the history again at `step`; past 'latest' lie only the damaged ones passed over.
+                    later = run.checkpoints_after(step) if from_ != "latest" else []
+                    if later and not force:
+                        raise RunError(
+                            f"{run.path} has checkpoints after {checkpoint.name} ({', '.join(p.name for p in later)}); resuming from it "
+                            f"deletes them and the metrics after step {step}: pass --force to do so, or resume from latest"
+                        )
             checkpoint = Path(dist.share_text(str(checkpoint) if main else ""))  # every process resumes from rank 0's pick
             with dist.together():
                 if not main:

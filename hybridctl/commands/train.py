@@ -17,8 +17,8 @@ from hybridctl.core import distributed as dist
 from hybridctl.core.config import available_presets, load_config, read_toml, find_preset
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.render import TrainProgress, console, summary_table
-from hybridctl.core.runs import RunDir
-from hybridctl.core.trainer import micro_batch_size, resolve_device
+from hybridctl.core.runs import RunDir, check_run_name
+from hybridctl.core.trainer import load_run_data, micro_batch_size, resolve_device
 from hybridctl.core.trainer import train as run_training
 
 GPUS_HELP = "Train on N GPUs of this machine: starts N processes under torchrun, one per GPU (global batch unchanged)."
@@ -117,6 +117,7 @@ def train(
     cfg = load_config(preset, overrides)
     if name:
         cfg.name = name
+    check_run_name(name or cfg.name)
     run = RunDir(out / (name or cfg.name))
     if gpus is not None:
         check_config_for_gpus(cfg, gpus)
@@ -125,12 +126,16 @@ def train(
             return launch_on_gpus(gpus)
     with dist.session(resolve_device(cfg.train.device)):
         main = dist.is_main()
+        with dist.together():  # what would refuse the folder, before the data is built: an existing run, not a run
+            if main:
+                run.check_creatable(force)
+        data = load_run_data(cfg)  # before the folder is made or replaced: a bad dataset costs nothing on disk
         with dist.together():  # rank 0 makes the folder (and takes the lock); the others write nothing into it
             if main:
                 run.create(cfg, force=force)
         progress = TrainProgress(run.name) if main else None
         try:
-            summary = run_training(cfg, run, callback=progress)
+            summary = run_training(cfg, run, callback=progress, data=data)
         except BaseException:
             if main:
                 run.discard_if_unstarted()  # failed before step 1 (bad data, no room...): leave nothing that blocks a retry

@@ -55,6 +55,13 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
+def check_run_name(name: str) -> None:
+    """A run's name is one folder under --out: a path in it could point --force at any folder on the disk, and a
+    leading dot would hide the run from compare and report."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise RunError(f"run name '{name}' must be a plain folder name (no '/', not starting with '.'); choose the parent folder with --out")
+
+
 class RunDir:
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -88,8 +95,11 @@ class RunDir:
         blocker = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:
             raise RunError(f"cannot create run folder {self.path}: {blocker} is a file, not a folder; choose another --out or --name")
-        if not force and self.path.is_dir() and any(self.path.iterdir()) and not self.is_unstarted():
-            raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
+        if self.path.is_dir() and any(self.path.iterdir()) and not self.is_unstarted():
+            if not self.exists():  # a sweep, a folder of runs, anything else: --force replaces runs only
+                raise RunError(f"{self.path} already exists and is not a run folder (no {CONFIG_FILE}); pick another --name or --out")
+            if not force:
+                raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
 
     def create(self, cfg: Config, force: bool = False) -> None:
         """Make a fresh run folder; an existing run is kept unless force.
@@ -99,11 +109,9 @@ class RunDir:
         try:
             self.check_creatable(force)
             if self.path.is_dir() and any(self.path.iterdir()):
-                if force:
-                    self.acquire_lock()  # refuse to wipe a run another process is writing
+                self.acquire_lock()  # refuse to touch a run another process is writing
+                if self.exists() and not self.is_unstarted():  # a run, and check_creatable let force replace it
                     shutil.rmtree(self.path)
-                else:  # unstarted: reused
-                    self.acquire_lock()
             probe = self.path / f".write-test-{os.getpid()}"
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -250,14 +258,27 @@ class RunDir:
         have = ", ".join(p.name for p in steps) or "none"
         raise RunError(f"run {self.path} has no checkpoint '{which}'; available: {have}, best, latest")
 
+    def checkpoints_after(self, step: int) -> list[Path]:
+        """The step checkpoints, and best/, saved after `step`: what resuming from `step` abandons."""
+        later = [p for p in self.step_checkpoints() if int(p.name.removeprefix("step_")) > step]
+        try:
+            if ckpt.is_complete(self.best_dir) and ckpt.read_state(self.best_dir)["step"] > step:
+                later.append(self.best_dir)
+        except CheckpointError:
+            pass  # a damaged best/ names no step; the next eval that improves replaces it
+        return later
+
+    def drop_checkpoints_after(self, step: int) -> None:
+        """Resuming from `step` starts the run's history again there: a later checkpoint left behind would be
+        picked by the next plain resume, and a later best/ would stand for a model the run no longer leads to."""
+        for p in self.checkpoints_after(step):
+            _remove_checkpoint(p)
+
     def prune_checkpoints(self, keep: int) -> None:
         if keep <= 0:
             return
         for p in self.step_checkpoints()[:-keep]:
-            # Renamed away first, so a crash mid-delete never leaves a half-deleted folder under a checkpoint's name.
-            trash = p.with_name(f".{p.name}.del-{os.getpid()}")
-            os.replace(p, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_checkpoint(p)
 
     def remove_partial_checkpoints(self) -> None:
         """Clean up after checkpoint writes and deletes that were killed mid-way (the run lock is held).
@@ -279,6 +300,13 @@ class RunDir:
                         continue
                 if any(tag in p.name for tag in (".tmp-", ".old-", ".del-")):
                     shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    # Renamed away first, so a crash mid-delete never leaves a half-deleted folder under a checkpoint's name.
+    trash = path.with_name(f".{path.name}.del-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _intact(path: Path) -> bool:

@@ -50,7 +50,7 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is '{spec}' but CUDA is not available here; use --set train.device=cpu")
+        raise ConfigError(f"train.device is '{spec}' but CUDA is not available here; use --device cpu (or --set train.device=cpu)")
     else:
         device = torch.device(spec)
     if device.type != "cuda" or not dist.launched():
@@ -119,7 +119,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.AdamW, loss: t
 
 @dataclass
 class Schedule:
-    """Linear warmup, cosine decay to lr * min_lr_ratio at `steps`.
+    """Linear warmup, cosine decay to lr * min_lr_ratio, reached by the last step (index steps - 1).
 
     Each extension (resume --extend-steps) continues from the LR the run had reached and decays it by a new
     cosine to the same floor at the new last step: no second warmup and no jump in LR.
@@ -134,7 +134,7 @@ class Schedule:
     def _base(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps)
+        span = max(1, self.steps - 1 - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         floor = self.lr * self.min_lr_ratio
         return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
@@ -143,7 +143,7 @@ class Schedule:
         for start, start_lr, end in reversed(self.extensions):
             if step >= start:
                 floor = self.lr * self.min_lr_ratio
-                progress = min(1.0, (step - start) / max(1, end - start))
+                progress = min(1.0, (step - start) / max(1, end - 1 - start))
                 return floor + 0.5 * (start_lr - floor) * (1 + math.cos(math.pi * progress))
         return self._base(step)
 
@@ -167,8 +167,7 @@ def evaluate(model: HybridLM, data: TokenData, cfg: Config, device: torch.device
     """Mean token loss and next-token accuracy over a fixed set of validation windows (and, for synthetic tasks,
     accuracy on the answer positions alone)."""
     t = cfg.train
-    tokens = data.val if len(data.val) > t.seq_len else data.train
-    answers = data.val_answers if tokens is data.val else None
+    tokens, answers = data.val, data.val_answers
     was_training = model.training
     model.eval()
     total_loss, total_correct, total = 0.0, 0, 0
@@ -296,14 +295,39 @@ def forward_backward(model, x, y, micro: int, grad_accum: int, autocast, aux_sum
     return loss_sum / grad_accum
 
 
-def prepare_model(cfg: Config, data: TokenData) -> HybridLM:
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = data.vocab_size
-    elif cfg.model.vocab_size < data.vocab_size:
+def check_data_fits(cfg: Config, data: TokenData) -> None:
+    """What the tokens must give the model and the evaluation, checked before anything is trained."""
+    if 0 < cfg.model.vocab_size < data.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({data.vocab_size}); "
             "set it to 0 to follow the tokenizer"
         )
+    t = cfg.train
+    BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)  # checks that the training split holds a window
+    need = t.seq_len + 1
+    if len(data.val) < need:  # else every val_ figure, best/ and the rankings would be of something else
+        raise ConfigError(
+            f"the validation split has {len(data.val)} tokens, fewer than one window of train.seq_len + 1 = {need}; "
+            "raise data.val_fraction, give a longer data.val_split, or lower train.seq_len"
+        )
+
+
+def load_run_data(cfg: Config) -> TokenData:
+    """The run's tokens (built or read from the cache), checked against the config: every check that a dataset or
+    tokenizer setting can fail, so `train --force` runs them before it replaces a run."""
+    with dist.together():
+        resolve_device(cfg.train.device)
+        micro_batch_size(cfg, dist.world_size())
+    data = dist.local_first(lambda: load_token_data(cfg.data))
+    with dist.together():
+        check_data_fits(cfg, data)
+    return data
+
+
+def prepare_model(cfg: Config, data: TokenData) -> HybridLM:
+    check_data_fits(cfg, data)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data.vocab_size
     return build_model(cfg.model)
 
 
@@ -348,6 +372,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
             ckpt.set_rng_state(state["rng"])
             if main:
                 run.truncate_metrics(start_step)
+                run.drop_checkpoints_after(start_step)
         if extend_steps:
             schedule.extend(start_step, t.steps)
         sampler = BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)
@@ -437,8 +462,9 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
             emit("skip", {"step": at, "in_row": bad_in_row})
             if bad_in_row >= t.max_bad_steps:
                 raise dist.shared(TrainingError(
+                    # Resuming would replay the same batches at the same LR, so the way on is a lower LR.
                     f"loss was not finite for {bad_in_row} steps in a row (last at step {at}); "
-                    f"lower train.lr (now {t.lr:g}) or resume from an earlier checkpoint with `hybridctl resume {run.path} --from best`"
+                    f"train again with a lower train.lr (now {t.lr:g}), e.g. --set train.lr={t.lr / 2:g}"
                 ))
         pending.clear()
 
