@@ -129,6 +129,7 @@ ROWS = [
     Row("grad-accum", train("--set", "train.grad_accum=3"), "divisible by train.grad_accum"),
     Row("corpus-too-small", train("--set", "data.max_tokens=20"), "too few for one sequence"),
     Row("no-validation-split", train("--set", "data.val_fraction=0"), "the validation split has 0 tokens"),
+    Row("mqar-longer-than-seq", train("--set", 'data.dataset="synthetic:mqar:pairs=40"'), "makes examples of 160 tokens (4 x pairs), longer than train.seq_len=32"),
     # output folder
     Row("out-under-a-file", ["train", "--preset", "tiny", "--out", "{ws}/afile/runs", *MICRO], "is a file, not a folder", write("afile", "x")),
     Row("name-is-a-file", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "afile", *MICRO], "is a file, not a folder", write("afile", "x")),

@@ -1,6 +1,8 @@
 import json
 import math
+import socket
 import statistics
+import time
 
 import pytest
 import torch
@@ -160,6 +162,23 @@ def test_arc_offline_without_data_is_one_line_error(tiny_run, tmp_path):
     assert result.returncode == 1
     assert "pass --data FILE" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_arc_with_the_hub_unreachable_fails_fast_without_retries(tiny_run, tmp_path):
+    run, _, _ = tiny_run
+    with socket.socket() as s:  # a local port nothing listens on: every connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    start = time.perf_counter()
+    result = run_cli("bench", "arc", str(run.path), "--force", env=env)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # without the probe, `datasets` retries the request five times, sleeping over 20 s in all
+    assert "Retrying" not in result.stderr and elapsed < 15
+    assert f"the hub (http://127.0.0.1:{port}) is unreachable and it is not in the local cache" in result.stderr
+    assert "pass --data FILE" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("case,needle", [

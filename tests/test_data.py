@@ -13,7 +13,7 @@ import torch
 
 from conftest import micro_config, run_cli
 from hybridctl.core import data as data_mod
-from hybridctl.core import sources, tokenization
+from hybridctl.core import sources, synthetic, tokenization
 from hybridctl.core.config import DataConfig, load_config_file
 from hybridctl.core.data import (
     builtin_documents, is_val_document, load_token_data, token_cache_dir, training_documents,
@@ -89,6 +89,45 @@ def test_bad_local_dataset_is_one_line(corpus, make, needle):
     with pytest.raises(DataError) as e:
         list(sources.iter_documents(make(corpus.root)))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def write_records(path, records):
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_glob_of_files_with_different_fields(tmp_path, suffix):
+    # more than one batch of rows in the first file, so documents are handed out before the second file is opened
+    first = [f"document {i} of the first file" for i in range(1200)]
+    write_records(tmp_path / f"a{suffix}", [{"text": t} for t in first])
+    write_records(tmp_path / f"b{suffix}", [{"text": "from the second file", "source": "web"}, {"text": "and more", "source": "web"}])
+    glob = str(tmp_path / f"*{suffix}")
+    assert list(sources.iter_documents(cfg_for(glob))) == first + ["from the second file", "and more"]
+
+    write_records(tmp_path / f"c{suffix}", [{"body": "no text field here"}])
+    with pytest.raises(DataError) as e:
+        list(sources.iter_documents(cfg_for(glob)))
+    message = str(e.value)
+    assert f"c{suffix}, one of the files of data.dataset '{glob}', has no field 'text' (its fields: body)" in message
+    assert "give every file a 'text' field, set data.text_field to a field every file has, or pass one file" in message
+    assert "\n" not in message and "Couldn't cast" not in message
+    result = run_cli("data", "prepare", "--preset", "tiny", "--set", f'data.dataset="{glob}"',
+                     env={"HYBRIDCTL_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"error: {message}"]  # nothing the library logged on the way
+
+
+def test_records_with_new_fields_inside_one_file_are_one_line(tmp_path):
+    # the json builder takes its fields from the first 10 MB of the file and refuses a record with others later
+    path = tmp_path / "d.jsonl"
+    path.write_text((json.dumps({"text": "x" * 4000}) + "\n") * 2700 + json.dumps({"text": "y", "source": "web"}) + "\n")
+    with pytest.raises(DataError) as e:
+        list(sources.iter_documents(cfg_for(str(path))))
+    assert "its records do not all have the same fields (some have text, source, the first ones text)" in str(e.value)
+    assert "give every record the same fields" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_packing_splits_by_document_with_eos(corpus, docs):
@@ -269,6 +308,16 @@ def test_mqar_examples_are_recall_problems():
     assert not np.array_equal(data.train[: len(data.val)], data.val)
 
 
+def test_mqar_examples_longer_than_seq_len_are_refused():
+    spec = cfg_for("synthetic:mqar:pairs=40")
+    with pytest.raises(DataError) as e:
+        synthetic.check_seq_len(spec, 64)
+    message = str(e.value)
+    assert "'synthetic:mqar:pairs=40' makes examples of 160 tokens (4 x pairs), longer than train.seq_len=64" in message
+    assert "use pairs=16 or fewer, or set train.seq_len=160 or more" in message and "\n" not in message
+    synthetic.check_seq_len(spec, 160)  # whole examples fit
+
+
 def test_bad_mqar_options():
     for spec, needle in (("synthetic:nope", "unknown synthetic task"), ("synthetic:mqar:pairs=x", "bad option"),
                          ("synthetic:mqar:pairs=40,vocab=64", "pairs must be in 1..31")):
@@ -362,3 +411,7 @@ def test_data_prepare_cli_errors(tmp_path):
     assert len(offline.stderr.strip().splitlines()) == 1 and "HuggingFaceTB/smollm-corpus" in offline.stderr
     missing = run_cli("data", "prepare", "--preset", "tiny", "--set", 'data.dataset="/nonexistent/*.txt"')
     assert missing.returncode == 1 and "matches no" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    too_long = run_cli("data", "prepare", "--preset", "tiny", "--set", 'data.dataset="synthetic:mqar:pairs=40"',
+                       "--set", "train.seq_len=64")
+    assert too_long.returncode == 1 and len(too_long.stderr.strip().splitlines()) == 1
+    assert "examples of 160 tokens (4 x pairs), longer than train.seq_len=64" in too_long.stderr

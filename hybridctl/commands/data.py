@@ -9,7 +9,7 @@ from rich.table import Table
 from hybridctl.core.config import load_config
 from hybridctl.core.data import BUILTIN_CORPORA, cache_root, cached_token_sets, load_token_data
 from hybridctl.core.render import console, data_table, err_console, fmt_bytes, fmt_count
-from hybridctl.core.synthetic import TASKS
+from hybridctl.core.synthetic import TASKS, check_seq_len
 
 app = typer.Typer(help="Prepare (tokenise and cache) and list training data.", no_args_is_help=True)
 
@@ -22,8 +22,11 @@ def prepare(
 ):
     """Tokenise the preset's dataset into the cache now, so that training starts at once."""
     cfg = load_config(preset, overrides)
+    if cfg.data.dataset.startswith("synthetic:"):
+        check_seq_len(cfg.data, cfg.train.seq_len)  # the examples must fit a window, whose length only the config knows
+    # no spinner when stderr is not a terminal: there it would leave a blank line in front of an error
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
+                  console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         task = progress.add_task(f"reading {cfg.data.dataset}")
         data = load_token_data(cfg.data, rebuild=force, progress=lambda tokens: progress.update(
             task, description=f"tokenising {cfg.data.dataset}: {fmt_count(tokens)} tokens"))

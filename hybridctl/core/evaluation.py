@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core import distributed as dist
+from hybridctl.core import hub
 from hybridctl.core.config import Config, ModelConfig, load_config
 from hybridctl.core.data import Tokenizer, get_tokenizer
 from hybridctl.core.errors import ConfigError, DataError, HybridctlError, RunError
@@ -169,16 +170,18 @@ def load_arc(split: str = "test", data_file: Path | None = None) -> list[ArcQues
         raise ConfigError(f"unknown ARC split '{split}'; use one of: {', '.join(ARC_SPLITS)}")
     if data_file is not None:
         return read_arc_file(data_file)
+    # probe first, so offline mode is on before `datasets` reads it when the hub cannot be asked
+    offline = hub.offline_reason()
+    label, fix = f"{ARC_HUB} ({ARC_CONFIG}, {split})", "pass --data FILE with a local JSONL or parquet copy"
     try:
         import datasets
 
         rows = datasets.load_dataset(ARC_HUB, ARC_CONFIG, split=split)
-    except Exception as e:  # offline, no network, or no cached copy: the fix is the same
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise DataError(
-            f"cannot load {ARC_HUB} ({ARC_CONFIG}, {split}) from the hub: {reason}; "
-            "pass --data FILE with a local JSONL or parquet copy"
-        ) from None
+    except Exception as e:
+        if offline and isinstance(e, OSError):  # ConnectionError, LocalEntryNotFoundError: not in the cache
+            raise DataError(f"cannot load {label} from the Hugging Face hub: {offline} and it is not in the local cache; "
+                            f"download it once where the hub is reachable, or {fix}") from None
+        raise DataError(f"cannot load {label} from the Hugging Face hub: {hub.one_line(e, 160)}; {fix}") from None
     return [parse_arc_record(r, f"{ARC_HUB} {split} row {i + 1}") for i, r in enumerate(rows)]
 
 

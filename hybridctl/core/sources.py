@@ -79,7 +79,8 @@ def _import_datasets(for_hub: bool):
         raise DataError(f"the `datasets` package is needed for this dataset but cannot be imported ({hub.one_line(e)}); "
                         "`pip install datasets`, or use data.dataset=builtin:stdlib") from None
     datasets.disable_progress_bars()  # the CLI prints its own summary
-    datasets.logging.set_verbosity_error()
+    # and its own one-line errors: the builders also log a failed file's error, over several lines, before raising it
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets, reason
 
 
@@ -95,11 +96,11 @@ def _paragraphs(chunks: Iterable[str]) -> Iterator[str]:
                 yield piece
 
 
-def _rows(dataset, text_field: str, where: str) -> Iterator[str]:
+def _rows(dataset, text_field: str, where: str, fix: str = "set data.text_field to one of them") -> Iterator[str]:
     for batch in dataset.iter(batch_size=BATCH_ROWS):
         if text_field not in batch:
             fields = ", ".join(batch) or "none"
-            raise DataError(f"{where} has no field '{text_field}' (its fields: {fields}); set data.text_field to one of them")
+            raise DataError(f"{where} has no field '{text_field}' (its fields: {fields}); {fix}")
         for text in batch[text_field]:
             if isinstance(text, str) and text:
                 yield text
@@ -110,16 +111,49 @@ def iter_local(spec: str, text_field: str, key: str = "data.dataset") -> Iterato
     builder = builder_for(files, spec)
     datasets, _ = _import_datasets(for_hub=False)
     options = {"sample_by": "paragraph"} if builder == "text" else {}
+    done = 0
     try:
         dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **options)
         if builder == "text":
             yield from _paragraphs(_rows(dataset, "text", spec))
         else:
-            yield from _rows(dataset, text_field, spec)
+            for done, text in enumerate(_rows(dataset, text_field, spec), 1):
+                yield text
     except DataError:
         raise
     except Exception as e:  # malformed JSON, unreadable parquet, undecodable text
-        raise DataError(f"cannot read {key} '{spec}': {hub.one_line(e)}") from None
+        if not (isinstance(e, datasets.table.CastError) and len(files) > 1):
+            raise DataError(f"cannot read {key} '{spec}': {_reason(e, datasets)}") from None
+    else:
+        return
+    # `datasets` reads every file with the fields of the first one and refuses a file with other fields, so the
+    # files are read one by one instead, in the same order, from the first document not yielded yet
+    for path in files:
+        for text in iter_file(datasets, builder, path, text_field, f"{key} '{spec}'"):
+            if done:
+                done -= 1
+            else:
+                yield text
+
+
+def iter_file(datasets, builder: str, path: Path, text_field: str, where: str) -> Iterator[str]:
+    """One file of a glob whose files have different fields."""
+    fix = f"give every file a '{text_field}' field, set data.text_field to a field every file has, or pass one file"
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
+        yield from _rows(dataset, text_field, f"{path}, one of the files of {where},", fix)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read {path}, one of the files of {where}: {_reason(e, datasets)}") from None
+
+
+def _reason(error: Exception, datasets) -> str:
+    """The library's message, except for its multi-line "Couldn't cast" one, which names no fix."""
+    if isinstance(error, datasets.table.CastError):
+        return (f"its records do not all have the same fields (some have {', '.join(error.table_column_names)}, the "
+                f"first ones {', '.join(error.requested_column_names)}); give every record the same fields")
+    return hub.one_line(error)
 
 
 def iter_hub(data_cfg: DataConfig, split: str) -> Iterator[str]:

@@ -14,6 +14,7 @@ train.seed is (it only sets the order of the examples, as for any corpus):
     dataset = "synthetic:mqar:pairs=32,vocab=4096,seed=1"
 
 Size: data.max_tokens training tokens (2M when 0), and val_fraction / (1 - val_fraction) of that for validation.
+An example must fit in train.seq_len tokens (check_seq_len).
 """
 
 from __future__ import annotations
@@ -80,6 +81,18 @@ def mqar_examples(rng: np.random.Generator, n: int, pairs: int, vocab: int) -> t
     distance = np.zeros((n, 4 * pairs), dtype=np.int32)
     distance[:, 2 * pairs + 1 :: 2] = np.arange(2 * pairs + 1, 4 * pairs, 2)
     return tokens.reshape(-1), distance.reshape(-1)
+
+
+def check_seq_len(data_cfg: DataConfig, seq_len: int) -> None:
+    """An answer is scored only when its example starts inside the evaluated window, so examples longer than the
+    window leave few or no answers to score, and val_mqar_acc would read 0.0 with nothing measured."""
+    _, opts = parse_spec(data_cfg.dataset)
+    length = 4 * opts["pairs"]
+    if length > seq_len:
+        fewer = f"use pairs={seq_len // 4} or fewer, or " if seq_len >= 4 else ""
+        raise DataError(f"'{data_cfg.dataset}' makes examples of {length} tokens (4 x pairs), longer than "
+                        f"train.seq_len={seq_len}, so val_mqar_acc could score few or none of their answers; "
+                        f"{fewer}set train.seq_len={length} or more")
 
 
 def load(data_cfg: DataConfig):

@@ -33,6 +33,7 @@ import torch
 
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core import distributed as dist
+from hybridctl.core import synthetic
 from hybridctl.core.config import Config, config_diff
 from hybridctl.core.data import BatchSampler, TokenData, eval_batches, load_token_data, windows_to_batch
 from hybridctl.core.errors import CheckpointError, ConfigError, TrainingError
@@ -303,6 +304,8 @@ def check_data_fits(cfg: Config, data: TokenData) -> None:
             "set it to 0 to follow the tokenizer"
         )
     t = cfg.train
+    if cfg.data.dataset.startswith("synthetic:"):
+        synthetic.check_seq_len(cfg.data, t.seq_len)
     BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)  # checks that the training split holds a window
     need = t.seq_len + 1
     if len(data.val) < need:  # else every val_ figure, best/ and the rankings would be of something else
