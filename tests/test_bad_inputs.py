@@ -138,6 +138,8 @@ ROWS = [
     Row("force-over-sweep", train("--force"), "is not a run folder", existing_run_named("bad/sweep_run_1")),
     Row("name-with-slash", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "a/b", *MICRO], "must be a plain folder name"),
     Row("name-parent", ["train", "--preset", "tiny", "--out", "{ws}/runs", "--name", "..", "--force", *MICRO], "must be a plain folder name"),
+    Row("sweep-name-parent", ["ablate", "lr", "--preset", "tiny", "--out", "{ws}/runs", "--name", "..", "--force", "--values", "1e-3"], "sweep name '..' must be a plain folder name", existing_run_named("keep")),
+    Row("compare-metric-no-run-has", ["compare", "{run}", "--metric", "arc_acc"], "has no arc_acc; measure it with `hybridctl bench arc RUN`"),
     Row("name-absolute", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "{ws}/run", "--force", *MICRO], "must be a plain folder name"),
     # --force over a run, with a mistake that fails only when the data is read: the old run is still all there
     Row("force-bad-data", train("--force", "--set", 'data.dataset="{ws}/no_such_corpus.txt"'), "no_such_corpus.txt", existing_run_named("bad")),

@@ -6,7 +6,10 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import textwrap
+import time
 
 import pytest
 from rich.console import Console
@@ -161,8 +164,9 @@ def test_interrupted_sweep_resumes_from_checkpoint(sweep, tmp_path):
 
     ex.prepare_sweep(plan, path)
     shutil.copytree(reference / plan.runs[0].name, path / plan.runs[0].name)  # finished earlier
-    with pytest.raises(TrainingError, match="run the same ablate command again"):
+    with pytest.raises(TrainingError, match="run the same ablate command again") as stopped:
         ex.run_sweep(plan, path, progress=progress)
+    assert stopped.value.exit_code == 130
     first, second = (RunDir(path / n) for n in run_names())
     state = ex.read_sweep(path)
     assert state["status"] == {first.name: "complete", second.name: "interrupted"}
@@ -182,6 +186,87 @@ def test_interrupted_sweep_resumes_from_checkpoint(sweep, tmp_path):
     assert losses(second) == pytest.approx(expected, rel=1e-6, abs=0)
 
 
+def wait_for_step(run: RunDir, step: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run.metrics_path.is_file() and max(losses(run), default=0) >= step):
+        assert time.monotonic() < deadline, f"timed out waiting for step {step} of {run.path}"
+        time.sleep(0.01)
+
+
+def test_ablate_exits_130_on_ctrl_c_and_143_on_sigterm(tmp_path):
+    """As train and resume do: the exit status says which signal stopped the sweep, and the last line how to go on."""
+    out = tmp_path / "runs"
+    args = ["ablate", "lr", "--preset", "tiny", "--values", "1e-3", "--steps", "5000", "--name", "sig", "--out", str(out),
+            *cli_args_for_micro(["train.save_every=100000", "train.eval_every=100000"])]
+    run = RunDir(out / "ablations" / "sig" / "tiny_lr1e-3")
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        log = tmp_path / f"{sig.name}.log"
+        with open(log, "w") as stderr:
+            child = subprocess.Popen([sys.executable, "-m", "hybridctl", *args], stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                wait_for_step(run, max(losses(run), default=0) + 2)
+                child.send_signal(sig)
+                child.wait(timeout=120)
+            finally:
+                child.kill()
+        err = log.read_text()
+        assert child.returncode == code, err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert re.fullmatch(rf"error: sweep sig stopped in run tiny_lr1e-3 \(stopped by {sig.name} at step \d+; "
+                            r"checkpoint saved, continue with `hybridctl resume .*`\); finished runs are kept, "
+                            r"run the same ablate command again to resume the sweep", last), last
+        assert ex.read_sweep(run.path.parent)["status"]["tiny_lr1e-3"] == "interrupted"
+
+
+def test_second_ctrl_c_in_a_sweep_still_says_how_to_resume(tmp_path):
+    """A KeyboardInterrupt (a second Ctrl-C, or one while data loads) exits 130 with the sweep's resume hint."""
+    plan = ex.plan_lr_sweep("tiny", [1e-3], STEPS, list(MICRO))
+    path = tmp_path / "sweep"
+
+    def progress(planned, index):
+        def callback(kind, record):
+            if kind == "log" and record["step"] == 2:
+                raise KeyboardInterrupt
+        return callback
+
+    with pytest.raises(TrainingError, match="interrupted in run tiny_lr1e-3; .*run the same ablate command again") as stopped:
+        ex.run_sweep(plan, path, progress=progress)
+    assert stopped.value.exit_code == 130
+    assert ex.read_sweep(path)["status"] == {"tiny_lr1e-3": "interrupted"}
+    assert not RunDir(path / "tiny_lr1e-3").lock_path.exists()
+
+
+def test_diverged_sweep_run_gets_advice_that_works(tmp_path):
+    """The hint printed for a diverged run names a command that works: here, the same sweep without its LR."""
+    out = tmp_path / "runs"
+    micro = cli_args_for_micro(["train.max_bad_steps=1", "train.grad_clip=0"])
+    sweep = ["ablate", "lr", "--preset", "tiny", "--steps", str(STEPS), "--name", "div", "--out", str(out)]
+    result = run_cli(*sweep, "--values", "1e4,1e-3", *micro)
+    assert result.returncode == 0, result.stderr
+    path = out / "ablations" / "div"
+    line = next(line for line in result.stderr.splitlines() if "tiny_lr1e4: diverged" in line)
+    assert line.startswith("[1/2] tiny_lr1e4: diverged, the sweep goes on: loss was not finite for 1 step (last at step 2); ")
+    assert "LR 1e4 is too high: run the ablate command again with --force and --values without it" in line
+    assert "--from best" not in result.stderr
+    error = ex.read_sweep(path)["errors"]["tiny_lr1e4"]
+    assert "--values without it" in error and "--from best" not in error
+    assert not (path / "tiny_lr1e4" / "best").exists()  # why `resume --from best` could not be the way
+
+    finished = (path / "tiny_lr1e-3" / "summary.json").stat().st_mtime_ns
+    followed = run_cli(*sweep, "--values", "1e-3", "--force", *micro)
+    assert followed.returncode == 0, followed.stderr
+    assert "tiny_lr1e-3: finished, skipping" in followed.stderr
+    assert not (path / "tiny_lr1e4").exists() and (path / "tiny_lr1e-3" / "summary.json").stat().st_mtime_ns == finished
+    assert ex.read_sweep(path)["status"] == {"tiny_lr1e-3": "complete"}
+
+    # an arch sweep's run has its LR from its preset
+    run = RunDir(path / "tiny_lr1e-3")
+    assert ex.divergence_advice("arch", run, "hybrid_sparse") == (
+        f"its LR is too high: lower train.lr in preset hybrid_sparse (now 0.001), delete {run.path} and run the same "
+        "ablate command again; finished runs are kept")
+
+
 def test_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     extra = ["train.max_bad_steps=1", "train.grad_clip=0"]  # an absurd LR blows up within a few steps
     plan = ex.plan_lr_sweep("tiny", [1e4, 1e-3], STEPS, list(MICRO) + extra)
@@ -190,8 +275,9 @@ def test_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert state["status"] == {"tiny_lr1e4": "diverged", "tiny_lr1e-3": "complete"}
     assert "not finite" in state["errors"]["tiny_lr1e4"]
     heard = []
-    ex.run_sweep(plan, path, notify=lambda planned, i, action: heard.append(action.kind))
-    assert heard == ["diverged", "done"]  # not retried, not retrained
+    ex.run_sweep(plan, path, notify=lambda planned, i, action: heard.append((action.kind, action.note)))
+    assert [kind for kind, _ in heard] == ["diverged", "done"]  # not retried, not retrained
+    assert heard[0][1].startswith("LR 1e4 is too high")  # and told what to do instead
     rows = ex.rank_results(ex.collect_results([path]))
     assert [(r.result.label, r.rank) for r in rows][0] == ("tiny_lr1e-3", 1) and rows[1].rank is None
     report = ex.build_report([r.result for r in rows], sweep=ex.read_sweep(path))

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from hybridctl.core import experiments as ex
+from hybridctl.core.errors import ConfigError
 from hybridctl.core.render import TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, results_table
 from hybridctl.core.runs import RunDir
 
@@ -69,20 +70,31 @@ def execute(plan: ex.SweepPlan, out: Path, dry_run: bool, force: bool, metric: s
 
     def notify(planned, index, action):
         where = f"[{index + 1}/{total}] {planned.name}"
-        words = {"done": "finished, skipping", "diverged": "diverged before, skipping (delete its folder to retry)",
-                 "start": "training", "resume": f"resuming from step {action.step}"}
-        err_console.print(f"{where}: {words[action.kind]}", markup=False, highlight=False)
+        words = {"done": "finished, skipping", "start": "training", "resume": f"resuming from step {action.step}",
+                 # with a step the run has just diverged (the note says why and what to do), without it diverged before
+                 "diverged": f"diverged, the sweep goes on: {action.note}" if action.step
+                 else f"diverged before, skipping; {action.note}"}
+        err_console.print(f"{where}: {words[action.kind]}", markup=False, highlight=False, soft_wrap=True)
 
     ex.run_sweep(plan, path, force, progress=lambda planned, i: TrainProgress(f"[{i + 1}/{total}] {planned.name}"),
                  notify=notify)
     results = [ex.load_result(RunDir(path / r.name)) for r in plan.runs if RunDir(path / r.name).exists()]
     ex.label_results(results)
+    try:
+        coverage = ex.metric_coverage(results, metric)
+    except ConfigError as e:
+        coverage = str(e)  # the sweep itself went well: say so, and still show its runs
+    for text in (ex.comparability_warning(results, metric), coverage):
+        if text:
+            err_console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
     rows = ex.rank_results(results, metric)
     console.print(results_table(rows, metric, title=f"Sweep {plan.name}: ranked by {metric}"))
     print_chart(ex.lr_chart(rows, metric) if plan.kind == "lr" else ex.attention_chart(rows, metric))
     best = next((r for r in rows if r.rank == 1), None)
     if best is None:
-        console.print("no run finished, so there is no best value")
+        finished = any(r.status == "complete" for r in results)
+        console.print(f"no run has {metric}, so there is no best value" if finished
+                      else "no run finished, so there is no best value", markup=False)
     elif plan.kind == "lr":
         console.print(f"best lr: {fmt_lr(best.result.get('lr'))} ({metric} {best.value:.4f})", markup=False)
     else:

@@ -10,7 +10,7 @@ import typer
 
 from hybridctl.core import experiments as ex
 from hybridctl.core.errors import ConfigError
-from hybridctl.core.render import console, markdown_table, print_chart, results_rows, results_table
+from hybridctl.core.render import console, err_console, markdown_table, print_chart, results_rows, results_table
 
 
 def compare(
@@ -31,16 +31,24 @@ def compare(
         if target is not None:
             ex.ensure_new_file(target, force)
     results = ex.collect_results(paths or [Path("runs")])
+    coverage = ex.metric_coverage(results, metric)
     rows = ex.rank_results(results, metric, sort)
+    # On stderr, so --json output stays machine-readable; the Markdown table carries them too.
+    notes = [f"warning: {text}" for text in (ex.comparability_warning(results, metric), coverage) if text]
+    for note in notes:
+        err_console.print(note, markup=False, highlight=False, soft_wrap=True)
     records = [ex.result_record(row, metric) for row in rows]
     if json_out is not None:
         json_out.write_text(json.dumps(records, indent=2) + "\n")
     if markdown is not None:
-        markdown.write_text(f"Ranked by {metric}.\n\n" + markdown_table(*results_rows(rows, metric)))
+        lines = "".join(f"{note[0].upper()}{note[1:]}.\n\n" for note in notes)
+        markdown.write_text(f"Ranked by {metric}.\n\n{lines}" + markdown_table(*results_rows(rows, metric)))
     if as_json:
         print(json.dumps(records, indent=2))
         return
-    console.print(results_table(rows, metric, title=f"{len(rows)} runs ranked by {metric}"))
+    ranked = sum(row.rank is not None for row in rows)
+    count = f"{len(rows)} runs" if ranked == len(rows) else f"{ranked} of {len(rows)} runs"
+    console.print(results_table(rows, metric, title=f"{count} ranked by {metric}"))
     if plots:
         shown = [row.result for row in rows]
         print_chart(ex.curves_chart(shown, "val_loss", x))

@@ -23,7 +23,7 @@ from hybridctl.core.data import cache_key, load_token_data
 from hybridctl.core.errors import ConfigError, HybridctlError, RunError, TrainingError
 from hybridctl.core.plots import Chart, Series
 from hybridctl.core.render import fmt_count, fmt_lr
-from hybridctl.core.runs import RunDir, find_runs, is_run_dir, write_json_atomic
+from hybridctl.core.runs import RunDir, check_run_name, find_runs, is_run_dir, write_json_atomic
 from hybridctl.core.trainer import train
 
 SWEEPS_DIR = "ablations"
@@ -169,6 +169,7 @@ def plan_arch_sweep(presets: list[str], steps: int | None = None, overrides: lis
 
 
 def sweep_path(out: Path, name: str) -> Path:
+    check_run_name(name, "sweep name")
     return Path(out) / SWEEPS_DIR / name
 
 
@@ -201,11 +202,15 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 @dataclass
 class RunAction:
-    """What a sweep will do with one planned run: 'done', 'diverged', 'resume' (from checkpoint) or 'start'."""
+    """What a sweep will do with one planned run: 'done', 'diverged', 'resume' (from checkpoint) or 'start'.
+
+    run_sweep also reports a run that has just diverged, as 'diverged' with the step it stopped at; `note` says
+    how to get a diverged run trained."""
 
     kind: str
     checkpoint: Path | None = None
     step: int = 0
+    note: str = ""
 
 
 def next_action(run: RunDir, planned: PlannedRun, recorded_status: str | None) -> RunAction:
@@ -229,6 +234,21 @@ def next_action(run: RunDir, planned: PlannedRun, recorded_status: str | None) -
         if step < planned.cfg.train.steps:
             return RunAction("resume", checkpoint, step)
     return RunAction("start")  # no usable checkpoint: train it again from the start
+
+
+def divergence_advice(kind: str | None, run: RunDir, preset: str | None = None) -> str:
+    """How to get a diverged sweep run trained. Resuming would replay the same batches at the same LR, so it
+    takes a lower LR, and the sweep skips a run recorded as diverged until its settings or its folder change."""
+    try:
+        lr = run.load_config().train.lr
+    except HybridctlError:
+        lr = None
+    if kind == "lr" and lr is not None:
+        return (f"LR {fmt_lr(lr)} is too high: run the ablate command again with --force and --values without it "
+                "(or with a lower rate in its place); --force keeps the runs whose settings are unchanged")
+    now = f" (now {lr:g})" if lr is not None else ""
+    return (f"its LR is too high: lower train.lr in preset {preset or run.name}{now}, delete {run.path} and run "
+            "the same ablate command again; finished runs are kept")
 
 
 def sweep_conflict(plan: SweepPlan, path: Path) -> str:
@@ -342,6 +362,8 @@ def run_sweep(plan: SweepPlan, path: Path, force: bool = False, progress: Callab
     for index, planned in enumerate(plan.runs):
         run = RunDir(path / planned.name)
         action = next_action(run, planned, state["status"].get(planned.name))
+        if action.kind == "diverged":
+            action.note = divergence_advice(plan.kind, run, planned.preset)
         if notify is not None:
             notify(planned, index, action)
         if action.kind in ("done", "diverged"):
@@ -365,14 +387,32 @@ def run_sweep(plan: SweepPlan, path: Path, force: bool = False, progress: Callab
             save_state(planned.name, "complete")
         except TrainingError as e:
             if watcher.diverged(cfg):
-                state["errors"][planned.name] = str(e)
+                # The trainer's own advice (train again with --set train.lr) does not apply to a sweep's run.
+                at = watcher.last[1]
+                steps = f"{at['in_row']} steps in a row" if at["in_row"] > 1 else "1 step"
+                message = (f"loss was not finite for {steps} (last at step {at['step']}); "
+                           + divergence_advice(plan.kind, run, planned.preset))
+                state["errors"][planned.name] = message
                 save_state(planned.name, "diverged")
+                if notify is not None:
+                    notify(planned, index, RunAction("diverged", step=at["step"], note=message))
                 continue
             save_state(planned.name, "interrupted")
-            raise TrainingError(
+            stopped = TrainingError(
                 f"sweep {plan.name} stopped in run {planned.name} ({e}); finished runs are kept, "
                 "run the same ablate command again to resume the sweep"
-            ) from None
+            )
+            stopped.exit_code = e.exit_code  # 130 / 143 after Ctrl-C / SIGTERM, as train and resume exit
+            raise stopped from None
+        except KeyboardInterrupt:
+            # A second Ctrl-C, or one outside the training loop (loading data): still say how to go on.
+            save_state(planned.name, "interrupted")
+            stopped = TrainingError(
+                f"sweep {plan.name} interrupted in run {planned.name}; finished runs are kept, "
+                "run the same ablate command again to resume the sweep"
+            )
+            stopped.exit_code = 130
+            raise stopped from None
         except BaseException:
             save_state(planned.name, "interrupted")
             raise
@@ -393,6 +433,17 @@ METRICS = {  # name -> True when higher is better
     "arc_acc": True, "arc_acc_norm": True, "final_val_mqar_acc": True,
 }
 SORT_KEYS = ("rank", "name", "attention", "lr", "tok_s", "time", "params")
+# Metrics that training alone does not give every run: where they come from.
+METRIC_SOURCES = {
+    "arc_acc": "measure it with `hybridctl bench arc RUN`",
+    "arc_acc_norm": "measure it with `hybridctl bench arc RUN`",
+    "final_val_mqar_acc": "only runs on data.dataset = synthetic:mqar measure it",
+}
+# Settings that change what a validation loss per token means: runs that differ in one do not rank like for like
+# (by any metric but ARC's, which scores every run on the same questions).
+COMPARABLE = {"dataset": "data.dataset", "tokenizer": "data.tokenizer", "vocab_size": "model.vocab_size",
+              "seq_len": "train.seq_len"}
+TOKENIZER_FREE = ("arc_acc", "arc_acc_norm")
 
 
 @dataclass
@@ -400,7 +451,7 @@ class RunResult:
     """One run folder read back: summary values, or what metrics.jsonl has for a run without a summary."""
 
     run: RunDir
-    status: str  # complete | running | partial (stopped before the end) | empty (no eval yet)
+    status: str  # complete | running | diverged | partial (stopped before the end) | empty (no eval yet)
     values: dict[str, Any]
     evals: list[dict[str, Any]]
     logs: list[dict[str, Any]]
@@ -418,6 +469,30 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _finite(value):
+    """The value, or None for a NaN or infinite float (a diverged run's loss ranks nowhere)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _sweep_of(run: RunDir) -> dict[str, Any]:
+    """The state of the sweep the run belongs to (sweep.json beside it); {} for a run of no sweep."""
+    return _read_json(run.path.parent / SWEEP_FILE) or {}
+
+
+def _recorded_diverged(run: RunDir) -> bool:
+    status = _sweep_of(run).get("status")
+    return isinstance(status, dict) and status.get(run.path.name) == "diverged"
+
+
+def sweep_divergence_advice(run: RunDir) -> str:
+    """divergence_advice for a run its sweep recorded as diverged ('' for any other run)."""
+    if not _recorded_diverged(run):
+        return ""
+    sweep = _sweep_of(run)
+    entry = next((e for e in sweep.get("plan", []) if isinstance(e, dict) and e.get("name") == run.path.name), {})
+    return divergence_advice(sweep.get("kind"), run, entry.get("preset"))
+
+
 def load_result(run: RunDir) -> RunResult:
     summary = run.read_summary()
     rows = run.read_metrics()
@@ -433,6 +508,11 @@ def load_result(run: RunDir) -> RunResult:
         "lr": cfg.train.lr if cfg else summary.get("lr"),
         "planned_steps": cfg.train.steps if cfg else None,
         "params": summary.get("params"),
+        "dataset": cfg.data.dataset if cfg else None,
+        # a synthetic task's ids are its tokens: data.tokenizer is ignored there
+        "tokenizer": cfg.data.tokenizer if cfg and not cfg.data.dataset.startswith("synthetic:") else None,
+        "vocab_size": (cfg.model.vocab_size or None) if cfg else None,  # 0 until training filled it in
+        "seq_len": cfg.train.seq_len if cfg else None,
     }
     complete = summary.get("status") == "complete"
     if complete:
@@ -446,8 +526,10 @@ def load_result(run: RunDir) -> RunResult:
         if evals:
             values.update(final_val_loss=evals[-1]["val_loss"], final_val_acc=evals[-1].get("val_acc"),
                           final_val_ppl=evals[-1].get("val_ppl"), final_val_mqar_acc=evals[-1].get("val_mqar_acc"))
-            best = min(evals, key=lambda r: r["val_loss"])
-            values.update(best_val_loss=best["val_loss"], best_step=best["step"])
+            finite = [r for r in evals if _finite(r["val_loss"]) is not None]
+            if finite:  # min() over a NaN answers by position
+                best = min(finite, key=lambda r: r["val_loss"])
+                values.update(best_val_loss=best["val_loss"], best_step=best["step"])
     best_eval = next((r for r in evals if r["step"] == values.get("best_step")), None)
     if values.get("best_val_loss") is not None:
         values["best_val_ppl"] = math.exp(min(values["best_val_loss"], 50.0))
@@ -457,8 +539,12 @@ def load_result(run: RunDir) -> RunResult:
         values.update(arc_acc=arc.get("acc"), arc_acc_norm=arc.get("acc_norm"), arc_n=arc.get("n"))
     if complete:
         status = "complete"
+    elif run.lock_owner():
+        status = "running"
+    elif _recorded_diverged(run) or (evals and _finite(evals[-1]["val_loss"]) is None):
+        status = "diverged"
     else:
-        status = "running" if run.lock_owner() else ("partial" if evals else "empty")
+        status = "partial" if evals else "empty"
     return RunResult(run, status, values, evals, logs)
 
 
@@ -516,18 +602,21 @@ def rank_results(results: list[RunResult], metric: str = "best_val_loss", sort: 
     if sort not in SORT_KEYS:
         raise ConfigError(f"unknown sort key '{sort}'; choose one of {', '.join(SORT_KEYS)}")
     higher = METRICS[metric]
+    value = lambda r: _finite(r.get(metric))  # noqa: E731
 
     def order(r: RunResult):
-        v = r.get(metric)
+        v = value(r)
         return (v is None, 0 if v is None else (-v if higher else v), r.label)
 
-    finished = sorted((r for r in results if r.status == "complete" and r.get(metric) is not None), key=order)
+    finished = sorted((r for r in results if r.status == "complete" and value(r) is not None), key=order)
     rest = sorted((r for r in results if r not in finished), key=order)
-    reference = finished[0].get(metric) if finished else next((r.get(metric) for r in rest if r.get(metric) is not None), None)
+    reference = value(finished[0]) if finished else next(
+        (value(r) for r in rest if value(r) is not None and r.status != "diverged"), None)
     ranked = []
     for i, r in enumerate(finished + rest):
-        v = r.get(metric)
-        delta = 100 * (v - reference) / abs(reference) if v is not None and reference else None
+        v = value(r)
+        # how far a run that blew up lies behind the winner says nothing
+        delta = 100 * (v - reference) / abs(reference) if v is not None and reference and r.status != "diverged" else None
         ranked.append(Ranked(r, i + 1 if i < len(finished) else None, v, delta))
     keys = {
         "name": lambda x: x.result.label,
@@ -542,6 +631,58 @@ def rank_results(results: list[RunResult], metric: str = "best_val_loss", sort: 
     return ranked
 
 
+def metric_coverage(results: list[RunResult], metric: str) -> str:
+    """A note when some finished runs have no value for the metric ('' when none lacks it). A ConfigError when
+    no run has one, unless it is a training metric and some run has not finished (its value may still come)."""
+    check_metric(metric)
+    lacking = [r for r in results if _finite(r.get(metric)) is None]
+    source = METRIC_SOURCES.get(metric)
+    if len(lacking) == len(results) and (source or all(r.status == "complete" for r in results)):
+        where = f"none of the {len(results)} runs has" if len(results) > 1 else "the run has no"
+        raise ConfigError(f"{where} {metric}; {source or 'rank by another --metric'}"
+                          + (", or rank by another --metric" if source else ""))
+    left_out = [r for r in lacking if r.status == "complete"]
+    if not left_out:
+        return ""
+    return (f"{len(left_out)} of {len(results)} runs have no {metric} and are not ranked ({_names(left_out)})"
+            + (f"; {source}" if source else ""))
+
+
+def _names(results: list[RunResult], most: int = 3) -> str:
+    labels = [r.label for r in results]
+    return ", ".join(labels[:most]) + (f" and {len(labels) - most} more" if len(labels) > most else "")
+
+
+def comparability_warning(results: list[RunResult], metric: str = "best_val_loss") -> str:
+    """'' when the runs share data, tokenizer, vocabulary and sequence length; else one line naming what differs
+    and which runs, the smaller groups first (settings that split the runs alike, as a tokenizer and its
+    vocabulary do, are named together)."""
+    if metric in TOKENIZER_FREE:
+        return ""
+    position = {id(r): i for i, r in enumerate(results)}
+    splits: dict[tuple, tuple[list[str], list[list[RunResult]], list[list[Any]]]] = {}
+    for key, setting in COMPARABLE.items():
+        groups: dict[Any, list[RunResult]] = {}
+        for r in results:
+            if r.get(key) is not None:
+                groups.setdefault(r.get(key), []).append(r)
+        if len(groups) > 1:
+            ordered = sorted(groups.items(), key=lambda item: (len(item[1]), position[id(item[1][0])]))
+            split = tuple(tuple(id(r) for r in rs) for _, rs in ordered)
+            settings, _, values = splits.setdefault(split, ([], [rs for _, rs in ordered], []))
+            settings.append(setting)
+            values.append([v for v, _ in ordered])
+    parts = []
+    for settings, groups, values in splits.values():
+        per_group = zip(*values)  # each group's values of the settings named together
+        parts.append(f"{', '.join(settings)}: "
+                     + " vs ".join(f"{_names(rs)} ({', '.join(map(str, vs))})" for rs, vs in zip(groups, per_group)))
+    if not parts:
+        return ""
+    return ("runs differ in " + "; ".join(parts) + "; losses per token on different data, tokenizers or sequence "
+            "lengths are not comparable, so the ranking is not like for like")
+
+
 def result_record(row: Ranked, metric: str) -> dict[str, Any]:
     """One run as plain JSON values (for --json)."""
     r = row.result
@@ -549,8 +690,9 @@ def result_record(row: Ranked, metric: str) -> dict[str, Any]:
               "value": row.value, "delta_pct": row.delta_pct}
     keys = ("layer_types", "attention_fraction", "lr", "params", "steps", "planned_steps", "tokens", "best_val_loss",
             "best_step", "best_val_acc", "best_val_ppl", "final_val_loss", "final_val_acc", "final_val_ppl",
-            "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "arc_acc", "arc_acc_norm", "arc_n")
-    record.update({k: r.get(k) for k in keys})
+            "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "arc_acc", "arc_acc_norm", "arc_n",
+            "dataset", "tokenizer", "vocab_size", "seq_len")
+    record.update({k: _finite(r.get(k)) for k in keys})  # NaN is not JSON
     return record
 
 
@@ -652,6 +794,7 @@ def pareto_front(rows: list[Ranked], metric: str) -> list[Ranked]:
 
 def build_report(results: list[RunResult], metric: str = "best_val_loss", title: str = "",
                  sweep: dict[str, Any] | None = None) -> Report:
+    coverage = metric_coverage(results, metric)
     rows = rank_results(results, metric)
     ranked = [r for r in rows if r.rank is not None]
     higher = METRICS[metric]
@@ -681,16 +824,26 @@ def build_report(results: list[RunResult], metric: str = "best_val_loss", title:
             summary.paragraphs.append(f"Last: {last.result.label} ({last.value:.4f}, {last.delta_pct:+.2f}% vs the winner).")
     else:
         summary.paragraphs.append("No run has finished yet, so none is ranked.")
-    if len(tokens) > 1:
-        summary.paragraphs.append("Runs trained on different numbers of tokens "
-                                  f"({fmt_count(tokens[0])} to {fmt_count(tokens[-1])}): the ranking is not like for like.")
-    unfinished = [r for r in rows if r.rank is None]
+    ranked_tokens = sorted({r.result.get("tokens") for r in ranked if r.result.get("tokens")})  # unranked runs stop early
+    if len(ranked_tokens) > 1:
+        summary.paragraphs.append(f"Runs trained on different numbers of tokens ({fmt_count(ranked_tokens[0])} to "
+                                  f"{fmt_count(ranked_tokens[-1])}): the ranking is not like for like.")
+    mixed = comparability_warning(results, metric)
+    if mixed:
+        summary.paragraphs.append(f"Not comparable: {mixed}.")
+    if coverage:
+        summary.paragraphs.append(f"{coverage}.")
+    unfinished = [r for r in rows if r.rank is None and r.result.status not in ("complete", "diverged")]
     if unfinished:
         names = ", ".join(f"{r.result.label} ({r.result.status})" for r in unfinished)
-        summary.paragraphs.append(f"Not ranked (unfinished or missing the metric): {names}.")
-    diverged = [n for n, s in (sweep or {}).get("status", {}).items() if s == "diverged"]
+        summary.paragraphs.append(f"Not ranked (unfinished): {names}.")
+    diverged = [r.result for r in rows if r.result.status == "diverged"]
     if diverged:
-        summary.paragraphs.append(f"Diverged (loss not finite): {', '.join(diverged)}.")
+        summary.paragraphs.append(f"Diverged (loss not finite): {', '.join(r.label for r in diverged)}; not ranked.")
+        for r in diverged:
+            advice = sweep_divergence_advice(r.run)
+            if advice:
+                summary.paragraphs.append(f"- {r.label}: {advice}")
     sections.append(summary)
     sections.append(Section("Ranking", ranking=rows))
 

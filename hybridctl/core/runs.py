@@ -55,11 +55,11 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def check_run_name(name: str) -> None:
-    """A run's name is one folder under --out: a path in it could point --force at any folder on the disk, and a
-    leading dot would hide the run from compare and report."""
+def check_run_name(name: str, what: str = "run name") -> None:
+    """A run's (or sweep's) name is one folder under --out: a path in it could point --force at any folder on the
+    disk, and a leading dot would hide the run from compare and report."""
     if not name or name.startswith(".") or "/" in name or "\\" in name:
-        raise RunError(f"run name '{name}' must be a plain folder name (no '/', not starting with '.'); choose the parent folder with --out")
+        raise RunError(f"{what} '{name}' must be a plain folder name (no '/', not starting with '.'); choose the parent folder with --out")
 
 
 class RunDir:

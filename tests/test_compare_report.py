@@ -1,0 +1,165 @@
+"""`compare` and `report` on runs that do not rank like for like: other data, tokenizer or sequence length, a
+metric some runs lack, a run that diverged."""
+
+import inspect
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import MICRO, micro_config, run_cli
+from hybridctl.core import experiments as ex
+from hybridctl.core.runs import RunDir
+from hybridctl.core.trainer import train
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, which no other JSON reader accepts."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON output"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three finished micro runs: bytes on the standard library ('stdlib'), a BPE of 300 ids on a local text
+    file ('bpe'), and bytes with train.seq_len 16 ('short')."""
+    root = tmp_path_factory.mktemp("mixed")
+    source = inspect.getsource(inspect)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(source[i:i + 400] for i in range(0, len(source), 400)))
+    settings = {
+        "stdlib": [],
+        "bpe": [f'data.dataset="{corpus}"', 'data.tokenizer="bpe:300"'],
+        "short": ["train.seq_len=16"],
+    }
+    paths = {}
+    for name, extra in settings.items():
+        cfg = micro_config(extra)
+        run = RunDir(root / "runs" / name)
+        run.create(cfg)
+        try:
+            train(cfg, run)
+        finally:
+            run.release_lock()
+        paths[name] = run.path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def diverged_sweep(tmp_path_factory):
+    """An LR sweep whose first run diverges after one update, its only eval giving a NaN loss."""
+    extra = ["train.max_bad_steps=1", "train.grad_clip=0", "train.eval_every=1"]
+    plan = ex.plan_lr_sweep("tiny", [1e4, 1e-3], 4, list(MICRO) + extra, name="div")
+    path = tmp_path_factory.mktemp("div") / "div"
+    state = ex.run_sweep(plan, path)
+    assert state["status"] == {"tiny_lr1e4": "diverged", "tiny_lr1e-3": "complete"}
+    return path
+
+
+def table_rows(stdout: str, names) -> dict[str, list[str]]:
+    return {line.split()[1]: line.split() for line in stdout.splitlines()
+            if re.match(rf"^\s*[\d-]+\s+({'|'.join(map(re.escape, names))})\s", line)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data, tokenizer, vocabulary, sequence length
+
+
+def test_compare_warns_about_runs_on_other_data_or_tokenizers(runs, diverged_sweep, tmp_path):
+    result = run_cli("compare", str(runs["stdlib"]), str(runs["bpe"]), "--no-plots")
+    assert result.returncode == 0, result.stderr
+    warning = result.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: runs differ in data.dataset, data.tokenizer, model.vocab_size: ")
+    assert "stdlib (builtin:stdlib, bytes, 257) vs bpe (" in warning[0] and "bpe:300, 300)" in warning[0]
+    assert "not comparable" in warning[0]
+    rows = table_rows(result.stdout, ["stdlib", "bpe"])
+    assert sorted(r[0] for r in rows.values()) == ["1", "2"]  # a warning: both are still ranked
+
+    short = run_cli("compare", str(runs["stdlib"]), str(runs["short"]), "--json")
+    assert short.returncode == 0, short.stderr
+    assert "train.seq_len: stdlib (32) vs short (16)" in short.stderr and "data.tokenizer" not in short.stderr
+    records = strict_json(short.stdout)  # the warning stays off stdout
+    assert {r["name"]: r["seq_len"] for r in records} == {"stdlib": 32, "short": 16}
+    assert {r["tokenizer"] for r in records} == {"bytes"}
+
+    # runs on the same data, tokenizer and sequence length: no warning
+    same = run_cli("compare", str(runs["stdlib"]), str(diverged_sweep / "tiny_lr1e-3"), "--no-plots")
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
+
+    md = tmp_path / "table.md"
+    assert run_cli("compare", str(runs["stdlib"]), str(runs["bpe"]), "--markdown", str(md)).returncode == 0
+    assert "Warning: runs differ in data.dataset, data.tokenizer, model.vocab_size" in md.read_text()
+
+
+def test_report_says_when_runs_are_not_comparable(runs, tmp_path):
+    folder = tmp_path / "runs"
+    for name in ("stdlib", "bpe"):
+        shutil.copytree(runs[name], folder / name)
+    result = run_cli("report", str(folder))
+    assert result.returncode == 0, result.stderr
+    text = (folder / "report.md").read_text()
+    assert "Not comparable: runs differ in data.dataset, data.tokenizer, model.vocab_size: " in text
+    assert "Winner:" in text  # still ranked
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a metric that some or all runs lack
+
+
+def test_metric_no_run_has_is_an_error(runs, tmp_path):
+    result = run_cli("compare", str(runs["stdlib"]), str(runs["short"]), "--metric", "arc_acc")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: none of the 2 runs has arc_acc; measure it with `hybridctl bench arc RUN`, or rank by another --metric"
+    ]
+    assert "ranked by" not in result.stdout
+
+    folder = tmp_path / "runs"
+    for name in ("stdlib", "short"):
+        shutil.copytree(runs[name], folder / name)
+    report = run_cli("report", str(folder), "--metric", "final_val_mqar_acc")
+    assert report.returncode == 1
+    assert "none of the 2 runs has final_val_mqar_acc; only runs on data.dataset = synthetic:mqar" in report.stderr
+    assert not (folder / "report.md").exists()
+
+    (folder / "short" / "bench").mkdir()
+    (folder / "short" / "bench" / "arc.json").write_text(json.dumps({"acc": 0.25, "acc_norm": 0.27, "n": 1172}))
+    some = run_cli("compare", str(folder), "--metric", "arc_acc", "--no-plots")
+    assert some.returncode == 0, some.stderr
+    assert some.stderr.strip() == ("warning: 1 of 2 runs have no arc_acc and are not ranked (stdlib); "
+                                   "measure it with `hybridctl bench arc RUN`")
+    assert "1 of 2 runs ranked by arc_acc" in some.stdout
+    rows = table_rows(some.stdout, ["stdlib", "short"])
+    assert rows["short"][0] == "1" and rows["stdlib"][0] == "-"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diverged runs
+
+
+def test_diverged_run_is_shown_as_diverged(diverged_sweep, tmp_path):
+    result = run_cli("compare", str(diverged_sweep), "--no-plots", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout, ["tiny_lr1e4", "tiny_lr1e-3"])
+    assert rows["tiny_lr1e-3"][0] == "1"
+    diverged = " ".join(rows["tiny_lr1e4"])
+    assert rows["tiny_lr1e4"][0] == "-" and "diverged (1/4)" in diverged
+    assert "nan" not in diverged.lower() and "partial" not in diverged
+
+    records = {r["name"]: r for r in strict_json(run_cli("compare", str(diverged_sweep), "--json").stdout)}
+    assert records["tiny_lr1e4"]["status"] == "diverged" and records["tiny_lr1e4"]["rank"] is None
+    assert records["tiny_lr1e4"]["value"] is None and records["tiny_lr1e4"]["delta_pct"] is None
+
+    md = tmp_path / "report.md"
+    report = run_cli("report", str(diverged_sweep), "--out", str(md))
+    assert report.returncode == 0, report.stderr
+    text = md.read_text()
+    assert "Diverged (loss not finite): tiny_lr1e4; not ranked." in text
+    assert "- tiny_lr1e4: LR 1e4 is too high: run the ablate command again with --force and --values without it" in text
+    assert "nan%" not in text.lower() and "--from best" not in text and "Not ranked (unfinished)" not in text
+
+    # outside a sweep, a last eval that is not finite says the same
+    alone = tmp_path / "alone"
+    shutil.copytree(diverged_sweep / "tiny_lr1e4", alone)
+    result = ex.load_result(RunDir(alone))
+    assert result.status == "diverged" and result.get("best_val_loss") is None
