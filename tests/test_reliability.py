@@ -424,6 +424,7 @@ def test_second_process_is_refused_and_a_dead_owner_is_taken_over(finished_micro
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run.path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        assert run.lock_owner() == holder.pid  # what compare reads to list the run as running
         before = snapshot(run.path)
         refusal = f"error: run {run.path} is in use by process {holder.pid}; wait for it to finish or stop it first"
         assert main(["resume", str(run.path), "--extend-steps", "2"]) == 1
@@ -435,6 +436,7 @@ def test_second_process_is_refused_and_a_dead_owner_is_taken_over(finished_micro
         holder.kill()
         holder.wait()
     assert run.lock_path.read_text() == str(holder.pid)  # a stale lock of a dead process
+    assert run.lock_owner() is None
     assert main(["resume", str(run.path), "--extend-steps", "1"]) == 0  # taken over
     assert not run.lock_path.exists()
 

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from conftest import StopAfter, micro_config
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core.config import load_config_file
+from hybridctl.core.experiments import load_result
 from hybridctl.core.runs import RunDir
 from hybridctl.core.trainer import Schedule, train
 
@@ -87,6 +88,7 @@ def test_resume_from_earlier_checkpoint_starts_the_history_again(full_run, tmp_p
     assert [p.name for p in run.step_checkpoints()] == ["step_000003"] and not run.best_dir.exists()
     assert run.resolve_checkpoint("latest").name == "step_000003"
     assert max(r["step"] for r in run.read_metrics()) <= 4
+    assert load_result(run).status == "partial"  # the old summary's step-6 figures no longer rank it
 
 
 def test_schedule_warmup_cosine_and_extension():

@@ -165,12 +165,23 @@ class RunDir:
             return
 
     def lock_owner(self) -> int | None:
-        """pid of the live process writing this run, or None."""
+        """pid of the live process writing this run, or None. The flock on run.lock is held exactly while its
+        owner lives, so a file left by a killed process does not count; -1 for an owner that has taken the lock
+        but not yet written its pid."""
         try:
-            pid = int(self.lock_path.read_text().strip() or 0)
-        except (OSError, ValueError):
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
             return None
-        return pid if pid and _pid_alive(pid) else None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:  # held
+                text = os.read(fd, 32).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def release_lock(self) -> None:
         fd = _held_locks.pop(os.path.realpath(self.path), None)
@@ -211,6 +222,13 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)
+
+    def reopen_summary(self) -> None:
+        """A resumed run is not finished until it finishes again: its summary stops counting as complete (compare
+        and report then read the metrics), and keeps the totals the next summary adds to."""
+        summary = self.read_summary()
+        if summary.get("status") == "complete":
+            self.write_summary({**summary, "status": "resumed"})
 
     def read_summary(self) -> dict[str, Any]:
         if not self.summary_path.is_file():

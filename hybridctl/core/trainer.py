@@ -376,6 +376,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
             if main:
                 run.truncate_metrics(start_step)
                 run.drop_checkpoints_after(start_step)
+                run.reopen_summary()
         if extend_steps:
             schedule.extend(start_step, t.steps)
         sampler = BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)
