@@ -87,3 +87,14 @@ def test_broken_plugin_warns_but_cli_works(tmp_path):
     assert result.returncode == 0
     assert "warning: plugin command 'demo'" in result.stderr and "plugin exploded" in result.stderr
     assert "train" in result.stdout
+
+
+def test_plugin_cannot_replace_a_built_in_command(tmp_path):
+    write_plugin(tmp_path, "hybridctl_shadow_plugin", """
+        def train():
+            print("not the trainer")
+    """, "hybridctl.commands", "train = hybridctl_shadow_plugin:train")
+    env = {"PYTHONPATH": str(tmp_path)}
+    result = run_cli("train", "--list-presets", env=env)
+    assert result.returncode == 0 and "hybrid_sparse" in result.stdout and "not the trainer" not in result.stdout
+    assert "warning: plugin command 'train' (hybridctl_shadow_plugin:train) has the name of a built-in command" in result.stderr

@@ -62,6 +62,21 @@ def test_extends_and_overrides(tmp_path):
     assert cfg.data.dataset == "synthetic:mqar"
 
 
+def test_extends_by_name_finds_a_preset_beside_the_file_first(tmp_path):
+    (tmp_path / "mine.toml").write_text('extends = "tiny"\n[train]\nlr = 0.25\n')  # a user's preset beside it
+    (tmp_path / "child.toml").write_text('extends = "mine"\n[train]\nsteps = 9\n')
+    cfg = load_config(str(tmp_path / "child.toml"))
+    assert (cfg.train.lr, cfg.train.steps) == (0.25, 9)
+    assert cfg.model == load_config("tiny").model  # "tiny" is not beside it: the built-in one
+
+
+def test_override_with_a_table_sets_only_its_keys():
+    tiny = load_config("tiny")
+    cfg = load_config("tiny", ["model.gdn={head_dim=16}"])
+    assert cfg.model.gdn.head_dim == 16 and cfg.model.gdn.num_heads == tiny.model.gdn.num_heads
+    assert cfg.model.gdn.num_heads != type(tiny.model.gdn)().num_heads  # the preset's value, not the default
+
+
 def test_override_of_placement_replaces_other_spelling():
     assert load_config("tiny", ["model.attention_layers=[0]"]).model.layer_types() == ["F", "L", "L", "L"]
     assert load_config("hybrid_sparse", ['model.pattern="FLLLLLLLLLLL"']).model.attention_layers == []

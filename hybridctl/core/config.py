@@ -166,7 +166,8 @@ def available_presets() -> list[str]:
 
 
 def find_preset(name_or_path: str, relative_to: Path | None = None) -> Path:
-    """A preset by name (presets/NAME.toml) or by path; relative paths resolve against the extending file."""
+    """A preset by name (presets/NAME.toml, or NAME.toml beside the extending file) or by path; relative paths
+    resolve against the extending file."""
     candidates = []
     is_path = name_or_path.endswith(".toml") or "/" in name_or_path
     if is_path:
@@ -174,7 +175,9 @@ def find_preset(name_or_path: str, relative_to: Path | None = None) -> Path:
         if not p.is_absolute() and relative_to is not None:
             candidates.append(relative_to / p)
         candidates.append(p)
-    else:
+    else:  # a name: beside the extending file first (a folder of one's own presets), then presets/
+        if relative_to is not None:
+            candidates.append(relative_to / f"{name_or_path}.toml")
         candidates.append(PRESETS_DIR / f"{name_or_path}.toml")
     for c in candidates:
         if c.is_file():
@@ -257,7 +260,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
-        node[path[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+            node[path[-1]] = deep_merge(node[path[-1]], value)  # `--set 'model.gdn={head_dim=16}'` sets one key
+        else:
+            node[path[-1]] = value
     return data
 
 
