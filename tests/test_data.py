@@ -1,5 +1,8 @@
+import errno
 import itertools
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -14,7 +17,7 @@ import torch
 from conftest import micro_config, run_cli
 from hybridctl.core import data as data_mod
 from hybridctl.core import sources, synthetic, tokenization
-from hybridctl.core.config import DataConfig, load_config_file
+from hybridctl.core.config import DataConfig, load_config, load_config_file
 from hybridctl.core.data import (
     builtin_documents, is_val_document, load_token_data, token_cache_dir, training_documents,
 )
@@ -130,6 +133,20 @@ def test_records_with_new_fields_inside_one_file_are_one_line(tmp_path):
     assert "give every record the same fields" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_text_values_that_are_not_strings_are_refused(tmp_path):
+    numbers = tmp_path / "numbers.jsonl"
+    write_records(numbers, [{"text": i} for i in range(5)])
+    with pytest.raises(DataError) as e:
+        list(sources.iter_documents(cfg_for(str(numbers))))
+    message = str(e.value)
+    assert f"{numbers} has int values in field 'text' (e.g. 0), not strings" in message
+    assert "set data.text_field to a field of text" in message and "\n" not in message
+    # a record without a value is no document, as an empty one is
+    gaps = tmp_path / "gaps.parquet"
+    write_records(gaps, [{"text": "kept"}, {"text": None}, {"text": ""}, {"text": "also kept"}])
+    assert list(sources.iter_documents(cfg_for(str(gaps)))) == ["kept", "also kept"]
+
+
 def test_packing_splits_by_document_with_eos(corpus, docs):
     cfg = cfg_for(corpus.jsonl, val_fraction=0.2)
     data = load_token_data(cfg)
@@ -159,6 +176,30 @@ def test_local_val_split_is_a_second_glob(corpus, docs, tmp_path):
     assert [bytes(d.astype(np.uint8)).decode() for d in split_at_eos(data.val, 256)] == ["held out one", "held out two"]
 
 
+def test_val_split_that_holds_training_files_is_refused(corpus):
+    spelled_otherwise = str(corpus.root / "txt" / ".." / "a.jsonl")  # the same file as the glob's a.jsonl
+    for val_split, shared in ((spelled_otherwise, str(corpus.root / "a.jsonl")),
+                              (str(corpus.root), f"{corpus.root / 'a.jsonl'}, {corpus.root / 'b.jsonl'}")):
+        with pytest.raises(DataError) as e:
+            load_token_data(cfg_for(corpus.jsonl, val_split=val_split))
+        message = str(e.value)
+        assert f"data.val_split '{val_split}' and data.dataset '{corpus.jsonl}' share {shared};" in message
+        assert "point data.val_split at other files" in message and "\n" not in message
+    for dataset in (corpus.jsonl, "hybridctl-test/no-such-dataset"):  # refused before the hub is asked
+        with pytest.raises(DataError, match=r"data.val_split 'train' is the training split \(data.split\)"):
+            load_token_data(cfg_for(dataset, val_split="train"))
+
+
+def test_bad_val_split_names_data_val_split(corpus):
+    missing = str(corpus.root / "nope" / "*.jsonl")
+    with pytest.raises(DataError) as e:
+        load_token_data(cfg_for(corpus.jsonl, val_split=missing))
+    assert str(e.value) == f"data.val_split '{missing}' matches no .txt, .jsonl or .parquet files; check the path or glob"
+    with pytest.raises(DataError) as e:
+        load_token_data(cfg_for("builtin:stdlib", val_split=str(corpus.root / "a.jsonl")))
+    assert "data.val_split is for hub and local datasets" in str(e.value) and "unset data.val_split" in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Cache
 
@@ -178,6 +219,20 @@ def test_second_load_reads_the_cache_and_tokenises_nothing(corpus, monkeypatch):
     assert again.info["cached"] and again.info["seconds"] < 1.0
     assert np.array_equal(again.train, fresh.train) and np.array_equal(again.val, fresh.val)
     assert again.tokenizer.vocab_size == fresh.tokenizer.vocab_size == 300
+
+
+def test_cache_cut_short_is_tokenised_again(corpus):
+    cfg = cfg_for(corpus.jsonl, val_fraction=0.2, tokenizer="bpe:300")
+    fresh = load_token_data(cfg)
+    train, val = np.array(fresh.train), np.array(fresh.val)
+    folder = token_cache_dir(cfg)
+    for damage in (lambda: os.truncate(folder / "train.bin", 1000), lambda: (folder / "val.bin").unlink(),
+                   lambda: (folder / "tokenizer.json").unlink()):
+        damage()
+        again = load_token_data(cfg)
+        assert not again.info["cached"]  # like a cache folder without meta.json: rebuilt, not read
+        assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
+    assert load_token_data(cfg).info["cached"]
 
 
 def test_changed_local_file_is_tokenised_again(tmp_path):
@@ -403,6 +458,37 @@ def test_data_prepare_cli(corpus, tmp_path):
     listed = run_cli("data", "list", env=env)
     assert listed.returncode == 0 and "builtin:python" in listed.stdout and "synthetic:mqar" in listed.stdout
     assert "bpe:320" in listed.stdout
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe:300"])
+def test_cache_that_cannot_be_written_is_one_line_and_leaves_nothing(corpus, tmp_path, monkeypatch, tokenizer):
+    cache = tmp_path / "cache"
+    overrides = [f'data.dataset="{corpus.jsonl}"', f'data.tokenizer="{tokenizer}"']
+    args = ["data", "prepare", "--preset", "tiny", "--set", overrides[0], "--set", overrides[1]]
+
+    def small_file_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    full = subprocess.run([sys.executable, "-m", "hybridctl", *args], env={**os.environ, "HYBRIDCTL_CACHE": str(cache)},
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_file_limit)
+    cfg = DataConfig(**{**load_config("tiny", overrides).data.__dict__, "cache_dir": str(cache)})
+    if tokenizer == "bytes":
+        what, folder = "token cache", token_cache_dir(cfg)
+    else:  # the BPE tokenizer is trained and saved before any token is written, and its file alone passes the limit
+        what, folder = "tokenizer cache", tokenization.bpe_path(cfg, 300).parent
+    assert full.returncode == 1 and full.stderr.splitlines() == [
+        f"error: cannot write {what} {folder}: File too large; free some space, "
+        "or set HYBRIDCTL_CACHE or data.cache_dir to a folder on a disk with room"]
+    assert not [f for f in cache.rglob("*") if f.is_file()]  # nothing half-written for a later run to read
+    assert "fresh" in run_cli(*args, env={"HYBRIDCTL_CACHE": str(cache)}).stdout
+
+    def disk_full(self, ids, eos_id):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_mod.SplitWriter, "add", disk_full)
+    with pytest.raises(DataError, match=r"cannot write token cache .*: the disk is full; free some space"):
+        load_token_data(DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "other")}))
+    assert list((tmp_path / "other" / "tokens").iterdir()) == []
 
 
 def test_data_prepare_cli_errors(tmp_path):

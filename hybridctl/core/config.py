@@ -131,7 +131,7 @@ class DataConfig:
     dataset: str = "builtin:stdlib"
     config: str = ""  # hub dataset configuration name
     split: str = "train"
-    val_split: str = ""  # hub split for validation; empty = carve val_fraction out of the training text
+    val_split: str = ""  # hub split (or, for local data, a path or glob) for validation; empty = carve val_fraction out of the training text
     text_field: str = "text"
     streaming: bool = False
     val_fraction: float = 0.05

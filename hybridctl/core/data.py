@@ -16,6 +16,7 @@ tokenizer.json) and memory-mapped from there by every later run, so no run token
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -193,7 +194,7 @@ def corpus_key(data_cfg: DataConfig) -> dict:
 
         key["files"] = sources.fingerprint(spec)
         if data_cfg.val_split and sources.is_local(spec):
-            key["val_files"] = sources.fingerprint(data_cfg.val_split)
+            key["val_files"] = sources.fingerprint(data_cfg.val_split, key="data.val_split")
     return key
 
 
@@ -307,6 +308,41 @@ def build_token_cache(data_cfg: DataConfig, folder: Path, progress: Callable[[in
     }
 
 
+def check_val_split(data_cfg: DataConfig) -> None:
+    """A data.val_split must name documents that training never sees."""
+    if not data_cfg.val_split:
+        return
+    if data_cfg.dataset.startswith("builtin:"):
+        raise DataError(f"data.val_split is for hub and local datasets; '{data_cfg.dataset}' takes its validation documents "
+                        "from data.val_fraction, so unset data.val_split")
+    from hybridctl.core import sources
+
+    sources.check_val_split(data_cfg)
+
+
+def cache_is_complete(folder: Path) -> bool:
+    """meta.json is written last, and the .bin files must hold the tokens it counts (a copy cut short does not)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        sizes = [(folder / f"{split}.bin").stat().st_size for split in ("train", "val")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if meta.get("tokenizer") != "bytes" and not (folder / "tokenizer.json").is_file():
+        return False
+    return sizes == [meta["train_tokens"] * itemsize, meta["val_tokens"] * itemsize]
+
+
+def write_error(error: OSError, folder: Path, what: str = "token cache") -> DataError:
+    """The one-line error for a cache that cannot be written (disk full, file too large, no permission)."""
+    reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        fix = "free some space, or set HYBRIDCTL_CACHE or data.cache_dir to a folder on a disk with room"
+    else:
+        fix = "set HYBRIDCTL_CACHE or data.cache_dir to a folder you can write to"
+    return DataError(f"cannot write {what} {folder}: {reason}; {fix}")
+
+
 def open_token_cache(folder: Path, data_cfg: DataConfig) -> TokenData:
     meta = json.loads((folder / "meta.json").read_text())
     if data_cfg.tokenizer == "bytes":
@@ -331,27 +367,31 @@ def load_token_data(data_cfg: DataConfig, rebuild: bool = False, progress: Calla
         from hybridctl.core import synthetic
 
         return synthetic.load(data_cfg)  # generated in well under a second: nothing to cache
+    check_val_split(data_cfg)
     start = time.perf_counter()
     root = token_cache_dir(data_cfg)
-    if (root / "meta.json").is_file() and not rebuild:
+    if not rebuild and cache_is_complete(root):
         data = open_token_cache(root, data_cfg)
         data.info.update(cached=True, seconds=round(time.perf_counter() - start, 3))
         return data
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp = None
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         meta = build_token_cache(data_cfg, tmp, progress)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if root.exists() and (rebuild or not (root / "meta.json").is_file()):
-            shutil.rmtree(root)  # the old cache, or one left incomplete
+        if root.exists() and (rebuild or not cache_is_complete(root)):
+            shutil.rmtree(root)  # the old cache, or one left incomplete or cut short
         try:
             os.replace(tmp, root)
         except OSError:
-            if not (root / "meta.json").is_file():
+            if not cache_is_complete(root):
                 raise
             shutil.rmtree(tmp)  # another process finished the same cache first; its tokens are the same
+    except OSError as e:  # the half-written folder is hidden and removed below, so no later run reads it
+        raise write_error(e, root) from None
     finally:
-        if tmp.exists() and tmp != root:
+        if tmp is not None and tmp.exists() and tmp != root:
             shutil.rmtree(tmp, ignore_errors=True)
     data = open_token_cache(root, data_cfg)  # memory-mapped like every later run, so both see the same arrays
     data.info.update(cached=False, seconds=round(time.perf_counter() - start, 3))

@@ -7,7 +7,7 @@
     .jsonl .json      "json" builder; the document is the `data.text_field` of each record
     .parquet          "parquet" builder; the document is the `data.text_field` column of each row
 
-For local data `data.val_split`, when set, is a second path or glob of validation files.
+For local data `data.val_split`, when set, is a second path or glob of validation files, none of them a training file.
 `datasets` is imported only here, and only when such a dataset is used.
 """
 
@@ -63,11 +63,29 @@ def builder_for(files: list[Path], spec: str) -> str:
     return kinds.pop()
 
 
-def fingerprint(spec: str) -> list:
+def fingerprint(spec: str, key: str = "data.dataset") -> list:
     """What identifies local files for the token cache: path, size and modification time of each."""
     if not is_local(spec):
         return []
-    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in local_files(spec)]
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in local_files(spec, key)]
+
+
+def check_val_split(data_cfg: DataConfig) -> None:
+    """Refuse a data.val_split that holds training documents: every val_ figure would be measured on them."""
+    val, local = data_cfg.val_split, is_local(data_cfg.dataset)
+    if not val:
+        return
+    unset = "or unset it to carve data.val_fraction out of the training documents"
+    if val == data_cfg.split and not (local and is_local(val)):  # with local data a folder 'train' is files
+        other = "validation files" if local else "another split (e.g. validation)"
+        raise DataError(f"data.val_split '{val}' is the training split (data.split); point it at {other}, {unset}")
+    if not local:
+        return
+    shared = sorted({p.resolve() for p in local_files(data_cfg.dataset)} & {p.resolve() for p in local_files(val, "data.val_split")})
+    if shared:
+        names = ", ".join(str(p) for p in shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
+        raise DataError(f"data.val_split '{val}' and data.dataset '{data_cfg.dataset}' share {names}; narrow data.dataset "
+                        f"to the training files, point data.val_split at other files, {unset}")
 
 
 def _import_datasets(for_hub: bool):
@@ -102,8 +120,12 @@ def _rows(dataset, text_field: str, where: str, fix: str = "set data.text_field 
             fields = ", ".join(batch) or "none"
             raise DataError(f"{where} has no field '{text_field}' (its fields: {fields}); {fix}")
         for text in batch[text_field]:
-            if isinstance(text, str) and text:
-                yield text
+            if isinstance(text, str):
+                if text:
+                    yield text
+            elif text is not None:  # a record without the field is skipped like an empty one; a number is no document
+                raise DataError(f"{where} has {type(text).__name__} values in field '{text_field}' (e.g. {text!r:.40}), "
+                                "not strings; set data.text_field to a field of text, or write the values as strings")
 
 
 def iter_local(spec: str, text_field: str, key: str = "data.dataset") -> Iterator[str]:
@@ -177,7 +199,7 @@ def iter_documents(data_cfg: DataConfig, split: str | None = None) -> Iterator[s
     """Documents of the training split, or of `split` (data.val_split: a hub split, or local validation files)."""
     spec = data_cfg.dataset
     if is_local(spec):
-        if split is None or split == data_cfg.split:
+        if split is None:
             yield from iter_local(spec, data_cfg.text_field)
         else:
             yield from iter_local(split, data_cfg.text_field, key="data.val_split")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -119,6 +120,16 @@ def bpe_path(data_cfg: DataConfig, vocab_size: int) -> Path:
     return data.cache_root(data_cfg) / "tokenizers" / f"bpe{vocab_size}-{digest}" / "tokenizer.json"
 
 
+def as_os_error(error: Exception) -> OSError:
+    """`tokenizers` reports a failed write (a full disk) as a plain Exception that ends "(os error N)"."""
+    if isinstance(error, OSError):
+        return error
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    if code is None:
+        raise error
+    return OSError(int(code[1]), os.strerror(int(code[1])))
+
+
 def bpe_tokenizer(spec: str, data_cfg: DataConfig, texts: Iterable[str] | None) -> HFTokenizer:
     size = spec.split(":", 1)[1]
     if not size.isdigit() or int(size) < BPE_MIN_VOCAB:
@@ -130,10 +141,14 @@ def bpe_tokenizer(spec: str, data_cfg: DataConfig, texts: Iterable[str] | None) 
 
         texts = data.training_documents(data_cfg) if texts is None else texts
         tokenizer = train_bpe(first_chars(texts, BPE_TRAIN_CHARS), vocab_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tokenizer.save(str(tmp))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(str(tmp))
+            os.replace(tmp, path)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            raise data.write_error(as_os_error(e), path.parent, "tokenizer cache") from None
     return from_file(path, spec)  # the saved file, so a fresh and a cached tokenizer are the same object
 
 
