@@ -1,8 +1,10 @@
 import json
 import math
+import re
 import socket
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +247,41 @@ def test_speed_forward_only_default_path(tmp_path):
     (row,) = report["results"]
     assert report["mode"] == "forward" and row["mode"] == "forward" and row["tok_s"] > 0
     assert row["flops_per_token"] == pytest.approx(row["flops_breakdown"]["forward"])
+
+
+def test_speed_runs_started_in_one_second_keep_both_results(tmp_path, capsys, monkeypatch):
+    """A second `bench speed` that starts while the first measures, in the same second, gets a file of its own."""
+    now = time.localtime()
+    monkeypatch.setattr(time, "strftime", lambda fmt, t=None, strftime=time.strftime: strftime(fmt, now))
+    args = ["bench", "speed", "--patterns", "LL", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "0",
+            "--out", str(tmp_path), *MICRO_SPEED]
+    measure, started, codes = evaluation.measure_speed, [], []
+
+    def measure_and_start_another(*a, **k):
+        if not started:
+            started.append(True)
+            codes.append(main(args))
+        return measure(*a, **k)
+
+    monkeypatch.setattr(evaluation, "measure_speed", measure_and_start_another)
+    assert main(args) == 0 and codes == [0], capsys.readouterr().err
+    out = capsys.readouterr().out
+    saved = re.findall(r"^saved (.+)$", out, re.M)
+    files = sorted((tmp_path / "bench").iterdir())
+    assert len(set(saved)) == 2 and sorted(map(Path, saved)) == files
+    assert [json.loads(f.read_text())["task"] for f in files] == ["speed", "speed"]
+
+
+def test_speed_json_that_is_a_folder_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluation, "measure_speed", lambda *a, **k: pytest.fail("measured before checking --json"))
+    code, err = cli(capsys, "bench", "speed", "--patterns", "LL", "--seq", "16", "--batch", "2", "--json", str(tmp_path),
+                    "--force", *MICRO_SPEED)
+    assert code == 1 and err.strip() == f"error: {tmp_path} is a folder; give a file path"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("")
+    code, err = cli(capsys, "bench", "speed", "--patterns", "LL", "--json", str(run / "config.toml"), "--force", *MICRO_SPEED)
+    assert code == 1 and "is one of the files of" in err and (run / "config.toml").read_text() == ""
 
 
 @pytest.mark.parametrize("args,needle", [

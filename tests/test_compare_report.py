@@ -1,5 +1,5 @@
 """`compare` and `report` on runs that do not rank like for like: other data, tokenizer or sequence length, a
-metric some runs lack, a run that diverged."""
+metric some runs lack, a run that diverged; and the files they write."""
 
 import inspect
 import json
@@ -9,7 +9,9 @@ import shutil
 import pytest
 
 from conftest import MICRO, micro_config, run_cli
+from hybridctl.cli import main
 from hybridctl.core import experiments as ex
+from hybridctl.core.data import load_token_data
 from hybridctl.core.runs import RunDir
 from hybridctl.core.trainer import train
 
@@ -21,8 +23,9 @@ def strict_json(text: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three finished micro runs: bytes on the standard library ('stdlib'), a BPE of 300 ids on a local text
-    file ('bpe'), and bytes with train.seq_len 16 ('short')."""
+    """Four finished micro runs: bytes on the standard library ('stdlib'), a BPE of 300 ids on a local text
+    file ('bpe'), bytes with train.seq_len 16 ('short'), and the standard library capped at half the tokens
+    ('fewer')."""
     root = tmp_path_factory.mktemp("mixed")
     source = inspect.getsource(inspect)
     corpus = root / "corpus.txt"
@@ -31,6 +34,7 @@ def runs(tmp_path_factory):
         "stdlib": [],
         "bpe": [f'data.dataset="{corpus}"', 'data.tokenizer="bpe:300"'],
         "short": ["train.seq_len=16"],
+        "fewer": ["data.max_tokens=30000"],
     }
     paths = {}
     for name, extra in settings.items():
@@ -54,6 +58,12 @@ def diverged_sweep(tmp_path_factory):
     state = ex.run_sweep(plan, path)
     assert state["status"] == {"tiny_lr1e4": "diverged", "tiny_lr1e-3": "complete"}
     return path
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    """The CLI in this process: exit code and stderr."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
 
 
 def table_rows(stdout: str, names) -> dict[str, list[str]]:
@@ -89,6 +99,18 @@ def test_compare_warns_about_runs_on_other_data_or_tokenizers(runs, diverged_swe
     md = tmp_path / "table.md"
     assert run_cli("compare", str(runs["stdlib"]), str(runs["bpe"]), "--markdown", str(md)).returncode == 0
     assert "Warning: runs differ in data.dataset, data.tokenizer, model.vocab_size" in md.read_text()
+
+
+def test_compare_warns_about_runs_validated_on_other_tokens(runs):
+    """data.max_tokens caps the validation split too (at val_fraction of the total), so the eval windows differ."""
+    val = {name: load_token_data(micro_config(extra).data).val for name, extra in
+           (("stdlib", []), ("fewer", ["data.max_tokens=30000"]))}
+    assert len(val["fewer"]) < len(val["stdlib"])
+    warning = ex.comparability_warning(ex.collect_results([runs["stdlib"], runs["fewer"]]))
+    assert warning.startswith("runs differ in data.max_tokens: stdlib (60000) vs fewer (30000); ")
+    assert "data.val" not in warning and "data.dataset" not in warning
+    records = [ex.result_record(row, "best_val_loss") for row in ex.rank_results(ex.collect_results([runs["fewer"]]))]
+    assert (records[0]["max_tokens"], records[0]["val_fraction"], records[0]["val_split"]) == (30000, 0.05, "")
 
 
 def test_report_says_when_runs_are_not_comparable(runs, tmp_path):
@@ -138,7 +160,7 @@ def test_metric_no_run_has_is_an_error(runs, tmp_path):
 
 
 def test_diverged_run_is_shown_as_diverged(diverged_sweep, tmp_path):
-    result = run_cli("compare", str(diverged_sweep), "--no-plots", env={"COLUMNS": "200"})
+    result = run_cli("compare", str(diverged_sweep), "--no-plots", env={"COLUMNS": "80"})  # a pipe's width
     assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout, ["tiny_lr1e4", "tiny_lr1e-3"])
     assert rows["tiny_lr1e-3"][0] == "1"
@@ -163,3 +185,54 @@ def test_diverged_run_is_shown_as_diverged(diverged_sweep, tmp_path):
     shutil.copytree(diverged_sweep / "tiny_lr1e4", alone)
     result = ex.load_result(RunDir(alone))
     assert result.status == "diverged" and result.get("best_val_loss") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files written
+
+
+def test_report_keeps_the_plots_of_an_earlier_report(diverged_sweep, tmp_path):
+    folder = tmp_path / "div"
+    shutil.copytree(diverged_sweep, folder)
+    assert run_cli("report", str(folder)).returncode == 0
+    (folder / "report.md").unlink()
+    kept = sorted((folder / "report_plots").iterdir())[0]
+    kept.write_text("edited by hand")
+    result = run_cli("report", str(folder))
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: {folder / 'report_plots'} already exists; pass --force to replace the plots in it or choose another --out")
+    assert kept.read_text() == "edited by hand" and not (folder / "report.md").exists()
+    assert run_cli("report", str(folder), "--force").returncode == 0
+    assert kept.read_text() != "edited by hand" and (folder / "report.md").is_file()
+
+
+def test_report_out_must_be_markdown(diverged_sweep, tmp_path, capsys):
+    folder = tmp_path / "div"
+    shutil.copytree(diverged_sweep, folder)
+    config = folder / "tiny_lr1e-3" / "config.toml"
+    before = config.read_text()
+    for target in (config, tmp_path / "notes.txt"):
+        code, err = cli(capsys, "report", folder, "--out", target, "--force")
+        assert code == 1 and err.strip() == f"error: --out {target} is not a Markdown file; give a path ending in .md"
+    assert config.read_text() == before and not (tmp_path / "notes.txt").exists()
+    assert not list(tmp_path.rglob("*_plots"))
+
+
+def test_a_folder_given_as_an_output_file_is_refused(diverged_sweep, tmp_path, capsys):
+    folder = tmp_path / "out.md"
+    folder.mkdir()
+    for args in (["report", diverged_sweep, "--out", folder], ["compare", diverged_sweep, "--json-out", folder],
+                 ["compare", diverged_sweep, "--markdown", folder]):
+        code, err = cli(capsys, *args, "--force")
+        assert code == 1 and err.strip() == f"error: {folder} is a folder; give a file path", args
+    assert not list(folder.iterdir()) and not (tmp_path / "out_plots").exists()
+
+
+def test_compare_never_writes_over_a_runs_own_files(diverged_sweep, tmp_path, capsys):
+    folder = tmp_path / "div"
+    shutil.copytree(diverged_sweep, folder)
+    for target in (folder / "tiny_lr1e-3" / "summary.json", folder / "sweep.json"):
+        before = target.read_text()
+        code, err = cli(capsys, "compare", folder, "--json-out", target, "--force")
+        assert code == 1 and err.strip() == f"error: {target} is one of the files of {target.parent}; choose another file"
+        assert target.read_text() == before

@@ -219,6 +219,48 @@ def test_ablate_exits_130_on_ctrl_c_and_143_on_sigterm(tmp_path):
         assert ex.read_sweep(run.path.parent)["status"]["tiny_lr1e-3"] == "interrupted"
 
 
+def test_second_ablate_of_a_running_sweep_is_refused_and_changes_nothing(tmp_path):
+    out = tmp_path / "runs"
+    args = ["ablate", "lr", "--preset", "tiny", "--values", "1e-3", "--steps", "5000", "--name", "busy", "--out", str(out),
+            *cli_args_for_micro(["train.save_every=100000", "train.eval_every=100000"])]
+    path = out / "ablations" / "busy"
+    child = subprocess.Popen([sys.executable, "-m", "hybridctl", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(RunDir(path / "tiny_lr1e-3"), 2)
+        before = (path / ex.SWEEP_FILE).read_text()
+        second = run_cli(*args)
+        assert second.returncode == 1 and second.stderr.strip() == (
+            f"error: sweep {path} is in use by process {child.pid}; wait for it to finish or stop it first")
+        assert (path / ex.SWEEP_FILE).read_text() == before and json.loads(before)["status"] == {"tiny_lr1e-3": "running"}
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+
+
+def test_sweep_leaves_a_run_another_process_holds_as_it_was(tmp_path):
+    """A sweep run that another process writes (a `resume` of it, say) stops the sweep, but is not marked interrupted."""
+    plan = ex.plan_lr_sweep("tiny", [1e-3], STEPS, list(MICRO))
+    path = tmp_path / "sweep"
+    ex.prepare_sweep(plan, path)
+    run = RunDir(path / plan.runs[0].name)
+    run.create(plan.runs[0].cfg)
+    run.release_lock()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hybridctl.core.runs import RunDir; RunDir(sys.argv[1]).acquire_lock(); "
+         "print('locked', flush=True); sys.stdin.read()", str(run.path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunError, match=f"in use by process {holder.pid}"):
+            ex.run_sweep(plan, path)
+        assert ex.read_sweep(path)["status"] == {run.name: "pending"}
+        assert run.lock_owner() == holder.pid and run.is_unstarted()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not (path / ex.SWEEP_LOCK).exists()  # the sweep's own lock went with it
+
+
 def test_second_ctrl_c_in_a_sweep_still_says_how_to_resume(tmp_path):
     """A KeyboardInterrupt (a second Ctrl-C, or one while data loads) exits 130 with the sweep's resume hint."""
     plan = ex.plan_lr_sweep("tiny", [1e-3], STEPS, list(MICRO))
@@ -242,9 +284,11 @@ def test_diverged_sweep_run_gets_advice_that_works(tmp_path):
     out = tmp_path / "runs"
     micro = cli_args_for_micro(["train.max_bad_steps=1", "train.grad_clip=0"])
     sweep = ["ablate", "lr", "--preset", "tiny", "--steps", str(STEPS), "--name", "div", "--out", str(out)]
-    result = run_cli(*sweep, "--values", "1e4,1e-3", *micro)
+    result = run_cli(*sweep, "--values", "1e4,1e-3", *micro, env={"COLUMNS": "80"})  # a pipe's width
     assert result.returncode == 0, result.stderr
     path = out / "ablations" / "div"
+    statuses = [line.split()[-1] for line in result.stdout.splitlines() if re.match(r"^[\d-] tiny_lr", line)]
+    assert statuses == ["complete", "(1/4)"] and "diverged (1/4)" in result.stdout  # the table's last column, whole
     line = next(line for line in result.stderr.splitlines() if "tiny_lr1e4: diverged" in line)
     assert line.startswith("[1/2] tiny_lr1e4: diverged, the sweep goes on: loss was not finite for 1 step (last at step 2); ")
     assert "LR 1e4 is too high: run the ablate command again with --force and --values without it" in line

@@ -9,7 +9,8 @@ import typer
 
 from hybridctl.core import experiments as ex
 from hybridctl.core.errors import ConfigError
-from hybridctl.core.render import TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, results_table
+from hybridctl.core.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, print_table,
+                                   results_table)
 from hybridctl.core.runs import RunDir
 
 app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value under runs/ablations/<sweep>/.",
@@ -59,12 +60,13 @@ def arch(
 def execute(plan: ex.SweepPlan, out: Path, dry_run: bool, force: bool, metric: str) -> None:
     path = ex.sweep_path(out, plan.name)
     if dry_run:
-        console.print(plan_table(plan, ex.preview_actions(plan, path)))
+        print_table(plan_table(plan, ex.preview_actions(plan, path)))
         console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {len(plan.runs)} runs")
         conflict = ex.sweep_conflict(plan, path)
         if conflict:
-            console.print(f"note: {conflict}; running this plan needs --force or another --name", markup=False)
-        console.print(f"dry run: nothing written (sweep folder {path})", markup=False)
+            console.print(f"note: {conflict}; running this plan needs --force or another --name", markup=False,
+                          highlight=False, soft_wrap=True)
+        console.print(f"dry run: nothing written (sweep folder {path})", markup=False, highlight=False, soft_wrap=True)
         return
     total = len(plan.runs)
 
@@ -88,7 +90,7 @@ def execute(plan: ex.SweepPlan, out: Path, dry_run: bool, force: bool, metric: s
         if text:
             err_console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
     rows = ex.rank_results(results, metric)
-    console.print(results_table(rows, metric, title=f"Sweep {plan.name}: ranked by {metric}"))
+    print_table(results_table(rows, metric, title=f"Sweep {plan.name}: ranked by {metric}"))
     print_chart(ex.lr_chart(rows, metric) if plan.kind == "lr" else ex.attention_chart(rows, metric))
     best = next((r for r in rows if r.rank == 1), None)
     if best is None:

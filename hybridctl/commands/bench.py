@@ -5,6 +5,7 @@ entry-point group `hybridctl.benchmarks` (value: a Typer app or a function), the
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,8 +17,9 @@ from hybridctl.cli import register_entry_points
 from hybridctl.commands.train import check_device_for_gpus, check_gpus, launch_on_gpus
 from hybridctl.core import distributed as dist
 from hybridctl.core import evaluation
-from hybridctl.core.errors import ConfigError
-from hybridctl.core.render import console, err_console, fmt_count, fmt_num
+from hybridctl.core import experiments as ex
+from hybridctl.core.errors import ConfigError, RunError
+from hybridctl.core.render import console, err_console, fmt_count, fmt_num, print_table
 from hybridctl.core.trainer import resolve_device
 
 ENTRY_POINT_GROUP = "hybridctl.benchmarks"
@@ -48,8 +50,8 @@ def arc(
     with progress_bar("arc") as update:
         result = evaluation.bench_arc(target, checkpoint, split, data, limit, batch_size, max_len, device, force, progress=update)
     console.print(f"[bold]{result['run']}[/] @ {result['checkpoint']} (step {result['checkpoint_step']})", highlight=False)
-    console.print(arc_table(result))
-    console.print(f"saved {result['path']}", highlight=False)
+    print_table(arc_table(result))
+    console.print(f"saved {result['path']}", markup=False, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -113,6 +115,8 @@ def speed(
     """Training-step throughput (tok/s), model FLOPs utilisation and peak memory per architecture."""
     if gpus is not None:
         check_gpus(gpus, "bench speed")
+    if json_path is not None:
+        ex.ensure_new_file(json_path, force)  # a folder or a kept result: refused before anything is measured
     names = [p.strip() for item in presets for p in item.split(",") if p.strip()]
     pattern_list = [p.strip() for p in (patterns or "").split(",") if p.strip()]
     if not names:
@@ -127,8 +131,6 @@ def speed(
     if gpus is not None and gpus > 1:  # what would stop every process, checked here once
         evaluation.check_speed_counts(steps, warmup, seqs, batches, tokens_per_step)
         evaluation.speed_plan(configs, seqs, batches, tokens_per_step, gpus)
-        if json_path is not None:
-            evaluation.refuse_overwrite(json_path, force)
         return launch_on_gpus(gpus)
 
     def on_start(name: str, seq_len: int, batch_size: int) -> None:
@@ -136,12 +138,37 @@ def speed(
             err_console.print(f"{name}: seq {seq_len}, batch {batch_size} ...", highlight=False)
 
     with dist.session(resolve_device(configs[0].train.device)):
-        report = evaluation.bench_speed(configs, seqs, batches, tokens_per_step, steps, warmup, forward_only,
-                                        json_path or evaluation.default_speed_path(out), force, on_start=on_start)
         main = dist.is_main()
+        path, replace = json_path, force
+        if json_path is None and main:  # process 0 alone writes the results
+            path, replace = reserve_speed_path(out), True  # the empty file it made is this run's to replace
+        try:
+            report = evaluation.bench_speed(configs, seqs, batches, tokens_per_step, steps, warmup, forward_only,
+                                            path, replace, on_start=on_start)
+        except BaseException:
+            if json_path is None and path is not None:
+                path.unlink(missing_ok=True)  # no results: no empty file left behind
+            raise
     if main:
-        console.print(speed_table(report))
-        console.print(f"saved {report['path']}", highlight=False)
+        print_table(speed_table(report))
+        console.print(f"saved {report['path']}", markup=False, highlight=False, soft_wrap=True)
+
+
+def reserve_speed_path(out: Path) -> Path:
+    """A new OUT/bench/speed-<time>[-N].json, created empty at once (O_EXCL): two runs started in the same second
+    would otherwise pick the same free name and the later one would write over the earlier one's results."""
+    while True:
+        path = evaluation.default_speed_path(out)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return path
+        except FileExistsError:
+            if not path.parent.is_dir():
+                raise RunError(f"cannot create {path.parent}: a file of that name is in the way; choose another --out") from None
+            continue  # another run took this name since it was found free: find the next
+        except OSError as e:
+            raise RunError(f"cannot write {path}: {e.strerror}; choose another --out folder") from None
 
 
 def fmt_bytes(n: Optional[float]) -> str:

@@ -10,7 +10,7 @@ import typer
 
 from hybridctl.core import experiments as ex
 from hybridctl.core.errors import ConfigError
-from hybridctl.core.render import console, err_console, markdown_table, print_chart, results_rows, results_table
+from hybridctl.core.render import console, err_console, markdown_table, print_chart, print_table, results_rows, results_table
 
 
 def compare(
@@ -48,7 +48,7 @@ def compare(
         return
     ranked = sum(row.rank is not None for row in rows)
     count = f"{len(rows)} runs" if ranked == len(rows) else f"{ranked} of {len(rows)} runs"
-    console.print(results_table(rows, metric, title=f"{count} ranked by {metric}"))
+    print_table(results_table(rows, metric, title=f"{count} ranked by {metric}"))
     if plots:
         shown = [row.result for row in rows]
         print_chart(ex.curves_chart(shown, "val_loss", x))

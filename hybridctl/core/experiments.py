@@ -3,7 +3,8 @@
 A sweep is a folder `runs/ablations/<sweep>/` holding one ordinary run folder per planned run and
 `sweep.json` (kind, plan, steps, status per run). Running the same sweep again skips finished runs, resumes
 unfinished ones from their newest checkpoint and restarts runs that never reached one; a different plan under
-the same name is refused unless forced, so results of two plans never mix in one folder.
+the same name is refused unless forced, so results of two plans never mix in one folder. While a process runs
+the sweep it holds `sweep.lock` (an flock, like a run's run.lock), and a second one is refused before it writes.
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hybridctl.core import checkpoint as ckpt
-from hybridctl.core.config import Config, load_config, parse_override, suggest
+from hybridctl.core import synthetic
+from hybridctl.core.config import Config, DataConfig, load_config, parse_override, suggest
 from hybridctl.core.data import cache_key, load_token_data
 from hybridctl.core.errors import ConfigError, HybridctlError, RunError, TrainingError
 from hybridctl.core.plots import Chart, Series
 from hybridctl.core.render import fmt_count, fmt_lr
-from hybridctl.core.runs import RunDir, check_run_name, find_runs, is_run_dir, write_json_atomic
+from hybridctl.core.runs import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, SUMMARY_FILE, RunDir, check_run_name, find_runs,
+                                 is_run_dir, write_json_atomic)
 from hybridctl.core.trainer import train
 
 SWEEPS_DIR = "ablations"
 SWEEP_FILE = "sweep.json"
+SWEEP_LOCK = "sweep.lock"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOCK_FILE)
 ARC_FILE = Path("bench") / "arc.json"
 
 DEFAULT_LRS = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3]
@@ -255,7 +260,7 @@ def sweep_conflict(plan: SweepPlan, path: Path) -> str:
     """Why running the plan in this folder would need --force ('' when it would not)."""
     state = read_sweep(path)
     if state is None:
-        return f"{path} exists but is not a sweep" if Path(path).is_dir() and any(Path(path).iterdir()) else ""
+        return f"{path} exists but is not a sweep" if _holds_files(path) else ""
     diff = plan_difference(state, plan.to_dict())
     return f"the sweep there was planned differently ({diff})" if diff else ""
 
@@ -269,8 +274,43 @@ def preview_actions(plan: SweepPlan, path: Path) -> list[RunAction]:
 
 
 def ensure_new_file(path: Path, force: bool) -> None:
-    if Path(path).exists() and not force:
+    """Refuse, before any work, a target that is a folder, a run's or sweep's own file, or (without force) any
+    existing file."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path} is a folder; give a file path")
+    # --force replaces earlier output, never the files a run or sweep is read and resumed from
+    if ((path.name in RUN_FILES and is_run_dir(path.parent))
+            or (path.name in (SWEEP_FILE, SWEEP_LOCK) and (path.parent / SWEEP_FILE).is_file())):
+        raise RunError(f"{path} is one of the files of {path.parent}; choose another file")
+    if path.exists() and not force:
         raise RunError(f"{path} already exists; pass --force to replace it or choose another file")
+
+
+def _holds_files(path: Path) -> bool:
+    """Whether the folder exists and holds anything but a sweep's lock."""
+    path = Path(path)
+    return path.is_dir() and any(p.name != SWEEP_LOCK for p in path.iterdir())
+
+
+class _SweepLock(RunDir):
+    """RunDir's lock (an flock the kernel drops when its owner exits, however it exits), kept in a sweep folder's
+    sweep.lock."""
+
+    lock_path = property(lambda self: self.path / SWEEP_LOCK)
+
+
+def lock_sweep(path: Path) -> RunDir:
+    """Lock the sweep folder (made if missing) for this process; release_lock() on the result frees it."""
+    lock = _SweepLock(path)
+    try:
+        lock.acquire_lock()
+    except OSError as e:
+        raise RunError(f"cannot create {path}: {e.strerror}; choose another --out folder") from None
+    except RunError:
+        raise RunError(f"sweep {path} is in use by process {lock.lock_owner() or 'unknown'}; wait for it to finish "
+                       "or stop it first") from None
+    return lock
 
 
 def _remove_runs(path: Path, keep: set[str]) -> None:
@@ -286,7 +326,7 @@ def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str,
     path = Path(path)
     state = read_sweep(path)
     new = plan.to_dict()
-    if state is None and path.is_dir() and any(path.iterdir()) and not force:
+    if state is None and _holds_files(path) and not force:
         raise RunError(f"{path} exists but is not a sweep (no {SWEEP_FILE}); pick another --name or pass --force to replace it")
     if state is not None:
         diff = plan_difference(state, new)
@@ -351,6 +391,15 @@ def run_sweep(plan: SweepPlan, path: Path, force: bool = False, progress: Callab
     the sweep goes on; an interrupted one (Ctrl-C) stops the sweep with its finished runs intact.
     """
     path = Path(path)
+    lock = lock_sweep(path)  # a second process running the same sweep stops here, before it changes anything
+    try:
+        return _run_sweep(plan, path, force, progress, notify)
+    finally:
+        lock.release_lock()
+
+
+def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[PlannedRun, int], Any] | None,
+               notify: Notify | None) -> dict[str, Any]:
     state = prepare_sweep(plan, path, force)
     datasets: dict[str, Any] = {}
 
@@ -372,11 +421,14 @@ def run_sweep(plan: SweepPlan, path: Path, force: bool = False, progress: Callab
         callback = progress(planned, index) if progress is not None else None
         watcher = _EventWatcher(callback)
         cfg = copy.deepcopy(planned.cfg)
+        locked = False  # a run another process holds (the lock refused) is that process's to record
         try:
             if action.kind == "start":
                 run.create(cfg, force=True)
+                locked = True
             else:
                 run.acquire_lock()
+                locked = True
                 run.remove_partial_checkpoints()
                 cfg = run.load_config()  # the resolved config the run was started with
             save_state(planned.name, "running")
@@ -414,7 +466,8 @@ def run_sweep(plan: SweepPlan, path: Path, force: bool = False, progress: Callab
             stopped.exit_code = 130
             raise stopped from None
         except BaseException:
-            save_state(planned.name, "interrupted")
+            if locked:
+                save_state(planned.name, "interrupted")
             raise
         finally:
             if callback is not None and hasattr(callback, "close"):
@@ -440,9 +493,12 @@ METRIC_SOURCES = {
     "final_val_mqar_acc": "only runs on data.dataset = synthetic:mqar measure it",
 }
 # Settings that change what a validation loss per token means: runs that differ in one do not rank like for like
-# (by any metric but ARC's, which scores every run on the same questions).
+# (by any metric but ARC's, which scores every run on the same questions). The last three choose the validation
+# tokens themselves: val_fraction and val_split pick its documents, and max_tokens caps it at val_fraction of the
+# total, which moves the eval windows (spread evenly over the val tokens).
 COMPARABLE = {"dataset": "data.dataset", "tokenizer": "data.tokenizer", "vocab_size": "model.vocab_size",
-              "seq_len": "train.seq_len"}
+              "seq_len": "train.seq_len", "max_tokens": "data.max_tokens", "val_fraction": "data.val_fraction",
+              "val_split": "data.val_split"}
 TOKENIZER_FREE = ("arc_acc", "arc_acc_norm")
 
 
@@ -493,6 +549,13 @@ def sweep_divergence_advice(run: RunDir) -> str:
     return divergence_advice(sweep.get("kind"), run, entry.get("preset"))
 
 
+def _max_tokens(data: DataConfig) -> int:
+    """data.max_tokens as the data sees it: a synthetic task makes its default number of tokens for 0."""
+    if data.dataset.startswith("synthetic:") and not data.max_tokens:
+        return synthetic.DEFAULT_TOKENS
+    return data.max_tokens
+
+
 def load_result(run: RunDir) -> RunResult:
     summary = run.read_summary()
     rows = run.read_metrics()
@@ -513,6 +576,10 @@ def load_result(run: RunDir) -> RunResult:
         "tokenizer": cfg.data.tokenizer if cfg and not cfg.data.dataset.startswith("synthetic:") else None,
         "vocab_size": (cfg.model.vocab_size or None) if cfg else None,  # 0 until training filled it in
         "seq_len": cfg.train.seq_len if cfg else None,
+        "max_tokens": _max_tokens(cfg.data) if cfg else None,
+        "val_fraction": cfg.data.val_fraction if cfg else None,
+        # synthetic tasks generate their validation examples; builtin corpora refuse a val_split
+        "val_split": cfg.data.val_split if cfg and not cfg.data.dataset.startswith("synthetic:") else None,
     }
     complete = summary.get("status") == "complete"
     if complete:
@@ -654,9 +721,9 @@ def _names(results: list[RunResult], most: int = 3) -> str:
 
 
 def comparability_warning(results: list[RunResult], metric: str = "best_val_loss") -> str:
-    """'' when the runs share data, tokenizer, vocabulary and sequence length; else one line naming what differs
-    and which runs, the smaller groups first (settings that split the runs alike, as a tokenizer and its
-    vocabulary do, are named together)."""
+    """'' when the runs share data (validation split included), tokenizer, vocabulary and sequence length; else one
+    line naming what differs and which runs, the smaller groups first (settings that split the runs alike, as a
+    tokenizer and its vocabulary do, are named together)."""
     if metric in TOKENIZER_FREE:
         return ""
     position = {id(r): i for i, r in enumerate(results)}
@@ -676,7 +743,8 @@ def comparability_warning(results: list[RunResult], metric: str = "best_val_loss
     for settings, groups, values in splits.values():
         per_group = zip(*values)  # each group's values of the settings named together
         parts.append(f"{', '.join(settings)}: "
-                     + " vs ".join(f"{_names(rs)} ({', '.join(map(str, vs))})" for rs, vs in zip(groups, per_group)))
+                     + " vs ".join(f"{_names(rs)} ({', '.join(str(v) if v != '' else 'none' for v in vs)})"
+                                   for rs, vs in zip(groups, per_group)))
     if not parts:
         return ""
     return ("runs differ in " + "; ".join(parts) + "; losses per token on different data, tokenizers or sequence "
@@ -691,7 +759,7 @@ def result_record(row: Ranked, metric: str) -> dict[str, Any]:
     keys = ("layer_types", "attention_fraction", "lr", "params", "steps", "planned_steps", "tokens", "best_val_loss",
             "best_step", "best_val_acc", "best_val_ppl", "final_val_loss", "final_val_acc", "final_val_ppl",
             "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "arc_acc", "arc_acc_norm", "arc_n",
-            "dataset", "tokenizer", "vocab_size", "seq_len")
+            "dataset", "tokenizer", "vocab_size", "seq_len", "max_tokens", "val_fraction", "val_split")
     record.update({k: _finite(r.get(k)) for k in keys})  # NaN is not JSON
     return record
 

@@ -236,6 +236,12 @@ def _numeric(cell: str) -> bool:
     return cell[:1].isdigit() or cell[:1] in "+-." and cell[1:2].isdigit()
 
 
+def print_table(table: Table, out: Console = console) -> None:
+    """Print a table whole. Rich crops every line at the console's width, 80 on a pipe or file unless COLUMNS says
+    otherwise, which cut the last column's words short there; only a terminal needs the lines to fit."""
+    out.print(table, crop=out.is_terminal)
+
+
 def results_table(rows, metric: str, title: str | None = None) -> Table:
     headers, cells = results_rows(rows, metric)
     return text_table(headers, cells, title)
@@ -268,7 +274,7 @@ def print_chart(chart, out: Console = console) -> None:
         width, height = chart_size(out.width)
         out.print(Text.from_ansi(render_chart(chart, width, height)), soft_wrap=True)
     else:
-        out.print(chart_table(chart))
+        print_table(chart_table(chart), out)
 
 
 def plan_table(plan, actions) -> Table:
@@ -292,9 +298,9 @@ def print_report(report, out: Console = console) -> None:
         for paragraph in section.paragraphs:
             out.print(paragraph, markup=False, highlight=False)
         if section.ranking is not None:
-            out.print(results_table(section.ranking, report.metric))
+            print_table(results_table(section.ranking, report.metric), out)
         if section.table is not None:
-            out.print(text_table(*section.table))
+            print_table(text_table(*section.table), out)
         for chart in section.charts:
             print_chart(chart, out)
 
@@ -321,10 +327,15 @@ def report_markdown(report, plot_files: dict[str, list[str]] | None = None, widt
     return "\n".join(parts)
 
 
+def report_plots_dir(md_path: Path) -> Path:
+    """Where write_report puts the plots of a report: <stem>_plots/ beside it."""
+    return Path(md_path).with_name(f"{Path(md_path).stem}_plots")
+
+
 def write_report(report, md_path: Path) -> list[Path]:
     """Write the Markdown report and its plots (text and HTML) into <stem>_plots/ beside it; returns the plot files."""
     md_path = Path(md_path)
-    plots_dir = md_path.with_name(f"{md_path.stem}_plots")
+    plots_dir = report_plots_dir(md_path)
     files: dict[str, list[str]] = {}
     written: list[Path] = []
     for section in report.sections:
