@@ -236,3 +236,10 @@ def test_compare_never_writes_over_a_runs_own_files(diverged_sweep, tmp_path, ca
         code, err = cli(capsys, "compare", folder, "--json-out", target, "--force")
         assert code == 1 and err.strip() == f"error: {target} is one of the files of {target.parent}; choose another file"
         assert target.read_text() == before
+
+
+def test_compare_makes_the_folders_of_its_output_files(diverged_sweep, tmp_path, capsys):
+    json_out, markdown = tmp_path / "new" / "rank.json", tmp_path / "other" / "deeper" / "rank.md"
+    code, _ = cli(capsys, "compare", diverged_sweep, "--json-out", json_out, "--markdown", markdown)
+    assert code == 0
+    assert {r["name"] for r in json.loads(json_out.read_text())} and "Ranked by best_val_loss" in markdown.read_text()

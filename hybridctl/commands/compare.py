@@ -38,6 +38,9 @@ def compare(
     for note in notes:
         err_console.print(note, markup=False, highlight=False, soft_wrap=True)
     records = [ex.result_record(row, metric) for row in rows]
+    for target in (json_out, markdown):
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)  # as report and bench make theirs
     if json_out is not None:
         json_out.write_text(json.dumps(records, indent=2) + "\n")
     if markdown is not None:
