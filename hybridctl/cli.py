@@ -85,7 +85,8 @@ def register_entry_points(app: typer.Typer, group: str, builtins: dict[str, str]
     """Add every entry point of `group` to app; built-ins missing from the metadata come from `builtins`."""
     seen: set[str] = set()
     for ep in sorted(entry_points(group=group), key=lambda e: e.name):
-        if ep.name in builtins and ep.value != builtins[ep.name]:  # the package's own entry has the built-in's value
+        own = ep.value == builtins.get(ep.name) or getattr(getattr(ep, "dist", None), "name", None) == "hybridctl"
+        if ep.name in builtins and not own:
             warn(f"plugin {kind} '{ep.name}' ({ep.value}) has the name of a built-in {kind}; skipping it (rename it in its entry point)")
             continue
         if ep.name in seen:

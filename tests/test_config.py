@@ -68,6 +68,8 @@ def test_extends_by_name_finds_a_preset_beside_the_file_first(tmp_path):
     cfg = load_config(str(tmp_path / "child.toml"))
     assert (cfg.train.lr, cfg.train.steps) == (0.25, 9)
     assert cfg.model == load_config("tiny").model  # "tiny" is not beside it: the built-in one
+    (tmp_path / "tiny.toml").write_text('extends = "tiny"\n[train]\nsteps = 7\n')  # a variant under the same name
+    assert load_config(str(tmp_path / "tiny.toml")).train.steps == 7
 
 
 def test_override_with_a_table_sets_only_its_keys():

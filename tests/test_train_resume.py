@@ -84,11 +84,44 @@ def test_resume_from_earlier_checkpoint_starts_the_history_again(full_run, tmp_p
 
     with pytest.raises(KeyboardInterrupt):
         train(load_config_file(run.config_path), run, resume_from=run.resolve_checkpoint("step_000003"),
-              callback=crash_at_step_4)
+              callback=crash_at_step_4, rollback=True)
     assert [p.name for p in run.step_checkpoints()] == ["step_000003"] and not run.best_dir.exists()
     assert run.resolve_checkpoint("latest").name == "step_000003"
     assert max(r["step"] for r in run.read_metrics()) <= 4
     assert load_result(run).status == "partial"  # the old summary's step-6 figures no longer rank it
+
+
+def test_plain_resume_keeps_a_best_checkpoint_newer_than_latest(full_run, tmp_path, monkeypatch):
+    """Evals and saves need not fall on the same steps: after a crash, best/ can be newer than the newest step
+    checkpoint. It is a model of the same course, so resuming from latest keeps it."""
+    import shutil
+
+    from hybridctl.cli import main
+    from hybridctl.commands import resume as resume_command
+
+    _, full, _ = full_run
+    run = RunDir(tmp_path / "crashed")
+    shutil.copytree(full.path, run.path)
+    shutil.rmtree(run.step_checkpoints()[-1])  # step 6 never saved; best/ (step 6) was
+    run.truncate_metrics(3)
+    assert ckpt.read_state(run.best_dir)["step"] == 6 and run.resolve_checkpoint("latest").name == "step_000003"
+    seen = {}
+
+    class StopAtStart:  # stands in for the progress display: looks at best/ once the checkpoint has loaded
+        def __init__(self, name):
+            pass
+
+        def __call__(self, kind, record):
+            if kind == "start":
+                seen["best"] = ckpt.is_complete(run.best_dir)
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(resume_command, "TrainProgress", StopAtStart)
+    assert main(["resume", str(run.path)]) != 0
+    assert seen == {"best": True} and ckpt.read_state(run.best_dir)["step"] == 6
 
 
 def test_schedule_warmup_cosine_and_extension():

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from hybridctl.core import experiments as ex
-from hybridctl.core.errors import ConfigError
+from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.render import console, err_console, markdown_table, print_chart, print_table, results_rows, results_table
 
 
@@ -30,6 +30,10 @@ def compare(
     for target in (json_out, markdown):
         if target is not None:
             ex.ensure_new_file(target, force)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)  # as report and bench make theirs
+            except OSError as e:
+                raise RunError(f"cannot make the folder of {target}: {e.strerror}; choose another path") from None
     results = ex.collect_results(paths or [Path("runs")])
     coverage = ex.metric_coverage(results, metric)
     rows = ex.rank_results(results, metric, sort)
@@ -38,9 +42,6 @@ def compare(
     for note in notes:
         err_console.print(note, markup=False, highlight=False, soft_wrap=True)
     records = [ex.result_record(row, metric) for row in rows]
-    for target in (json_out, markdown):
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)  # as report and bench make theirs
     if json_out is not None:
         json_out.write_text(json.dumps(records, indent=2) + "\n")
     if markdown is not None:

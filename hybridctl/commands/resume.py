@@ -50,6 +50,7 @@ def resume(
     with dist.session(resolve_device(cfg.train.device)):
         main = dist.is_main()
         checkpoint = step = None
+        later = []  # what resuming abandons (rank 0 finds it, and alone deletes it)
         try:
             with dist.together():  # rank 0 locks the run, tidies it and picks the checkpoint; the others wait
                 if main:
@@ -59,7 +60,9 @@ def resume(
                     checkpoint = run.resolve_checkpoint(from_, on_skip=skipped)
                     # Check the chosen checkpoint before anything is written ('latest' is checked as it is picked).
                     step = (read_state(checkpoint) if from_ == "latest" else verify_checkpoint(checkpoint))["step"]
-                    # Resuming starts the history again at `step`; past 'latest' lie only the damaged ones passed over.
+                    # An earlier checkpoint than the newest starts the history again at `step`: the later ones would
+                    # otherwise be picked by the next plain resume. Past 'latest' lie only damaged ones it passed over
+                    # (the run writes over their names) and a best/ of the same course, which is kept.
                     later = run.checkpoints_after(step) if from_ != "latest" else []
                     if later and not force:
                         raise RunError(
@@ -80,7 +83,8 @@ def resume(
                 console.print(f"resuming {run.path} from {checkpoint.name} (step {step}) to step {cfg.train.steps}")
             progress = TrainProgress(run.name) if main else None
             try:
-                summary = run_training(cfg, run, resume_from=checkpoint, extend_steps=extend_steps, callback=progress)
+                summary = run_training(cfg, run, resume_from=checkpoint, extend_steps=extend_steps, callback=progress,
+                                       rollback=bool(later))
             finally:
                 if progress is not None:
                     progress.close()

@@ -168,9 +168,9 @@ def read_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a checkpoint (no {STATE_FILE}); pick one listed under the run's checkpoints/") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{state_path} is corrupt (not valid JSON); resume from an earlier checkpoint with --from") from None
+        raise CheckpointError(f"{state_path} is corrupt (not valid JSON); resume from an earlier checkpoint with --from (and --force)") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{state_path} was not written by hybridctl (no step number); resume from another checkpoint with --from")
+        raise CheckpointError(f"{state_path} was not written by hybridctl (no step number); resume from another checkpoint with --from (and --force)")
     return state
 
 
@@ -210,10 +210,10 @@ def verify_checkpoint(path: Path, state: dict[str, Any] | None = None) -> dict[s
     for name, expected in state.get("files", {}).items():
         f = Path(path) / name
         if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {name}; resume from an earlier checkpoint with --from")
+            raise CheckpointError(f"checkpoint {path} is missing {name}; resume from an earlier checkpoint with --from (and --force)")
         problem = damage(f, expected)
         if problem:
-            raise CheckpointError(f"checkpoint file {f} {problem}; resume from an earlier checkpoint with --from")
+            raise CheckpointError(f"checkpoint file {f} {problem}; resume from an earlier checkpoint with --from (and --force)")
     return state
 
 

@@ -165,7 +165,7 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
-def find_preset(name_or_path: str, relative_to: Path | None = None) -> Path:
+def find_preset(name_or_path: str, relative_to: Path | None = None, extending: tuple[Path, ...] = ()) -> Path:
     """A preset by name (presets/NAME.toml, or NAME.toml beside the extending file) or by path; relative paths
     resolve against the extending file."""
     candidates = []
@@ -176,8 +176,9 @@ def find_preset(name_or_path: str, relative_to: Path | None = None) -> Path:
             candidates.append(relative_to / p)
         candidates.append(p)
     else:  # a name: beside the extending file first (a folder of one's own presets), then presets/
-        if relative_to is not None:
-            candidates.append(relative_to / f"{name_or_path}.toml")
+        beside = relative_to / f"{name_or_path}.toml" if relative_to is not None else None
+        if beside is not None and beside.resolve() not in extending:  # my/tiny.toml may extend the built-in tiny
+            candidates.append(beside)
         candidates.append(PRESETS_DIR / f"{name_or_path}.toml")
     for c in candidates:
         if c.is_file():
@@ -202,7 +203,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def load_preset_dict(name_or_path: str, _seen: tuple[Path, ...] = (), relative_to: Path | None = None) -> dict:
     """The preset's table merged over everything it extends (base first)."""
-    path = find_preset(name_or_path, relative_to)
+    path = find_preset(name_or_path, relative_to, extending=_seen)
     if path in _seen:
         chain = " -> ".join(p.stem for p in (*_seen, path))
         raise ConfigError(f"preset cycle: {chain}; remove one of the `extends` lines")

@@ -308,7 +308,8 @@ def lock_sweep(path: Path) -> RunDir:
     except OSError as e:
         raise RunError(f"cannot create {path}: {e.strerror}; choose another --out folder") from None
     except RunError:
-        raise RunError(f"sweep {path} is in use by process {lock.lock_owner() or 'unknown'}; wait for it to finish "
+        owner = lock.lock_owner()
+        raise RunError(f"sweep {path} is in use by process {owner if owner and owner > 0 else 'unknown'}; wait for it to finish "
                        "or stop it first") from None
     return lock
 

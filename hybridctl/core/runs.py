@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
 # Locks this process holds, by run folder: {real path: open file descriptor of its run.lock}. flock belongs to the
 # open file, so several RunDir objects for one folder in one process share the entry instead of locking each other out.
 _held_locks: dict[str, int] = {}
+
+
+def _flock_briefly(fd: int, tries: int = 5, wait_s: float = 0.02) -> None:
+    """The exclusive lock, tried for about 0.1 s: lock_owner() holds a shared lock for a moment while compare or
+    report looks at a run, and that must not refuse a process that starts the run just then."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(wait_s)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -151,7 +165,7 @@ class RunDir:
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_briefly(fd)
             except OSError:
                 owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)

@@ -296,13 +296,18 @@ def forward_backward(model, x, y, micro: int, grad_accum: int, autocast, aux_sum
     return loss_sum / grad_accum
 
 
-def check_data_fits(cfg: Config, data: TokenData) -> None:
-    """What the tokens must give the model and the evaluation, checked before anything is trained."""
+def check_vocab_fits(cfg: Config, data: TokenData) -> None:
     if 0 < cfg.model.vocab_size < data.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({data.vocab_size}); "
             "set it to 0 to follow the tokenizer"
         )
+
+
+def check_data_fits(cfg: Config, data: TokenData) -> None:
+    """What the tokens must give the model and the evaluation, checked before a run starts (a resumed run was
+    checked when it started, perhaps by an older version: it is not refused now)."""
+    check_vocab_fits(cfg, data)
     t = cfg.train
     if cfg.data.dataset.startswith("synthetic:"):
         synthetic.check_seq_len(cfg.data, t.seq_len)
@@ -328,15 +333,16 @@ def load_run_data(cfg: Config) -> TokenData:
 
 
 def prepare_model(cfg: Config, data: TokenData) -> HybridLM:
-    check_data_fits(cfg, data)
+    check_vocab_fits(cfg, data)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
     return build_model(cfg.model)
 
 
 def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_steps: int = 0,
-          callback: Callback | None = None, data: TokenData | None = None) -> dict[str, Any]:
-    """Train (or resume) the run; returns the summary that is also written to summary.json.
+          callback: Callback | None = None, data: TokenData | None = None, rollback: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run; returns the summary that is also written to summary.json. With `rollback`, the
+    checkpoints and best/ saved after `resume_from` are deleted once it has loaded (resume --from ... --force).
 
     Under torchrun every process calls this (after distributed.init, which the train and resume commands do);
     rank 0 alone writes into the run folder and calls `callback`.
@@ -352,6 +358,8 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
     if data is None:
         data = dist.local_first(lambda: load_token_data(cfg.data))
     with dist.together():  # every rank loads the same model and checkpoint; rank 0 alone writes
+        if resume_from is None:
+            check_data_fits(cfg, data)
         model = prepare_model(cfg, data).to(device)
         if resume_from is None and main:
             run.write_config(cfg)  # the resolved config, vocab size filled in
@@ -375,8 +383,11 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
             ckpt.set_rng_state(state["rng"])
             if main:
                 run.truncate_metrics(start_step)
-                run.drop_checkpoints_after(start_step)
                 run.reopen_summary()
+                if rollback:
+                    run.drop_checkpoints_after(start_step)
+            if not ckpt.is_complete(run.best_dir):  # best/ gone with the steps after it: the next eval writes one
+                best_val, best_step = math.inf, -1
         if extend_steps:
             schedule.extend(start_step, t.steps)
         sampler = BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)
