@@ -7,7 +7,9 @@ torchrun an error is printed by one process only (see core/distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
 import traceback
 from importlib.metadata import entry_points
@@ -16,7 +18,7 @@ import click
 import typer
 
 from hybridctl.core import distributed
-from hybridctl.core.errors import HybridctlError
+from hybridctl.core.errors import HybridctlError, Terminated
 
 ENTRY_POINT_GROUP = "hybridctl.commands"
 
@@ -104,7 +106,29 @@ def register_entry_points(app: typer.Typer, group: str, builtins: dict[str, str]
     return app
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with sigterm_unwinds():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = sys.argv[1:] if argv is None else argv
     current_args[:] = args
     debug = "--debug" in args
@@ -117,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     except ABORT_ERRORS:
         print("error: aborted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        if distributed.reports(e):
+            print("error: stopped by SIGTERM", file=sys.stderr)
+        return 143
     except USAGE_ERRORS as e:
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""

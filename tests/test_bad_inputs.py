@@ -134,6 +134,8 @@ ROWS = [
     Row("out-under-a-file", ["train", "--preset", "tiny", "--out", "{ws}/afile/runs", *MICRO], "is a file, not a folder", write("afile", "x")),
     Row("name-is-a-file", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "afile", *MICRO], "is a file, not a folder", write("afile", "x")),
     Row("existing-run-no-force", train(), "pass --force", existing_run_named("bad")),
+    Row("existing-run-without-checkpoint", train(), "already exists but has no checkpoint to resume from; pass --force",
+        lambda ws: (existing_run_named("bad")(ws), shutil.rmtree(ws / "runs" / "bad" / "checkpoints"))),
     Row("force-over-non-run", train("--force"), "is not a run folder (no config.toml)", write("runs/bad/notes.txt", "mine")),
     Row("force-over-sweep", train("--force"), "is not a run folder", existing_run_named("bad/sweep_run_1")),
     Row("name-with-slash", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "a/b", *MICRO], "must be a plain folder name"),
@@ -179,6 +181,7 @@ ROWS = [
 ]
 if not torch.cuda.is_available():
     ROWS.append(Row("cuda-missing", train("--device", "cuda"), "CUDA is not available"))
+    ROWS.append(Row("one-gpu-missing", train("--gpus", "1"), "leave out --gpus to train on the CPU"))
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -243,3 +243,13 @@ def test_compare_makes_the_folders_of_its_output_files(diverged_sweep, tmp_path,
     code, _ = cli(capsys, "compare", diverged_sweep, "--json-out", json_out, "--markdown", markdown)
     assert code == 0
     assert {r["name"] for r in json.loads(json_out.read_text())} and "Ranked by best_val_loss" in markdown.read_text()
+
+
+def test_a_run_stopped_before_its_first_eval_is_partial_at_its_checkpoint(finished_micro_run, tmp_path):
+    """A stop saves a checkpoint at its step without logging a line: the run is listed at that step, resumable."""
+    run = RunDir(tmp_path / "stopped")
+    shutil.copytree(finished_micro_run, run.path)
+    run.summary_path.unlink()
+    run.truncate_metrics(2)  # the evals at steps 3 and 6 and the log lines after step 2 never made it
+    result = ex.load_result(run)
+    assert (result.status, result.get("steps")) == ("partial", 6)

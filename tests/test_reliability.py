@@ -457,3 +457,24 @@ def test_a_run_that_never_started_is_reused_without_force(tmp_path):
     (started.path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
     with pytest.raises(RunError, match="already exists"):
         started.create(cfg)
+
+
+def test_sigterm_while_the_data_is_tokenised_cleans_up(monkeypatch, tmp_path, capsys):
+    """SIGTERM outside the training loop unwinds like Ctrl-C (exit 143): the half-written token cache is removed
+    instead of staying, hidden, in the cache folder."""
+    from hybridctl.core import data
+
+    real_build = data.build_token_cache
+
+    def build_then_terminated(data_cfg, folder, progress=None):
+        real_build(data_cfg, folder, progress)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this returns
+        raise AssertionError("SIGTERM did not stop the build")
+
+    monkeypatch.setattr(data, "build_token_cache", build_then_terminated)
+    monkeypatch.setenv("HYBRIDCTL_CACHE", str(tmp_path / "cache"))
+    code = main(["data", "prepare", "--preset", "tiny", "--set", "data.max_tokens=20000"])
+    assert code == 143 and capsys.readouterr().err.strip().splitlines()[-1] == "error: stopped by SIGTERM"
+    assert [p.name for p in (tmp_path / "cache" / "tokens").iterdir()] == []
+    assert signal.getsignal(signal.SIGTERM) is not None  # main() put the previous handler back

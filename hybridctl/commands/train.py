@@ -43,6 +43,8 @@ def check_gpus(gpus: int, command: str) -> None:
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
     if not torch.cuda.is_available():
+        if gpus == 1:
+            raise ConfigError(f"--gpus 1: no CUDA GPU is available here; leave out --gpus to {command} on the CPU")
         raise ConfigError(
             f"--gpus {gpus}: no CUDA GPUs are available here; to run {gpus} processes on CPU, run "
             f"`torchrun --nproc-per-node {gpus} -m hybridctl {command} ...` with the same options, without --gpus"

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from hybridctl.core.errors import HybridctlError
+from hybridctl.core.errors import HybridctlError, Terminated
 
 T = TypeVar("T")
 
@@ -267,7 +267,7 @@ def reports(error: BaseException) -> bool:
     for its machine."""
     if is_quiet(error):
         return False
-    if isinstance(error, KeyboardInterrupt) and launched():  # every process got the signal
+    if isinstance(error, (KeyboardInterrupt, Terminated)) and launched():  # every process got the signal
         return _env_int("RANK", 0) == 0
     if launched() and not _joined:
         return _env_int("LOCAL_RANK", 0) == 0

@@ -25,3 +25,9 @@ class RunError(HybridctlError):
 
 class TrainingError(HybridctlError):
     pass
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves a checkpoint first): unwinds the stack, so the cleanup of
+    half-written files runs, where the default action would kill the process on the spot. Not a KeyboardInterrupt,
+    which Typer turns into a silent exit."""

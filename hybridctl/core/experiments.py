@@ -508,7 +508,7 @@ class RunResult:
     """One run folder read back: summary values, or what metrics.jsonl has for a run without a summary."""
 
     run: RunDir
-    status: str  # complete | running | diverged | partial (stopped before the end) | empty (no eval yet)
+    status: str  # complete | running | diverged | partial (stopped before the end) | empty (no eval or checkpoint yet)
     values: dict[str, Any]
     evals: list[dict[str, Any]]
     logs: list[dict[str, Any]]
@@ -591,6 +591,13 @@ def load_result(run: RunDir) -> RunResult:
     else:
         last = rows[-1] if rows else {}
         values.update(steps=last.get("step", 0), tokens=last.get("tokens", 0))
+        saved = run.step_checkpoints()
+        if saved and int(saved[-1].name.removeprefix("step_")) > values["steps"]:
+            try:  # a stop (Ctrl-C, SIGTERM) saves a checkpoint at its step without logging a line
+                state = ckpt.read_state(saved[-1])
+                values.update(steps=state["step"], tokens=state.get("tokens", values["tokens"]))
+            except HybridctlError:
+                pass  # damaged: resume passes over it too
         if evals:
             values.update(final_val_loss=evals[-1]["val_loss"], final_val_acc=evals[-1].get("val_acc"),
                           final_val_ppl=evals[-1].get("val_ppl"), final_val_mqar_acc=evals[-1].get("val_mqar_acc"))
@@ -612,7 +619,7 @@ def load_result(run: RunDir) -> RunResult:
     elif _recorded_diverged(run) or (evals and _finite(evals[-1]["val_loss"]) is None):
         status = "diverged"
     else:
-        status = "partial" if evals else "empty"
+        status = "partial" if evals or run.step_checkpoints() else "empty"
     return RunResult(run, status, values, evals, logs)
 
 

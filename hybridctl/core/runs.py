@@ -112,6 +112,8 @@ class RunDir:
         if self.path.is_dir() and any(self.path.iterdir()) and not self.is_unstarted():
             if not self.exists():  # a sweep, a folder of runs, anything else: --force replaces runs only
                 raise RunError(f"{self.path} already exists and is not a run folder (no {CONFIG_FILE}); pick another --name or --out")
+            if not force and not self.step_checkpoints():  # stopped before its first save: nothing to resume
+                raise RunError(f"run folder {self.path} already exists but has no checkpoint to resume from; pass --force to start it again, or pick another --name")
             if not force:
                 raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
 
