@@ -25,7 +25,7 @@ from hybridctl.cli import main
 from hybridctl.core import checkpoint as ckpt
 from hybridctl.core import trainer
 from hybridctl.core.config import config_diff, load_config_file
-from hybridctl.core.data import BatchSampler
+from hybridctl.core.data import BatchSampler, load_token_data
 from hybridctl.core.errors import CheckpointError, RunError
 from hybridctl.core.model import build_model
 from hybridctl.core.runs import RunDir
@@ -313,6 +313,19 @@ def test_too_little_space_for_a_checkpoint_is_caught_before_step_1(monkeypatch, 
     real = sum(p.stat().st_size for p in (finished_micro_run / "checkpoints" / "step_000003").iterdir())
     assert float(match.group(1)) == pytest.approx(real / 1e6, rel=0.1)  # the estimate is close to a real checkpoint
     assert list(tmp_path.iterdir()) == []  # the half-made run folder is gone, nothing blocks a retry
+
+
+def test_too_little_space_is_caught_before_force_replaces_a_run(monkeypatch, tmp_path, capsys, finished_micro_run):
+    shutil.copytree(finished_micro_run, tmp_path / "r")
+    before = snapshot(tmp_path / "r")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(RunDir, "disk_bytes", lambda self: 0)  # the old run frees nothing: still too little room
+    assert main([*train_argv(tmp_path), "--force"]) == 1
+    assert "MB free on the disk of" in capsys.readouterr().err
+    assert snapshot(tmp_path / "r") == before  # the old run is all there
+    need = trainer.checkpoint_bytes(micro_config(), load_token_data(micro_config().data))
+    trainer.check_room_for_a_checkpoint(need, tmp_path / "r", freed=need)  # the space of the run it replaces counts
 
 
 def assert_stopped_by_full_disk(err: str, run: RunDir) -> None:

@@ -18,7 +18,8 @@ from hybridctl.core.config import available_presets, load_config, read_toml, fin
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.render import TrainProgress, console, summary_table
 from hybridctl.core.runs import RunDir, check_run_name
-from hybridctl.core.trainer import load_run_data, micro_batch_size, resolve_device
+from hybridctl.core.trainer import (checkpoint_bytes, check_room_for_a_checkpoint, load_run_data, micro_batch_size,
+                                    resolve_device)
 from hybridctl.core.trainer import train as run_training
 
 GPUS_HELP = "Train on N GPUs of this machine: starts N processes under torchrun, one per GPU (global batch unchanged)."
@@ -132,6 +133,9 @@ def train(
             if main:
                 run.check_creatable(force)
         data = load_run_data(cfg)  # before the folder is made or replaced: a bad dataset costs nothing on disk
+        with dist.together():
+            if main:  # and room for a checkpoint, counting the run that --force replaces
+                check_room_for_a_checkpoint(checkpoint_bytes(cfg, data), run.path, freed=run.disk_bytes() if force else 0)
         with dist.together():  # rank 0 makes the folder (and takes the lock); the others write nothing into it
             if main:
                 run.create(cfg, force=force)

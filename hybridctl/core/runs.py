@@ -95,6 +95,10 @@ class RunDir:
     def exists(self) -> bool:
         return self.config_path.is_file()
 
+    def disk_bytes(self) -> int:
+        """What the folder's files take (0 when there is none)."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.is_dir() else 0
+
     # creation and locking
     def is_unstarted(self) -> bool:
         """True for a run folder that holds nothing but its config (and lock): training never reached step 1."""

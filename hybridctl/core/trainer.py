@@ -320,6 +320,25 @@ def check_data_fits(cfg: Config, data: TokenData) -> None:
         )
 
 
+def check_room_for_a_checkpoint(need: int, folder: Path, freed: int = 0) -> None:
+    """Fail before training rather than at the first checkpoint. `freed`: what is deleted first (the run that
+    train --force replaces, whose folder may not be made yet)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free + freed
+    if free < need:
+        raise TrainingError(
+            f"only {free / 1e6:.1f} MB free on the disk of {folder}, but one checkpoint of this model takes about "
+            f"{need / 1e6:.1f} MB; free some space or choose another --out folder"
+        )
+
+
+def checkpoint_bytes(cfg: Config, data: TokenData) -> int:
+    """ckpt.estimated_bytes of the run's model, built without memory (on the meta device)."""
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size)
+    with torch.device("meta"):
+        return ckpt.estimated_bytes(build_model(model_cfg))
+
+
 def load_run_data(cfg: Config) -> TokenData:
     """The run's tokens (built or read from the cache), checked against the config: every check that a dataset or
     tokenizer setting can fail, so `train --force` runs them before it replaces a run."""
@@ -393,12 +412,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
         sampler = BatchSampler(data.train, t.batch_size, t.seq_len, t.seed)
         n_params = model.num_params()
         if main:
-            need, free = ckpt.estimated_bytes(model), shutil.disk_usage(run.path).free
-            if free < need:  # fail now rather than at the first checkpoint
-                raise TrainingError(
-                    f"only {free / 1e6:.1f} MB free on the disk of {run.path}, but one checkpoint of this model takes about "
-                    f"{need / 1e6:.1f} MB; free some space or choose another --out folder"
-                )
+            check_room_for_a_checkpoint(ckpt.estimated_bytes(model), run.path)
     model.loss_impl = pick_loss(t.loss, device.type)
     train_model, no_sync = wrap_for_training(model, device, compiled=t.compile and device.type == "cuda", ddp=world > 1)
     rows = t.batch_size // world  # this rank's contiguous slice of the global batch
