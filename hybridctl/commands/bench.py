@@ -17,9 +17,9 @@ from hybridctl.cli import register_entry_points
 from hybridctl.commands.train import check_device_for_gpus, check_gpus, launch_on_gpus
 from hybridctl.core import distributed as dist
 from hybridctl.core import evaluation
-from hybridctl.core import experiments as ex
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.render import console, err_console, fmt_count, fmt_num, print_table
+from hybridctl.core.runs import ensure_new_file
 from hybridctl.core.trainer import resolve_device
 
 ENTRY_POINT_GROUP = "hybridctl.benchmarks"
@@ -116,7 +116,7 @@ def speed(
     if gpus is not None:
         check_gpus(gpus, "bench speed")
     if json_path is not None:
-        ex.ensure_new_file(json_path, force)  # a folder or a kept result: refused before anything is measured
+        ensure_new_file(json_path, force)  # a folder or a kept result: refused before anything is measured
     names = [p.strip() for item in presets for p in item.split(",") if p.strip()]
     pattern_list = [p.strip() for p in (patterns or "").split(",") if p.strip()]
     if not names:

@@ -11,6 +11,7 @@ import typer
 from hybridctl.core import experiments as ex
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.render import console, err_console, markdown_table, print_chart, print_table, results_rows, results_table
+from hybridctl.core.runs import ensure_new_file
 
 
 def compare(
@@ -29,7 +30,7 @@ def compare(
         raise ConfigError(f"--x must be steps or tokens, got '{x}'")
     for target in (json_out, markdown):
         if target is not None:
-            ex.ensure_new_file(target, force)
+            ensure_new_file(target, force)
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)  # as report and bench make theirs
             except OSError as e:

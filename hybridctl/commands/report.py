@@ -10,6 +10,7 @@ import typer
 from hybridctl.core import experiments as ex
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.render import console, print_report, report_plots_dir, write_report
+from hybridctl.core.runs import ensure_new_file
 
 
 def report(
@@ -23,7 +24,7 @@ def report(
     if out is not None and out.suffix != ".md" and not out.is_dir():  # a folder gets its own error below
         raise ConfigError(f"--out {out} is not a Markdown file; give a path ending in .md")
     out = out or (path / "report.md" if path.is_dir() else path.with_suffix(".md"))
-    ex.ensure_new_file(out, force)
+    ensure_new_file(out, force)
     plots_dir = report_plots_dir(out)
     if plots_dir.exists() and not plots_dir.is_dir():
         raise RunError(f"{plots_dir} is a file where the report's plots go; move it or choose another --out")

@@ -38,6 +38,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of_dir(path: Path) -> int:
+    """The step a step_NNNNNN folder is named for (step_dir_name's inverse), without reading its state."""
+    return int(Path(path).name.removeprefix("step_"))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

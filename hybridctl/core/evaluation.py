@@ -52,7 +52,7 @@ from hybridctl.core.config import Config, ModelConfig, load_config
 from hybridctl.core.data import Tokenizer, get_tokenizer
 from hybridctl.core.errors import ConfigError, DataError, HybridctlError, RunError
 from hybridctl.core.model import HybridLM, build_model, pick_loss, uses_moe
-from hybridctl.core.runs import RunDir, write_json_atomic
+from hybridctl.core.runs import RunDir, ensure_new_file, write_json_atomic
 from hybridctl.core.trainer import (autocast_for, build_optimizer, compile_model, forward_backward, micro_batch_size,
                                     optimizer_step, resolve_device, wrap_for_training)
 
@@ -303,7 +303,7 @@ def bench_arc(target: Path, which: str | None = None, split: str = "test", data:
     if batch_size < 1 or (limit is not None and limit < 1) or (max_len is not None and max_len < 1):
         raise ConfigError("--batch-size, --limit and --max-len must be positive integers")
     run, checkpoint = locate_checkpoint(target, which)
-    refuse_overwrite(bench_result_path(run, "arc"), force)
+    ensure_new_file(bench_result_path(run, "arc"), force)
     questions = load_arc(split, data)[:limit]
     torch_device = resolve_device(device)
     trained = load_trained_model(checkpoint, device=torch_device)
@@ -325,13 +325,8 @@ def bench_result_path(run: RunDir, task: str) -> Path:
     return run.path / BENCH_DIR / f"{task}.json"
 
 
-def refuse_overwrite(path: Path, force: bool) -> None:
-    if Path(path).exists() and not force:
-        raise RunError(f"{path} already exists; pass --force to replace it")
-
-
 def write_json(path: Path, data: dict[str, Any], force: bool = False) -> Path:
-    refuse_overwrite(path, force)
+    ensure_new_file(path, force)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(path), data)
     return Path(path)
@@ -604,7 +599,7 @@ def bench_speed(configs: list[Config], seqs: list[int], batches: list[int], toke
         check_speed_counts(steps, warmup, seqs, batches, tokens_per_step)
         plan = speed_plan(configs, seqs, batches, tokens_per_step, dist.world_size())
         if path is not None:
-            refuse_overwrite(path, force)
+            ensure_new_file(path, force)
         device = resolve_device(configs[0].train.device)
     except HybridctlError as error:
         raise dist.shared(error) from None

@@ -25,14 +25,11 @@ from hybridctl.core.data import cache_key, load_token_data
 from hybridctl.core.errors import ConfigError, HybridctlError, RunError, TrainingError
 from hybridctl.core.plots import Chart, Series
 from hybridctl.core.render import fmt_count, fmt_lr
-from hybridctl.core.runs import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, SUMMARY_FILE, RunDir, check_run_name, find_runs,
-                                 is_run_dir, write_json_atomic)
+from hybridctl.core.runs import (SWEEP_FILE, SWEEP_LOCK, RunDir, check_run_name, find_runs, is_run_dir,
+                                 write_json_atomic)
 from hybridctl.core.trainer import train
 
 SWEEPS_DIR = "ablations"
-SWEEP_FILE = "sweep.json"
-SWEEP_LOCK = "sweep.lock"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOCK_FILE)
 ARC_FILE = Path("bench") / "arc.json"
 
 DEFAULT_LRS = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3]
@@ -271,20 +268,6 @@ def preview_actions(plan: SweepPlan, path: Path) -> list[RunAction]:
         return [RunAction("start") for _ in plan.runs]
     status = (read_sweep(path) or {}).get("status", {})
     return [next_action(RunDir(path / r.name), r, status.get(r.name)) for r in plan.runs]
-
-
-def ensure_new_file(path: Path, force: bool) -> None:
-    """Refuse, before any work, a target that is a folder, a run's or sweep's own file, or (without force) any
-    existing file."""
-    path = Path(path)
-    if path.is_dir():
-        raise RunError(f"{path} is a folder; give a file path")
-    # --force replaces earlier output, never the files a run or sweep is read and resumed from
-    if ((path.name in RUN_FILES and is_run_dir(path.parent))
-            or (path.name in (SWEEP_FILE, SWEEP_LOCK) and (path.parent / SWEEP_FILE).is_file())):
-        raise RunError(f"{path} is one of the files of {path.parent}; choose another file")
-    if path.exists() and not force:
-        raise RunError(f"{path} already exists; pass --force to replace it or choose another file")
 
 
 def _holds_files(path: Path) -> bool:
@@ -583,6 +566,7 @@ def load_result(run: RunDir) -> RunResult:
         "val_split": cfg.data.val_split if cfg and not cfg.data.dataset.startswith("synthetic:") else None,
     }
     complete = summary.get("status") == "complete"
+    saved = [] if complete else run.step_checkpoints()
     if complete:
         for key in ("steps", "tokens", "best_val_loss", "best_step", "final_val_loss", "final_val_acc", "final_val_ppl",
                     "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "layer_types", "attention_fraction", "lr", "device"):
@@ -591,8 +575,7 @@ def load_result(run: RunDir) -> RunResult:
     else:
         last = rows[-1] if rows else {}
         values.update(steps=last.get("step", 0), tokens=last.get("tokens", 0))
-        saved = run.step_checkpoints()
-        if saved and int(saved[-1].name.removeprefix("step_")) > values["steps"]:
+        if saved and ckpt.step_of_dir(saved[-1]) > values["steps"]:
             try:  # a stop (Ctrl-C, SIGTERM) saves a checkpoint at its step without logging a line
                 state = ckpt.read_state(saved[-1])
                 values.update(steps=state["step"], tokens=state.get("tokens", values["tokens"]))
@@ -619,7 +602,7 @@ def load_result(run: RunDir) -> RunResult:
     elif _recorded_diverged(run) or (evals and _finite(evals[-1]["val_loss"]) is None):
         status = "diverged"
     else:
-        status = "partial" if evals or run.step_checkpoints() else "empty"
+        status = "partial" if evals or saved else "empty"
     return RunResult(run, status, values, evals, logs)
 
 

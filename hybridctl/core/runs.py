@@ -27,6 +27,8 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
+SWEEP_FILE = "sweep.json"  # a sweep folder's plan and status (experiments.py)
+SWEEP_LOCK = "sweep.lock"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -67,6 +69,20 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.fstat(fd).st_ino == path.stat().st_ino
     except OSError:
         return False
+
+
+def ensure_new_file(path: Path, force: bool) -> None:
+    """Refuse, before any work, an output target that is a folder, a run's or sweep's own file, or (without force)
+    any existing file."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path} is a folder; give a file path")
+    # --force replaces earlier output, never the files a run or sweep is read and resumed from
+    if ((path.name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOCK_FILE) and is_run_dir(path.parent))
+            or (path.name in (SWEEP_FILE, SWEEP_LOCK) and (path.parent / SWEEP_FILE).is_file())):
+        raise RunError(f"{path} is one of the files of {path.parent}; choose another file")
+    if path.exists() and not force:
+        raise RunError(f"{path} already exists; pass --force to replace it or choose another file")
 
 
 def check_run_name(name: str, what: str = "run name") -> None:
@@ -298,7 +314,7 @@ class RunDir:
 
     def checkpoints_after(self, step: int) -> list[Path]:
         """The step checkpoints, and best/, saved after `step`: what resuming from `step` abandons."""
-        later = [p for p in self.step_checkpoints() if int(p.name.removeprefix("step_")) > step]
+        later = [p for p in self.step_checkpoints() if ckpt.step_of_dir(p) > step]
         try:
             if ckpt.is_complete(self.best_dir) and ckpt.read_state(self.best_dir)["step"] > step:
                 later.append(self.best_dir)
