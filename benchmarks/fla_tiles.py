@@ -31,7 +31,7 @@ def inputs(args) -> dict[str, torch.Tensor]:
     """The saved tensors of one forward of the op, and the incoming gradients of the backward's fla kernels."""
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
 
-    from hybridctl.core.gdn_kernels import state_grad
+    from hybridctl.core.gdn_kernels import qkv_views, state_grad
 
     torch.manual_seed(0)
     d_model = args.heads * args.head_dim
@@ -39,9 +39,10 @@ def inputs(args) -> dict[str, torch.Tensor]:
     x = torch.randn(args.batch, args.seq, d_model, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         proj, ab = layer.in_proj(x), layer.ab_proj(x)
-        _, q, k, v, g, beta, A, h, v_new, w, o = torch.ops.hybridctl.gated_deltanet(
+        _, qkv, g, beta, A, h, v_new, w, o = torch.ops.hybridctl.gated_deltanet(
             proj, ab, layer.conv_weight, layer.A_log, layer.dt_bias, layer.o_norm.weight, args.heads,
             args.head_dim, layer.head_v_dim, layer.o_norm.eps)
+    q, k, v = qkv_views(qkv, args.batch, args.seq, args.heads, args.head_dim, layer.head_v_dim)
     _, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=gdn_fused.CHUNK)
     do = torch.randn_like(o)
     scale = args.head_dim**-0.5

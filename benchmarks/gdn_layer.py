@@ -86,12 +86,11 @@ def part_times(args, sweep: bool) -> dict[str, float]:
     dk2 = torch.randn_like(grads[1])  # k's gradient comes in two parts, as in the op
 
     def ours(backward=True, forward=True, fwd_tiles=(gdn_kernels.CONV_ROWS, gdn_kernels.CONV_WARPS), **bwd_tiles):
-        for i, (p, w) in enumerate(zip(parts[:3], weights)):
-            if forward:
-                gdn_kernels.short_conv_fwd(p, w, K, normalize=i < 2, rows=fwd_tiles[0], warps=fwd_tiles[1])
-            if backward:
-                gdn_kernels.short_conv_bwd(p, w, grads[i], d_parts[i], K, normalize=i < 2,
-                                           dy2=dk2 if i == 1 else None, **bwd_tiles)
+        if forward:
+            gdn_kernels.short_conv_fwd(proj, weight, H * K, H * V, K, rows=fwd_tiles[0], warps=fwd_tiles[1])
+        if backward:
+            gdn_kernels.short_conv_bwd(proj, weight, *grads, d_proj[..., : 2 * H * K + H * V], H * K, H * V, K,
+                                       dk2=dk2, **bwd_tiles)
 
     out["conv fwd: fla (no L2 norm)"] = ms(fla_conv)
     out["conv fwd: ours (+ L2 norm of q, k)"] = ms(lambda: ours(backward=False))
@@ -167,10 +166,10 @@ def state_grad_times(out: dict, args, sweep: bool) -> None:
 
 # Tiles tried by --sweep: (rows, warps) for the one-tile kernels; (rows per tile, tiles per program, warps,
 # pipeline stages) for those that loop over tiles (stages 1: not pipelined)
-CONV_FWD_SWEEP = [(16, 2), (16, 4), (8, 2), (32, 4)]
+CONV_FWD_SWEEP = [(16, 2), (16, 4), (8, 2), (32, 4), (32, 2)]
 DZ_DW_SWEEP = [(8, 32, 4, 1), (8, 32, 4, 3), (4, 32, 2, 1), (4, 32, 2, 3), (4, 32, 2, 4), (4, 16, 2, 3),
                (4, 64, 2, 3), (2, 64, 1, 3)]
-DX_SWEEP = [(8, 2), (16, 2), (8, 1), (16, 4)]
+DX_SWEEP = [(8, 2), (16, 2), (8, 1), (16, 4), (32, 4)]
 NORM_FWD_SWEEP = [(16, 4), (8, 4), (32, 4)]
 NORM_BWD_SWEEP = [(4, 16, 2, 1), (4, 16, 2, 3), (4, 8, 2, 3), (4, 8, 2, 4), (8, 8, 4, 4), (4, 4, 2, 3)]
 STATE_GRAD_SWEEP = [(32, 4, 2), (32, 4, 3), (32, 8, 2), (16, 2, 2), (16, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3)]

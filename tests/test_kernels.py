@@ -26,51 +26,83 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("normalize,width,tiles,two_sources", [
-    (True, 4, None, False), (False, 4, None, False), (True, 2, None, False), (False, 1, None, False),
-    (True, 4, (4, 3, 2, 2), True), (False, 3, (8, 2, 2, 3), False), (True, 4, (2, 5, 1, 1), True)])
-def test_short_conv_matches_reference(normalize, width, tiles, two_sources):
-    """tiles: the backward's first kernel at several programs along T, each over several tiles with or without
-    pipelined loads, the last program short (None: the defaults). two_sources: the incoming gradient given as two
-    tensors that the backward sums."""
+@pytest.mark.parametrize("width,tiles,two_sources,value_heads", [
+    (4, None, False, 2), (2, None, False, 2), (1, None, False, 2), (4, (4, 3, 2, 2), True, 2),
+    (3, (8, 2, 2, 3), False, 2), (4, (2, 5, 1, 1), True, 2), (4, None, True, 1)])
+def test_short_conv_matches_reference(width, tiles, two_sources, value_heads):
+    """q, k and v in one launch, read from the fused projection's first columns in place: q's and k's
+    channels L2-normalised per head, v's not. tiles: the backward's first kernel at several programs along T, each
+    over several tiles with or without pipelined loads, the last program short (None: the defaults).
+    two_sources: k's incoming gradient given as two tensors that the backward sums. value_heads: v's width in
+    heads of q's size; at 1, v has half a head's channels per head (expand_v 0.5), so its last block is partial."""
     torch.manual_seed(0)
     B, T, H, K = 2, 45, 2, 16  # T is not a multiple of any tile
-    C = H * K
-    proj = torch.randn(B, T, 3 * C, device=DEVICE)
-    x = proj[..., C : 2 * C]  # the middle columns, read in place
+    V = K * value_heads // 2
+    KD, VD = H * K, H * V
+    C = 2 * KD + VD
+    proj = torch.randn(B, T, C + 24, device=DEVICE)  # + a gate's columns, which the kernels must leave alone
     weight = torch.randn(C, width, device=DEVICE)
 
-    x_ref, w_ref = x.double().requires_grad_(), weight.double().requires_grad_()
-    ref = causal_conv_silu(x_ref, w_ref)
-    if normalize:
-        ref = l2norm(ref.view(B, T, H, K)).view(B, T, C)
-    dy = torch.randn(B, T, C, device=DEVICE)
-    ref.backward(dy.double())
+    x_ref, w_ref = proj[..., :C].double().requires_grad_(), weight.double().requires_grad_()
+    conv = causal_conv_silu(x_ref, w_ref)
+    q, k, v = conv.split([KD, KD, VD], dim=-1)
+    refs = [l2norm(q.reshape(B, T, H, K)).reshape(B, T, KD), l2norm(k.reshape(B, T, H, K)).reshape(B, T, KD), v]
+    grads = [torch.randn(B, T, n, device=DEVICE) for n in (KD, KD, VD)]
+    torch.autograd.backward(refs, [g.double() for g in grads])
 
-    y = gdn_kernels.short_conv_fwd(x, weight, K, normalize)
+    y = gdn_kernels.short_conv_fwd(proj, weight, KD, VD, K)
     d_proj = torch.full_like(proj, SENTINEL)
-    parts = {"dy": dy * 0.25, "dy2": dy * 0.75} if two_sources else {"dy": dy}
-    dw = gdn_kernels.short_conv_bwd(x, weight, dx=d_proj[..., C : 2 * C], head_dim=K, normalize=normalize, **parts,
+    dq, dk, dv = grads
+    dk2 = None
+    if two_sources:
+        dk, dk2 = dk * 0.25, dk * 0.75
+    dw = gdn_kernels.short_conv_bwd(proj, weight, dq, dk, dv, d_proj[..., :C], KD, VD, K, dk2=dk2,
                                     **({"tiles": tiles} if tiles else {}))
 
-    assert y.shape == (B, T, C) and y.is_contiguous()
-    assert max_rel(y, ref) < 1e-5
-    assert max_rel(d_proj[..., C : 2 * C], x_ref.grad) < 1e-5
+    outs = gdn_kernels.qkv_views(y, B, T, H, K, V)
+    for out, ref in zip(outs, refs):
+        assert out.is_contiguous() and max_rel(out.reshape(ref.shape), ref) < 1e-5
+    assert max_rel(d_proj[..., :C], x_ref.grad) < 1e-5
     assert max_rel(dw, w_ref.grad) < 1e-5
-    assert (d_proj[..., :C] == SENTINEL).all() and (d_proj[..., 2 * C :] == SENTINEL).all()
+    assert (d_proj[..., C:] == SENTINEL).all()
 
 
 def test_short_conv_never_mixes_sequences():
     """The convolution looks back within its own sequence only: changing the end of sequence 0 leaves the
     start of sequence 1 untouched."""
     torch.manual_seed(1)
-    x = torch.randn(2, 20, 16, device=DEVICE)
-    weight = torch.randn(16, 4, device=DEVICE)
-    y = gdn_kernels.short_conv_fwd(x, weight, 16, normalize=False)
+    x = torch.randn(2, 20, 48, device=DEVICE)
+    weight = torch.randn(48, 4, device=DEVICE)
+    y = gdn_kernels.short_conv_fwd(x, weight, 16, 16, 16).view(3, 2, 20, 16)
     x2 = x.clone()
     x2[0, -3:] += 5.0
-    y2 = gdn_kernels.short_conv_fwd(x2, weight, 16, normalize=False)
-    assert torch.equal(y[1], y2[1]) and not torch.equal(y[0, -3:], y2[0, -3:])
+    y2 = gdn_kernels.short_conv_fwd(x2, weight, 16, 16, 16).view(3, 2, 20, 16)
+    assert torch.equal(y[:, 1], y2[:, 1]) and not torch.equal(y[:, 0, -3:], y2[:, 0, -3:])
+
+
+@pytest.mark.parametrize("rows", [None, 16])
+def test_gate_beta_grad_matches_autograd(rows):
+    """The decay's and beta's backward in one kernel against autograd through g = -exp(A_log) * softplus(a +
+    dt_bias) and beta = sigmoid(b), with logits past softplus's threshold, several programs, the last short, and a
+    head count that is not a power of two."""
+    torch.manual_seed(5)
+    B, T, H = 2, 21, 3
+    ab = torch.randn(B, T, 2 * H, device=DEVICE) * 4
+    ab[0, 0, 0] = 25.0  # softplus(x) = x there
+    A_log, dt_bias = torch.randn(H, device=DEVICE), torch.randn(H, device=DEVICE)
+    a_ref, b_ref = ab[..., :H].double().requires_grad_(), ab[..., H:].double().requires_grad_()
+    A_ref, bias_ref = A_log.double().requires_grad_(), dt_bias.double().requires_grad_()
+    g = -A_ref.exp() * F.softplus(a_ref + bias_ref)
+    beta = torch.sigmoid(b_ref)
+    dg, dbeta = torch.randn(B, T, H, device=DEVICE), torch.randn(B, T, H, device=DEVICE)
+    torch.autograd.backward([g, beta], [dg.double(), dbeta.double()])
+
+    d_ab, dA, dbias = gdn_kernels.gate_beta_grad(ab, A_log, dt_bias, dg, beta.detach().float(), dbeta,
+                                                 **({"rows": rows} if rows else {}))
+    assert d_ab.shape == ab.shape and dA.shape == dbias.shape == (H,)
+    assert dA.untyped_storage().data_ptr() != dbias.untyped_storage().data_ptr()  # the fused op returns both
+    assert max_rel(d_ab[..., :H], a_ref.grad) < 1e-5 and max_rel(d_ab[..., H:], b_ref.grad) < 1e-5
+    assert max_rel(dA, A_ref.grad) < 1e-5 and max_rel(dbias, bias_ref.grad) < 1e-5
 
 
 @pytest.mark.parametrize("tiles", [None, (4, 3, 2, 2), (2, 4, 1, 1)])
@@ -405,12 +437,12 @@ def tiles(t, rows):  # (rows per tile, tiles per program, warps, stages) -> the 
 
 
 cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, warps): the defaults launch these
-    (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 T:i32 C:i32 eps:fp32",
-     {**conv, "BT": gk.CONV_ROWS, "NORMALIZE": True}, gk.CONV_WARPS),
-    (gk._short_conv_dz_dw_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dy:*bf16 dy2:*bf16 dz:*bf16 dw_part:*fp32 "
-     "T:i32 C:i32 eps:fp32", {**conv, **tiles(gk.DZ_DW_TILES, "BT"), "NORMALIZE": True, "HAS_DY2": True},
+    (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
+     {**conv, "BT": gk.CONV_ROWS}, gk.CONV_WARPS),
+    (gk._short_conv_dz_dw_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dq:*bf16 dk:*bf16 dv:*bf16 dk2:*bf16 dz:*bf16 "
+     "dw_part:*fp32 N:i32 T:i32 KD:i32 VD:i32 eps:fp32", {**conv, **tiles(gk.DZ_DW_TILES, "BT"), "HAS_DK2": True},
      gk.DZ_DW_TILES[2]),
-    (gk._short_conv_dx_kernel, "dz:*bf16 w:*fp32 dx:*bf16 dx_row_stride:i32 T:i32 C:i32",
+    (gk._short_conv_dx_kernel, "dz:*bf16 w:*fp32 dx:*bf16 dx_row_stride:i32 N:i32 T:i32 KD:i32 VD:i32",
      {**conv, "BT": gk.DX_ROWS}, gk.DX_WARPS),
     (gk._gated_norm_fwd_kernel, "o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 y:*bf16 R:i32 H:i32 eps:fp32",
      {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
@@ -426,6 +458,8 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
     (rope._rotary_kernel, "src:*bf16 src_b:i32 src_t:i32 src_h:i32 dst:*bf16 dst_b:i32 dst_t:i32 dst_h:i32 "
      "cos:*fp32 sin:*fp32 table_stride:i32 T:i32", {"HALF": 32, "BT": rope.ROWS, "ROTATE": True, "INVERSE": False},
      rope.WARPS),
+    (gk._gate_beta_grad_kernel, "ab:*bf16 A_log:*fp32 dt_bias:*fp32 dg:*fp32 beta:*bf16 dbeta:*bf16 d_ab:*bf16 "
+     "d_part:*fp32 R:i32", {"H": 6, "BR": gk.GATE_ROWS, "BH": 8}, gk.GATE_WARPS),
     (gk._state_grad_kernel, "q:*bf16 k:*bf16 w:*bf16 g:*fp32 do:*bf16 dh:*bf16 dv:*bf16 T:i32 scale:fp32",
      {"H": 6, "K": 128, "V": 256, "BT": 64, "BV": gk.STATE_GRAD_TILES[0], "NT": 16, "STAGES": gk.STATE_GRAD_TILES[2]},
      gk.STATE_GRAD_TILES[1]),
@@ -460,7 +494,8 @@ def test_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_dw_kernel", "_short_conv_dx_kernel",
                                      "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel", "_add_norm_fwd_kernel",
-                                     "_add_norm_bwd_kernel", "_softmax_grad_kernel", "_rotary_kernel", "_state_grad_kernel",
+                                     "_add_norm_bwd_kernel", "_softmax_grad_kernel", "_rotary_kernel", "_gate_beta_grad_kernel",
+                                     "_state_grad_kernel",
                                      "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"]
 
 

@@ -52,7 +52,7 @@ def fla_internals_available() -> bool:
         from fla.ops.common.chunk_o import (  # noqa: F401
             chunk_bwd_dqkwg, chunk_bwd_kernel_dqkwg, chunk_fwd_kernel_o, chunk_fwd_o)
         from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_kkt_solve_kernel  # noqa: F401
-        from fla.ops.gated_delta_rule.gate import gdn_gate_bwd, gdn_gate_chunk_cumsum  # noqa: F401
+        from fla.ops.gated_delta_rule.gate import gdn_gate_chunk_cumsum  # noqa: F401
         from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd  # noqa: F401
         from fla.ops.utils import chunk_local_cumsum  # noqa: F401
 
@@ -62,9 +62,9 @@ def fla_internals_available() -> bool:
     return True
 
 
-def _parts(proj: Tensor, num_heads: int, head_dim: int, head_v_dim: int):
-    key_dim, value_dim = num_heads * head_dim, num_heads * head_v_dim
-    return proj.split([key_dim, key_dim, value_dim, value_dim], dim=-1)
+def _gate(proj: Tensor, num_heads: int, head_v_dim: int) -> Tensor:
+    """The output gate's columns of [q | k | v | gate], the last num_heads * head_v_dim."""
+    return proj[..., proj.shape[-1] - num_heads * head_v_dim :]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,21 +185,19 @@ def bwd_dqkwg(q: Tensor, k: Tensor, v_new: Tensor, w: Tensor, g: Tensor, h: Tens
 @torch.library.custom_op("hybridctl::gated_deltanet", mutates_args=())
 def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor, norm_weight: Tensor,
                    num_heads: int, head_dim: int, head_v_dim: int, norm_eps: float
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns y and what the backward needs: q, k, v, g, beta, A, h, v_new, w, o."""
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns y and what the backward needs: q, k and v in one flat buffer, g, beta, A, h, v_new, w, o."""
     from fla.ops.gated_delta_rule.gate import gdn_gate_chunk_cumsum
     from fla.ops.gated_delta_rule.wy_fast import recompute_w_u_fwd
     from fla.ops.utils.constant import RCP_LN2
 
-    from hybridctl.core.gdn_kernels import gated_rms_norm_fwd, short_conv_fwd
+    from hybridctl.core.gdn_kernels import gated_rms_norm_fwd, qkv_views, short_conv_fwd
 
     B, T, _ = proj.shape
     H, K, V = num_heads, head_dim, head_v_dim
-    q_in, k_in, v_in, gate = _parts(proj, H, K, V)
-    conv_q, conv_k, conv_v = conv_weight.split([H * K, H * K, H * V])
-    q = short_conv_fwd(q_in, conv_q, K, normalize=True, eps=L2_EPS).view(B, T, H, K)
-    k = short_conv_fwd(k_in, conv_k, K, normalize=True, eps=L2_EPS).view(B, T, H, K)
-    v = short_conv_fwd(v_in, conv_v, K, normalize=False).view(B, T, H, V)
+    gate = _gate(proj, H, V)
+    qkv = short_conv_fwd(proj, conv_weight, H * K, H * V, K, eps=L2_EPS)
+    q, k, v = qkv_views(qkv, B, T, H, K, V)
     a, b = ab[..., :H].contiguous(), ab[..., H:]
     beta = torch.sigmoid(b)
     g = gdn_gate_chunk_cumsum(g=a, A_log=A_log, chunk_size=CHUNK, scale=RCP_LN2, dt_bias=dt_bias)
@@ -208,7 +206,7 @@ def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor,
     h, v_new = fwd_h(k, w, u, g)
     o = fwd_o(q, k, v_new, h, g, K**-0.5)
     y = gated_rms_norm_fwd(o, gate, norm_weight, norm_eps)
-    return y, q, k, v, g, beta, A, h, v_new, w, o
+    return y, qkv, g, beta, A, h, v_new, w, o
 
 
 @gated_deltanet.register_fake
@@ -217,51 +215,44 @@ def _(proj, ab, conv_weight, A_log, dt_bias, norm_weight, num_heads, head_dim, h
     H, K, V = num_heads, head_dim, head_v_dim
     NT = -(-T // CHUNK)
     new = proj.new_empty
-    return (new(B, T, H * V), new(B, T, H, K), new(B, T, H, K), new(B, T, H, V),
-            new(B, T, H, dtype=torch.float32), ab.new_empty(B, T, H), new(B, T, H, CHUNK),
-            new(B, NT, H, K, V), new(B, T, H, V), new(B, T, H, K), new(B, T, H, V))
+    return (new(B, T, H * V), new(B * T * (2 * H * K + H * V)), new(B, T, H, dtype=torch.float32),
+            ab.new_empty(B, T, H), new(B, T, H, CHUNK), new(B, NT, H, K, V), new(B, T, H, V), new(B, T, H, K),
+            new(B, T, H, V))
 
 
 @torch.library.custom_op("hybridctl::gated_deltanet_backward", mutates_args=())
 def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor,
-                            norm_weight: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, A: Tensor,
-                            h: Tensor, v_new: Tensor, w: Tensor, o: Tensor, norm_eps: float
+                            norm_weight: Tensor, qkv: Tensor, g: Tensor, beta: Tensor, A: Tensor, h: Tensor,
+                            v_new: Tensor, w: Tensor, o: Tensor, norm_eps: float
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for proj, ab, conv_weight, A_log, dt_bias and norm_weight."""
-    from fla.ops.gated_delta_rule.gate import gdn_gate_bwd
     from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd
     from fla.ops.utils import chunk_local_cumsum
 
-    from hybridctl.core.gdn_kernels import gated_rms_norm_bwd, short_conv_bwd, state_grad
+    from hybridctl.core.gdn_kernels import gate_beta_grad, gated_rms_norm_bwd, qkv_views, short_conv_bwd, state_grad
 
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, V = o.shape
+    K = (proj.shape[-1] - 2 * H * V) // (2 * H)  # proj is [q | k | v | gate]: 2 H K + 2 H V wide
+    q, k, v = qkv_views(qkv, B, T, H, K, V)
     scale = K**-0.5
     d_proj = torch.empty_like(proj)
-    dq_in, dk_in, dv_in, d_gate = _parts(d_proj, H, K, V)
-    q_in, k_in, v_in, gate = _parts(proj, H, K, V)
+    d_gate, gate = _gate(d_proj, H, V), _gate(proj, H, V)
     do, d_norm_weight = gated_rms_norm_bwd(dy.contiguous(), o, gate, norm_weight, norm_eps, d_gate)
     dh, dv = state_grad(q, k, w, g, do, scale, CHUNK)
     dq, dk, dw, dg = bwd_dqkwg(q, k, v_new, w, g, h, dv, do, dh, scale)
     dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
     dg.add_(dg2)
     dg = chunk_local_cumsum(dg, chunk_size=CHUNK, reverse=True)
-    da, dA_log, ddt_bias = gdn_gate_bwd(g=ab[..., :H].contiguous(), A_log=A_log, dt_bias=dt_bias, dyg=dg)
-    db = dbeta.float() * beta.float() * (1 - beta.float())
-    d_ab = torch.cat([da.to(ab.dtype), db.to(ab.dtype)], dim=-1)
-    conv_q, conv_k, conv_v = conv_weight.split([H * K, H * K, H * V])
-    d_conv = torch.cat([
-        short_conv_bwd(q_in, conv_q, dq.view(B, T, H * K), dq_in, K, normalize=True, eps=L2_EPS),
-        short_conv_bwd(k_in, conv_k, dk.view(B, T, H * K), dk_in, K, normalize=True, eps=L2_EPS,
-                       dy2=dk2.view(B, T, H * K)),  # k's gradient has two parts: summed in the kernel
-        short_conv_bwd(v_in, conv_v, dv.reshape(B, T, H * V), dv_in, K, normalize=False),
-    ])
+    d_ab, dA_log, ddt_bias = gate_beta_grad(ab, A_log, dt_bias, dg, beta, dbeta)
+    # k's gradient has two parts, summed in the kernel
+    d_conv = short_conv_bwd(proj, conv_weight, dq, dk, dv.contiguous(), d_proj[..., : 2 * H * K + H * V], H * K,
+                            H * V, K, eps=L2_EPS, dk2=dk2)
     return (d_proj, d_ab, d_conv.to(conv_weight.dtype), dA_log.to(A_log.dtype), ddt_bias.to(dt_bias.dtype),
             d_norm_weight.to(norm_weight.dtype))
 
 
 @gated_deltanet_backward.register_fake
-def _(dy, proj, ab, conv_weight, A_log, dt_bias, norm_weight, q, k, v, g, beta, A, h, v_new, w, o, norm_eps):
+def _(dy, proj, ab, conv_weight, A_log, dt_bias, norm_weight, qkv, g, beta, A, h, v_new, w, o, norm_eps):
     return (torch.empty_like(proj), torch.empty_like(ab), torch.empty_like(conv_weight), torch.empty_like(A_log),
             torch.empty_like(dt_bias), torch.empty_like(norm_weight))
 

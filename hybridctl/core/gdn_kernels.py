@@ -1,22 +1,26 @@
 """Triton kernels for the parts of the Gated DeltaNet layer around fla's chunk recurrence, and one inside it.
 
-- `short_conv_fwd` / `short_conv_bwd`: the depthwise causal convolution + SiLU over one of q, k, v, reading its
-  columns of the fused projection in place (a strided view) and, for q and k, the L2 norm over each head on top.
-  The backward recomputes the convolution from the projection instead of saving its output and runs two kernels:
-  the pre-activation gradient (through the L2 norm and SiLU) together with the weight gradient from the same loads
-  of the input (per-program partial sums over 128 time steps, then one sum: deterministic, no atomics), then the
-  input gradient (its shifted sum, written straight into the caller's gradient buffer). In the study's training
-  step on an H200 the backward's kernels for q, k and v take 0.61 ms per layer; 0.72-0.74 ms before the first
-  kernel's loads were pipelined, 0.86 ms with the weight gradient in a kernel of its own. Forward + backward takes
-  0.85 ms, fla's convolution (no L2 norm) 2.9-3.9 ms.
+- `short_conv_fwd` / `short_conv_bwd`: the depthwise causal convolution + SiLU over q, k and v in one launch,
+  reading their columns of the fused projection in place (a strided view) and, for q and k, the L2 norm over
+  each head on top; q, k and v come out contiguous in one buffer. The backward recomputes the convolution from
+  the projection instead of saving its output and runs two kernels: the pre-activation gradient (through the L2
+  norm and SiLU) together with the weight gradient from the same loads of the input (per-program partial sums
+  over 128 time steps, then one sum: deterministic, no atomics), then the input gradient (its shifted sum,
+  written straight into the caller's gradient buffer). On an H200 at the study shape, per layer: forward 0.24 ms,
+  backward 0.57 ms (0.61 ms with a launch per q, k and v; 0.72-0.74 ms before the first kernel's loads were
+  pipelined, 0.86 ms with the weight gradient in a kernel of its own); fla's convolution (no L2 norm) takes
+  3.9 ms forward + backward.
 - `gated_rms_norm_fwd` / `gated_rms_norm_bwd`: RMSNorm over each head's value vector times SiLU(gate), the gate
   read from (and its gradient written to) the fused projection in place.
+- `gate_beta_grad`: the backward of the decay gate and of beta = sigmoid(b), written as the gradient of the
+  [a | b] logits in one kernel (in place of fla's gate backward, beta's sigmoid and their concatenation).
 - `state_grad`: the chunked recurrence's backward through its states (fla's intra-chunk value gradient and
   state-gradient kernels in one: 0.60 against 0.75 ms per layer for fla's pair at its own configs on an H200).
 
 They compute the same functions as `causal_conv_silu`, `l2norm` and `GatedRMSNorm` in gated_delta.py, and
-state_grad the gradients that autograd takes through the recurrence (tests run them through Triton's interpreter
-on CPU against those). Importing this module needs Triton; gated_delta.py imports it only on CUDA.
+gate_beta_grad and state_grad the gradients that autograd takes through the gates and the recurrence (tests run
+them through Triton's interpreter on CPU against those). Importing this module needs Triton; gated_delta.py
+imports it only on CUDA.
 """
 
 from __future__ import annotations
@@ -36,63 +40,82 @@ CONV_ROWS, CONV_WARPS = 16, 2
 # The backward's first kernel (pre-activation and weight gradients): (time steps per tile, tiles per program, warps,
 # pipeline stages of the tile loop's loads).
 DZ_DW_TILES = (4, 32, 2, 3)
-DX_ROWS, DX_WARPS = 8, 2  # the input-gradient kernel
+DX_ROWS, DX_WARPS = 16, 2  # the input-gradient kernel
 
 
 @triton.jit
-def _load_shifted(x, x_row_stride, row0, rows, cols, T, C, SHIFT: tl.constexpr):
+def _qkv_block(i_c, KD, VD, BC: tl.constexpr):
+    """Channel block i_c of [q | k | v] (q and k: KD channels each, v: VD; BC channels per block, one head of q
+    or k): (segment 0 / 1 / 2, the block's columns within its segment, that segment's width). A segment's
+    blocks are contiguous, and v's last one may be partial (columns past VD are masked)."""
+    key_blocks = KD // BC
+    seg = tl.minimum(i_c // key_blocks, 2)
+    cols = (i_c - seg * key_blocks) * BC + tl.arange(0, BC)
+    width = tl.where(seg == 2, VD, KD)
+    return seg, cols, width
+
+
+@triton.jit
+def _qkv_rows(rows, seg, KD, VD):
+    """Offsets of `rows` (tokens, [len] int64) in a [q | k | v] buffer of three contiguous [tokens, width] blocks.
+    Each branch is a multiple of its width, so Triton still sees 16-element alignment and vectorizes."""
+    return tl.where(seg == 2, rows * VD, rows * KD)
+
+
+@triton.jit
+def _load_shifted(x, x_row_stride, row0, rows, cols, T, col_ok, SHIFT: tl.constexpr):
     """x at time steps rows + SHIFT of the sequence starting at row0, zero outside it: [len(rows), BC] fp32."""
     src = rows + SHIFT
-    ok = ((src >= 0) & (src < T))[:, None] & (cols < C)[None, :]
+    ok = ((src >= 0) & (src < T))[:, None] & col_ok[None, :]
     return tl.load(x + (row0 + src)[:, None] * x_row_stride + cols[None, :], mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W: tl.constexpr):
-    """Convolution output before SiLU at time steps `rows`: [len(rows), BC] fp32."""
-    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
-    for j in tl.static_range(W):
-        wj = tl.load(w + cols * W + j, mask=cols < C, other=0.0).to(tl.float32)
-        acc += _load_shifted(x, x_row_stride, row0, rows, cols, T, C, j - (W - 1)) * wj[None, :]
-    return acc
-
-
-@triton.jit
-def _short_conv_fwd_kernel(x, x_row_stride, w, y, T, C, eps, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                           NORMALIZE: tl.constexpr, PDL: tl.constexpr = False):
+def _short_conv_fwd_kernel(x, x_row_stride, w, y, N, T, KD, VD, eps, W: tl.constexpr, BT: tl.constexpr,
+                           BC: tl.constexpr, PDL: tl.constexpr = False):
     wait_then_release(PDL)
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg, cols, width = _qkv_block(i_c, KD, VD, BC)
+    col_ok = cols < width
+    channels = seg * KD + cols  # in x and w
     rows = i_t * BT + tl.arange(0, BT)
-    cols = i_c * BC + tl.arange(0, BC)
     row0 = i_b.to(tl.int64) * T
-    z = _conv_preact(x, x_row_stride, w, row0, rows, cols, T, C, W)
+    z = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(W):
+        wj = tl.load(w + channels * W + j, mask=col_ok, other=0.0).to(tl.float32)
+        z += _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, j - (W - 1)) * wj[None, :]
     out = z * tl.sigmoid(z)
-    if NORMALIZE:  # one program's channels are exactly one head
+    if seg < 2:  # q, k: one program's channels are exactly one head
         out = out * tl.rsqrt(tl.sum(out * out, axis=1) + eps)[:, None]
-    ok = (rows < T)[:, None] & (cols < C)[None, :]
-    tl.store(y + (row0 + rows)[:, None] * C + cols[None, :], out.to(y.dtype.element_ty), mask=ok)
+    ok = (rows < T)[:, None] & col_ok[None, :]
+    at = seg.to(tl.int64) * N * KD + _qkv_rows(row0 + rows, seg, KD, VD)
+    tl.store(y + at[:, None] + cols[None, :], out.to(y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dy2, dz, dw_part, T, C, eps, W: tl.constexpr, BT: tl.constexpr,
-                             BC: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr, NORMALIZE: tl.constexpr,
-                             HAS_DY2: tl.constexpr, PDL: tl.constexpr = False):
+def _short_conv_dz_dw_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dz, dw_part, N, T, KD, VD, eps, W: tl.constexpr,
+                             BT: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
+                             HAS_DK2: tl.constexpr, PDL: tl.constexpr = False):
     """Backward, first half, over TILES row tiles per program: the gradient of the convolution's output before
-    SiLU (through the L2 norm), and from it and the same loads of x the weight gradient, tap j = sum over t of
-    dz[t] x[t - W + 1 + j]. The products accumulate elementwise and are reduced once per program. The incoming
-    gradient is dy, plus dy2 if given (two parts summed here rather than by a kernel of their own). Up to 4 taps.
+    SiLU (through q's and k's L2 norm), and from it and the same loads of x the weight gradient, tap j = sum over
+    t of dz[t] x[t - W + 1 + j]. The products accumulate elementwise and are reduced once per program. The
+    incoming gradient is dq, dk or dv, by the program's segment; k's is dk plus dk2 if given (two parts summed here
+    rather than by a kernel of their own). Up to 4 taps.
 
     The tile loop's loads are software-pipelined STAGES deep (Triton copies the next tiles into shared memory
     while this one computes): a program's serial chain of loads is what bounds this kernel otherwise."""
     wait_then_release(PDL)
     i_s, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    cols = i_c * BC + tl.arange(0, BC)
-    col_ok = cols < C
+    seg, cols, width = _qkv_block(i_c, KD, VD, BC)
+    col_ok = cols < width
+    channels = seg * KD + cols
+    normalize = seg < 2
+    dy = tl.where(seg == 0, dq, tl.where(seg == 1, dk, dv))
     row0 = i_b.to(tl.int64) * T
-    w0 = tl.load(w + cols * W, mask=col_ok, other=0.0).to(tl.float32)
-    w1 = tl.load(w + cols * W + 1, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
-    w2 = tl.load(w + cols * W + 2, mask=col_ok & (W > 2), other=0.0).to(tl.float32)
-    w3 = tl.load(w + cols * W + 3, mask=col_ok & (W > 3), other=0.0).to(tl.float32)
+    w0 = tl.load(w + channels * W, mask=col_ok, other=0.0).to(tl.float32)
+    w1 = tl.load(w + channels * W + 1, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
+    w2 = tl.load(w + channels * W + 2, mask=col_ok & (W > 2), other=0.0).to(tl.float32)
+    w3 = tl.load(w + channels * W + 3, mask=col_ok & (W > 3), other=0.0).to(tl.float32)
     acc0 = tl.zeros([BT, BC], dtype=tl.float32)
     acc1 = tl.zeros([BT, BC], dtype=tl.float32)
     acc2 = tl.zeros([BT, BC], dtype=tl.float32)
@@ -100,29 +123,29 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dy2, dz, dw_part, T, C, eps
     for it in tl.range(0, TILES, num_stages=STAGES):
         rows = (i_s * TILES + it) * BT + tl.arange(0, BT)
         ok = (rows < T)[:, None] & col_ok[None, :]
-        x0 = _load_shifted(x, x_row_stride, row0, rows, cols, T, C, 1 - W)
+        x0 = _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, 1 - W)
         z = x0 * w0[None, :]
         if W > 1:
-            x1 = _load_shifted(x, x_row_stride, row0, rows, cols, T, C, 2 - W)
+            x1 = _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, 2 - W)
             z += x1 * w1[None, :]
         if W > 2:
-            x2 = _load_shifted(x, x_row_stride, row0, rows, cols, T, C, 3 - W)
+            x2 = _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, 3 - W)
             z += x2 * w2[None, :]
         if W > 3:
-            x3 = _load_shifted(x, x_row_stride, row0, rows, cols, T, C, 4 - W)
+            x3 = _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, 4 - W)
             z += x3 * w3[None, :]
         sig = tl.sigmoid(z)
-        at = (row0 + rows)[:, None] * C + cols[None, :]
+        at = _qkv_rows(row0 + rows, seg, KD, VD)[:, None] + cols[None, :]  # within the segment
         g = tl.load(dy + at, mask=ok, other=0.0).to(tl.float32)
-        if HAS_DY2:
-            g += tl.load(dy2 + at, mask=ok, other=0.0).to(tl.float32)
-        if NORMALIZE:  # one program's channels are exactly one head
-            act = z * sig
+        if HAS_DK2:
+            g += tl.load(dk2 + at, mask=ok & (seg == 1), other=0.0).to(tl.float32)
+        act = z * sig
+        if normalize:  # one program's channels are exactly one head
             rstd = tl.rsqrt(tl.sum(act * act, axis=1) + eps)
             normed = act * rstd[:, None]
             g = (g - normed * tl.sum(g * normed, axis=1)[:, None]) * rstd[:, None]
         d_pre = g * sig * (1.0 + z * (1.0 - sig))  # SiLU'; zero past T, where dy is masked to zero
-        tl.store(dz + at, d_pre.to(dz.dtype.element_ty), mask=ok)
+        tl.store(dz + seg.to(tl.int64) * N * KD + at, d_pre.to(dz.dtype.element_ty), mask=ok)
         acc0 += d_pre * x0
         if W > 1:
             acc1 += d_pre * x1
@@ -130,7 +153,7 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dy2, dz, dw_part, T, C, eps
             acc2 += d_pre * x2
         if W > 3:
             acc3 += d_pre * x3
-    part = dw_part + (i_b * tl.num_programs(0) + i_s).to(tl.int64) * C * W + cols * W
+    part = dw_part + (i_b * tl.num_programs(0) + i_s).to(tl.int64) * (2 * KD + VD) * W + channels * W
     tl.store(part, tl.sum(acc0, axis=0), mask=col_ok)
     if W > 1:
         tl.store(part + 1, tl.sum(acc1, axis=0), mask=col_ok)
@@ -141,65 +164,83 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dy, dy2, dz, dw_part, T, C, eps
 
 
 @triton.jit
-def _short_conv_dx_kernel(dz, w, dx, dx_row_stride, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                          PDL: tl.constexpr = False):
+def _short_conv_dx_kernel(dz, w, dx, dx_row_stride, N, T, KD, VD, W: tl.constexpr, BT: tl.constexpr,
+                          BC: tl.constexpr, PDL: tl.constexpr = False):
     """Backward, input gradient: x[t] fed the outputs at t + s through tap W - 1 - s."""
     wait_then_release(PDL)
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg, cols, width = _qkv_block(i_c, KD, VD, BC)
+    col_ok = cols < width
+    channels = seg * KD + cols
     rows = i_t * BT + tl.arange(0, BT)
-    cols = i_c * BC + tl.arange(0, BC)
-    col_ok = cols < C
     row0 = i_b.to(tl.int64) * T
+    dz += seg.to(tl.int64) * N * KD
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for s in tl.static_range(W):
-        w_tap = tl.load(w + cols * W + (W - 1 - s), mask=col_ok, other=0.0).to(tl.float32)
-        acc += _load_shifted(dz, C, row0, rows, cols, T, C, s) * w_tap[None, :]
+        w_tap = tl.load(w + channels * W + (W - 1 - s), mask=col_ok, other=0.0).to(tl.float32)
+        acc += _load_shifted(dz, width, row0, rows, cols, T, col_ok, s) * w_tap[None, :]
     ok = (rows < T)[:, None] & col_ok[None, :]
-    tl.store(dx + (row0 + rows)[:, None] * dx_row_stride + cols[None, :], acc.to(dx.dtype.element_ty), mask=ok)
+    tl.store(dx + (row0 + rows)[:, None] * dx_row_stride + channels[None, :], acc.to(dx.dtype.element_ty), mask=ok)
 
 
-def _check_conv_input(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
-    B, T, C = x.shape
-    assert x.stride(-1) == 1 and x.stride(0) == T * x.stride(1), "x: [B, T, C] rows of one stride, channels contiguous"
-    assert weight.shape[0] == C and weight.is_contiguous()
+def _check_conv_input(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value_dim: int,
+                      head_dim: int) -> tuple[int, int, int]:
+    B, T, _ = x.shape
+    C = 2 * key_dim + value_dim
+    assert x.shape[-1] >= C and x.stride(-1) == 1 and x.stride(0) == T * x.stride(1), \
+        "x: [B, T, >= C] rows of one stride, channels contiguous"
+    assert weight.shape[0] == C and weight.is_contiguous() and key_dim % head_dim == 0
     return B, T, C
 
 
-def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, head_dim: int, normalize: bool, eps: float = 1e-6,
-                   rows: int = CONV_ROWS, warps: int = CONV_WARPS) -> torch.Tensor:
-    """SiLU(causal depthwise conv(x)), L2-normalised per head of `head_dim` channels if `normalize`.
-    x: [B, T, C], may be a column slice of a wider tensor; weight: [C, W]. Returns a contiguous [B, T, C]."""
-    B, T, C = _check_conv_input(x, weight)
-    y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(T, rows), triton.cdiv(C, head_dim), B)
-    _short_conv_fwd_kernel[grid](x, x.stride(1), weight, y, T, C, eps, W=weight.shape[1], BT=rows, BC=head_dim,
-                                 NORMALIZE=normalize, num_warps=warps, **launch_options(x.device))
+def qkv_views(qkv: torch.Tensor, B: int, T: int, H: int, K: int, V: int) -> tuple[torch.Tensor, ...]:
+    """q, k [B, T, H, K] and v [B, T, H, V], each contiguous, from the flat buffer the convolution writes."""
+    q, k, v = qkv.split([B * T * H * K, B * T * H * K, B * T * H * V])
+    return q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
+
+
+def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value_dim: int, head_dim: int,
+                   eps: float = 1e-6, rows: int = CONV_ROWS, warps: int = CONV_WARPS) -> torch.Tensor:
+    """SiLU(causal depthwise conv(x)) over the channels [q | k | v] (key_dim, key_dim, value_dim), q and k then
+    L2-normalised per head of `head_dim` channels, in one launch. x: [B, T, >= C] with C = 2 key_dim + value_dim,
+    the first C channels read (e.g. the fused projection, in place); weight: [C, W]. Returns a flat buffer of q,
+    k and v, each contiguous [B, T, width] (`qkv_views`)."""
+    B, T, C = _check_conv_input(x, weight, key_dim, value_dim, head_dim)
+    y = torch.empty(B * T * C, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(T, rows), 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim), B)
+    _short_conv_fwd_kernel[grid](x, x.stride(1), weight, y, B * T, T, key_dim, value_dim, eps, W=weight.shape[1],
+                                 BT=rows, BC=head_dim, num_warps=warps, **launch_options(x.device))
     return y
 
 
-def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, head_dim: int,
-                   normalize: bool, eps: float = 1e-6, dy2: torch.Tensor | None = None,
-                   tiles: tuple[int, int, int, int] = DZ_DW_TILES,
+def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                   dx: torch.Tensor, key_dim: int, value_dim: int, head_dim: int, eps: float = 1e-6,
+                   dk2: torch.Tensor | None = None, tiles: tuple[int, int, int, int] = DZ_DW_TILES,
                    dx_tiles: tuple[int, int] = (DX_ROWS, DX_WARPS)) -> torch.Tensor:
-    """Gradients of short_conv_fwd for the incoming gradient dy (+ dy2 if given, same shape): writes d x into `dx`
-    (same shape as x, may be a column slice of a wider buffer) and returns d weight (fp32, [C, W]). tiles: (rows
-    per tile, tiles per program, warps, pipeline stages) of the pre-activation and weight-gradient kernel;
-    dx_tiles: (rows, warps) of the input-gradient kernel."""
-    B, T, C = _check_conv_input(x, weight)
+    """Gradients of short_conv_fwd for the incoming gradients of q, k (+ dk2 if given) and v, each contiguous:
+    writes d x into `dx` ([B, T, C], may be the first columns of a wider buffer) and returns d weight (fp32,
+    [C, W]). tiles: (rows per tile, tiles per program, warps, pipeline stages) of the pre-activation and
+    weight-gradient kernel; dx_tiles: (rows, warps) of the input-gradient kernel."""
+    B, T, C = _check_conv_input(x, weight, key_dim, value_dim, head_dim)
     W = weight.shape[1]
-    assert dy.is_contiguous() and dy.shape == x.shape and dx.shape == x.shape and dx.stride(-1) == 1 and W <= 4
-    assert dy2 is None or (dy2.is_contiguous() and dy2.shape == dy.shape)
+    grads = (dq, dk, dv) + (() if dk2 is None else (dk2,))
+    assert all(g.is_contiguous() for g in grads) and W <= 4
+    assert dq.numel() == dk.numel() == B * T * key_dim and dv.numel() == B * T * value_dim
+    assert dk2 is None or dk2.numel() == dk.numel()
+    assert dx.shape == (B, T, C) and dx.stride(-1) == 1 and dx.stride(0) == T * dx.stride(1)
     rows, per_program, warps, stages = tiles
-    dz = torch.empty_like(dy)
-    grid = (triton.cdiv(T, rows * per_program), triton.cdiv(C, head_dim), B)
+    dz = torch.empty(B * T * C, dtype=dq.dtype, device=x.device)
+    blocks = 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim)
+    grid = (triton.cdiv(T, rows * per_program), blocks, B)
     dw_part = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
-    _short_conv_dz_dw_kernel[grid](x, x.stride(1), weight, dy, dy if dy2 is None else dy2, dz, dw_part, T, C, eps,
-                                   W=W, BT=rows, BC=head_dim, TILES=per_program, STAGES=stages, NORMALIZE=normalize,
-                                   HAS_DY2=dy2 is not None, num_warps=warps, **launch_options(x.device))
+    _short_conv_dz_dw_kernel[grid](x, x.stride(1), weight, dq, dk, dv, dk if dk2 is None else dk2, dz, dw_part,
+                                   B * T, T, key_dim, value_dim, eps, W=W, BT=rows, BC=head_dim, TILES=per_program,
+                                   STAGES=stages, HAS_DK2=dk2 is not None, num_warps=warps,
+                                   **launch_options(x.device))
     rows, warps = dx_tiles
-    grid = (triton.cdiv(T, rows), triton.cdiv(C, head_dim), B)
-    _short_conv_dx_kernel[grid](dz, weight, dx, dx.stride(1), T, C, W=W, BT=rows, BC=head_dim, num_warps=warps,
-                                **launch_options(x.device))
+    grid = (triton.cdiv(T, rows), blocks, B)
+    _short_conv_dx_kernel[grid](dz, weight, dx, dx.stride(1), B * T, T, key_dim, value_dim, W=W, BT=rows,
+                                BC=head_dim, num_warps=warps, **launch_options(x.device))
     return dw_part.sum(0)
 
 
@@ -301,6 +342,60 @@ def gated_rms_norm_bwd(dy: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, we
                                         eps, V=V, BR=rows, TILES=per_program, STAGES=stages,
                                         num_warps=warps, **launch_options(o.device))
     return do, dw_part.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decay's and beta's gradients
+
+GATE_ROWS, GATE_WARPS = 256, 4  # tokens per program
+
+
+@triton.jit
+def _gate_beta_grad_kernel(ab, A_log, dt_bias, dg, beta, dbeta, d_ab, d_part, R, H: tl.constexpr, BR: tl.constexpr,
+                           BH: tl.constexpr, PDL: tl.constexpr = False):
+    """Backward of g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), over BR tokens: d_ab = [d a | d b]
+    from g's gradient dg and beta's dbeta, and this program's partial sums of d A_log and d dt_bias (d_part[pid]:
+    [2, BH]). softplus as fla's: x past 20 is its own value."""
+    wait_then_release(PDL)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    heads = tl.arange(0, BH)
+    ok = (rows < R)[:, None] & (heads < H)[None, :]
+    at = rows[:, None].to(tl.int64) * H + heads[None, :]
+    at_ab = rows[:, None].to(tl.int64) * (2 * H) + heads[None, :]
+    a = tl.load(ab + at_ab, mask=ok, other=0.0).to(tl.float32)
+    dyg = tl.load(dg + at, mask=ok, other=0.0).to(tl.float32)
+    neg_exp_A = -tl.exp(tl.load(A_log + heads, mask=heads < H, other=0.0).to(tl.float32))
+    x = a + tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
+    softplus = tl.where(x < 20.0, tl.log(1.0 + tl.exp(x)), x)
+    da = neg_exp_A[None, :] * dyg * tl.sigmoid(x)  # zero where masked: dyg is
+    b = tl.load(beta + at, mask=ok, other=0.0).to(tl.float32)
+    db = tl.load(dbeta + at, mask=ok, other=0.0).to(tl.float32) * b * (1.0 - b)
+    tl.store(d_ab + at_ab, da.to(d_ab.dtype.element_ty), mask=ok)
+    tl.store(d_ab + at_ab + H, db.to(d_ab.dtype.element_ty), mask=ok)
+    part = d_part + tl.program_id(0).to(tl.int64) * 2 * BH + heads
+    tl.store(part, tl.sum(dyg * neg_exp_A[None, :] * softplus, axis=0))
+    tl.store(part + BH, tl.sum(da, axis=0))
+
+
+def gate_beta_grad(ab: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, dg: torch.Tensor,
+                   beta: torch.Tensor, dbeta: torch.Tensor, rows: int = GATE_ROWS, warps: int = GATE_WARPS
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the gate and beta from their logits ab = [a | b] ([B, T, 2H], contiguous): (d ab in ab's
+    dtype, d A_log, d dt_bias in fp32), given dg (g's gradient, [B, T, H]), beta = sigmoid(b) as the forward kept
+    it and its gradient dbeta. fla's gdn_gate_bwd, beta's sigmoid and their concatenation in one kernel."""
+    H = A_log.numel()
+    ab = ab.contiguous()
+    R = ab.numel() // (2 * H)
+    assert ab.shape[-1] == 2 * H
+    assert all(t.is_contiguous() and t.numel() == R * H for t in (dg, beta, dbeta))
+    BH = triton.next_power_of_2(H)
+    programs = triton.cdiv(R, rows)
+    d_ab = torch.empty_like(ab)
+    d_part = torch.empty(programs, 2, BH, dtype=torch.float32, device=ab.device)
+    _gate_beta_grad_kernel[(programs,)](ab, A_log, dt_bias, dg, beta, dbeta, d_ab, d_part, R, H=H, BR=rows, BH=BH,
+                                        num_warps=warps, **launch_options(ab.device))
+    # Two sums, not views of one: a custom op's outputs may not share storage.
+    return d_ab, d_part[:, 0, :H].sum(0), d_part[:, 1, :H].sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
