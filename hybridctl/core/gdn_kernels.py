@@ -111,6 +111,7 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dz, dw_part, N
     channels = seg * KD + cols
     normalize = seg < 2
     dy = tl.where(seg == 0, dq, tl.where(seg == 1, dk, dv))
+    dk2_rows = tl.where(seg == 1, T, 0)  # dk2's loads masked off outside k's blocks (a mask of tensors alone)
     row0 = i_b.to(tl.int64) * T
     w0 = tl.load(w + channels * W, mask=col_ok, other=0.0).to(tl.float32)
     w1 = tl.load(w + channels * W + 1, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
@@ -138,7 +139,8 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dz, dw_part, N
         at = _qkv_rows(row0 + rows, seg, KD, VD)[:, None] + cols[None, :]  # within the segment
         g = tl.load(dy + at, mask=ok, other=0.0).to(tl.float32)
         if HAS_DK2:
-            g += tl.load(dk2 + at, mask=ok & (seg == 1), other=0.0).to(tl.float32)
+            ok_k = (rows < dk2_rows)[:, None] & col_ok[None, :]
+            g += tl.load(dk2 + at, mask=ok_k, other=0.0).to(tl.float32)
         act = z * sig
         if normalize:  # one program's channels are exactly one head
             rstd = tl.rsqrt(tl.sum(act * act, axis=1) + eps)
