@@ -113,6 +113,21 @@ def test_compare_warns_about_runs_validated_on_other_tokens(runs):
     assert (records[0]["max_tokens"], records[0]["val_fraction"], records[0]["val_split"]) == (30000, 0.05, "")
 
 
+def test_compare_warns_about_runs_scored_on_other_eval_windows(runs, tmp_path):
+    """batch_size × eval_batches windows are spread over the validation tokens: another count scores other
+    tokens. A copy of a run whose config asks for twice the windows stands in for such a run."""
+    other = tmp_path / "more_windows"
+    shutil.copytree(runs["stdlib"], other)
+    config = other / "config.toml"
+    text = config.read_text()
+    assert "eval_batches = 1" in text
+    config.write_text(text.replace("eval_batches = 1", "eval_batches = 2"))
+    warning = ex.comparability_warning(ex.collect_results([runs["stdlib"], other]))
+    assert warning.startswith("runs differ in train.batch_size × train.eval_batches: stdlib (4) vs more_windows (8); ")
+    records = [ex.result_record(row, "best_val_loss") for row in ex.rank_results(ex.collect_results([other]))]
+    assert records[0]["eval_windows"] == 8
+
+
 def test_report_says_when_runs_are_not_comparable(runs, tmp_path):
     folder = tmp_path / "runs"
     for name in ("stdlib", "bpe"):

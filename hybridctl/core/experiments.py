@@ -477,12 +477,13 @@ METRIC_SOURCES = {
     "final_val_mqar_acc": "only runs on data.dataset = synthetic:mqar measure it",
 }
 # Settings that change what a validation loss per token means: runs that differ in one do not rank like for like
-# (by any metric but ARC's, which scores every run on the same questions). The last three choose the validation
-# tokens themselves: val_fraction and val_split pick its documents, and max_tokens caps it at val_fraction of the
-# total, which moves the eval windows (spread evenly over the val tokens).
+# (by any metric but ARC's, which scores every run on the same questions). The last four choose the validation
+# tokens themselves: val_fraction and val_split pick its documents, max_tokens caps it at val_fraction of the
+# total, and the eval windows, batch_size × eval_batches of them, are spread evenly over it, so that product and
+# the cap both move them.
 COMPARABLE = {"dataset": "data.dataset", "tokenizer": "data.tokenizer", "vocab_size": "model.vocab_size",
               "seq_len": "train.seq_len", "max_tokens": "data.max_tokens", "val_fraction": "data.val_fraction",
-              "val_split": "data.val_split"}
+              "val_split": "data.val_split", "eval_windows": "train.batch_size × train.eval_batches"}
 TOKENIZER_FREE = ("arc_acc", "arc_acc_norm")
 
 
@@ -564,6 +565,7 @@ def load_result(run: RunDir) -> RunResult:
         "val_fraction": cfg.data.val_fraction if cfg else None,
         # synthetic tasks generate their validation examples; builtin corpora refuse a val_split
         "val_split": cfg.data.val_split if cfg and not cfg.data.dataset.startswith("synthetic:") else None,
+        "eval_windows": cfg.train.batch_size * cfg.train.eval_batches if cfg else None,
     }
     complete = summary.get("status") == "complete"
     saved = [] if complete else run.step_checkpoints()
@@ -750,7 +752,7 @@ def result_record(row: Ranked, metric: str) -> dict[str, Any]:
     keys = ("layer_types", "attention_fraction", "lr", "params", "steps", "planned_steps", "tokens", "best_val_loss",
             "best_step", "best_val_acc", "best_val_ppl", "final_val_loss", "final_val_acc", "final_val_ppl",
             "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "arc_acc", "arc_acc_norm", "arc_n",
-            "dataset", "tokenizer", "vocab_size", "seq_len", "max_tokens", "val_fraction", "val_split")
+            "dataset", "tokenizer", "vocab_size", "seq_len", "max_tokens", "val_fraction", "val_split", "eval_windows")
     record.update({k: _finite(r.get(k)) for k in keys})  # NaN is not JSON
     return record
 
