@@ -221,18 +221,21 @@ def test_second_load_reads_the_cache_and_tokenises_nothing(corpus, monkeypatch):
     assert again.tokenizer.vocab_size == fresh.tokenizer.vocab_size == 300
 
 
-def test_cache_cut_short_is_tokenised_again(corpus):
+def test_cache_cut_short_is_tokenised_again(corpus, capsys):
     cfg = cfg_for(corpus.jsonl, val_fraction=0.2, tokenizer="bpe:300")
     fresh = load_token_data(cfg)
     train, val = np.array(fresh.train), np.array(fresh.val)
     folder = token_cache_dir(cfg)
+    assert "note:" not in capsys.readouterr().err  # a first build is no news
     for damage in (lambda: os.truncate(folder / "train.bin", 1000), lambda: (folder / "val.bin").unlink(),
                    lambda: (folder / "tokenizer.json").unlink()):
         damage()
         again = load_token_data(cfg)
         assert not again.info["cached"]  # like a cache folder without meta.json: rebuilt, not read
         assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
+        assert f"note: the token cache {folder} is incomplete" in capsys.readouterr().err
     assert load_token_data(cfg).info["cached"]
+    assert capsys.readouterr().err == ""
 
 
 def test_changed_local_file_is_tokenised_again(tmp_path):

@@ -374,6 +374,9 @@ def load_token_data(data_cfg: DataConfig, rebuild: bool = False, progress: Calla
         data = open_token_cache(root, data_cfg)
         data.info.update(cached=True, seconds=round(time.perf_counter() - start, 3))
         return data
+    if not rebuild and root.exists():  # said, since tokenising a large corpus again takes a while
+        print(f"note: the token cache {root} is incomplete (a copy cut short, or a file missing); tokenising again",
+              file=sys.stderr)
     tmp = None
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
