@@ -520,16 +520,17 @@ def _sweep_of(run: RunDir) -> dict[str, Any]:
     return _read_json(run.path.parent / SWEEP_FILE) or {}
 
 
-def _recorded_diverged(run: RunDir) -> bool:
-    status = _sweep_of(run).get("status")
+def _recorded_diverged(run: RunDir, sweep: dict[str, Any] | None = None) -> bool:
+    """Whether the run's sweep (`sweep`, else read from beside the run) recorded it as diverged."""
+    status = (_sweep_of(run) if sweep is None else sweep).get("status")
     return isinstance(status, dict) and status.get(run.path.name) == "diverged"
 
 
 def sweep_divergence_advice(run: RunDir) -> str:
     """divergence_advice for a run its sweep recorded as diverged ('' for any other run)."""
-    if not _recorded_diverged(run):
-        return ""
     sweep = _sweep_of(run)
+    if not _recorded_diverged(run, sweep):
+        return ""
     entry = next((e for e in sweep.get("plan", []) if isinstance(e, dict) and e.get("name") == run.path.name), {})
     return divergence_advice(sweep.get("kind"), run, entry.get("preset"))
 
