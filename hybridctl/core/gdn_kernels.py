@@ -46,13 +46,14 @@ DX_ROWS, DX_WARPS = 16, 2  # the input-gradient kernel
 @triton.jit
 def _qkv_block(i_c, KD, VD, BC: tl.constexpr):
     """Channel block i_c of [q | k | v] (q and k: KD channels each, v: VD; BC channels per block, one head of q
-    or k): (segment 0 / 1 / 2, the block's columns within its segment, that segment's width). A segment's
-    blocks are contiguous, and v's last one may be partial (columns past VD are masked)."""
+    or k): (segment 0 / 1 / 2, the block's columns within its segment, that segment's width, which of those
+    columns lie inside it, the same columns counted over all three segments). A segment's blocks are contiguous,
+    and v's last one may be partial (columns past VD are masked)."""
     key_blocks = KD // BC
     seg = tl.minimum(i_c // key_blocks, 2)
     cols = (i_c - seg * key_blocks) * BC + tl.arange(0, BC)
     width = tl.where(seg == 2, VD, KD)
-    return seg, cols, width
+    return seg, cols, width, cols < width, seg * KD + cols
 
 
 @triton.jit
@@ -75,9 +76,7 @@ def _short_conv_fwd_kernel(x, x_row_stride, w, y, N, T, KD, VD, eps, W: tl.const
                            BC: tl.constexpr, PDL: tl.constexpr = False):
     wait_then_release(PDL)
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seg, cols, width = _qkv_block(i_c, KD, VD, BC)
-    col_ok = cols < width
-    channels = seg * KD + cols  # in x and w
+    seg, cols, width, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
     rows = i_t * BT + tl.arange(0, BT)
     row0 = i_b.to(tl.int64) * T
     z = tl.zeros([BT, BC], dtype=tl.float32)
@@ -106,9 +105,7 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dz, dw_part, N
     while this one computes): a program's serial chain of loads is what bounds this kernel otherwise."""
     wait_then_release(PDL)
     i_s, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seg, cols, width = _qkv_block(i_c, KD, VD, BC)
-    col_ok = cols < width
-    channels = seg * KD + cols
+    seg, cols, width, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
     normalize = seg < 2
     dy = tl.where(seg == 0, dq, tl.where(seg == 1, dk, dv))
     dk2_rows = tl.where(seg == 1, T, 0)  # dk2's loads masked off outside k's blocks (a mask of tensors alone)
@@ -171,9 +168,7 @@ def _short_conv_dx_kernel(dz, w, dx, dx_row_stride, N, T, KD, VD, W: tl.constexp
     """Backward, input gradient: x[t] fed the outputs at t + s through tap W - 1 - s."""
     wait_then_release(PDL)
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seg, cols, width = _qkv_block(i_c, KD, VD, BC)
-    col_ok = cols < width
-    channels = seg * KD + cols
+    seg, cols, width, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
     rows = i_t * BT + tl.arange(0, BT)
     row0 = i_b.to(tl.int64) * T
     dz += seg.to(tl.int64) * N * KD
