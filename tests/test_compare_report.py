@@ -12,6 +12,7 @@ from conftest import MICRO, micro_config, run_cli
 from hybridctl.cli import main
 from hybridctl.core import experiments as ex
 from hybridctl.core.data import load_token_data
+from hybridctl.core.errors import ConfigError
 from hybridctl.core.runs import RunDir
 from hybridctl.core.trainer import train
 
@@ -168,6 +169,19 @@ def test_metric_no_run_has_is_an_error(runs, tmp_path):
     assert "1 of 2 runs ranked by arc_acc" in some.stdout
     rows = table_rows(some.stdout, ["stdlib", "short"])
     assert rows["short"][0] == "1" and rows["stdlib"][0] == "-"
+
+
+def test_ranking_warnings_name_what_differs_and_what_is_missing(runs):
+    """compare (strict: a metric no run has is an error) and ablate (not strict: its sweep still shows) share
+    these warnings."""
+    results = [ex.load_result(RunDir(runs[name])) for name in ("stdlib", "short")]
+    ex.label_results(results)
+    with pytest.raises(ConfigError, match="none of the 2 runs has arc_acc"):
+        ex.ranking_warnings(results, "arc_acc")
+    assert ex.ranking_warnings(results, "arc_acc", strict=False) == [
+        "none of the 2 runs has arc_acc; measure it with `hybridctl bench arc RUN`, or rank by another --metric"]
+    (warning,) = ex.ranking_warnings(results, "best_val_loss")
+    assert warning.startswith("runs differ in train.seq_len") and "short" in warning and "stdlib" in warning
 
 
 # ---------------------------------------------------------------------------------------------------------

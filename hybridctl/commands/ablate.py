@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from hybridctl.core import experiments as ex
-from hybridctl.core.errors import ConfigError
 from hybridctl.core.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, print_table,
                                    results_table)
 from hybridctl.core.runs import RunDir
@@ -82,13 +81,8 @@ def execute(plan: ex.SweepPlan, out: Path, dry_run: bool, force: bool, metric: s
                  notify=notify)
     results = [ex.load_result(RunDir(path / r.name)) for r in plan.runs if RunDir(path / r.name).exists()]
     ex.label_results(results)
-    try:
-        coverage = ex.metric_coverage(results, metric)
-    except ConfigError as e:
-        coverage = str(e)  # the sweep itself went well: say so, and still show its runs
-    for text in (ex.comparability_warning(results, metric), coverage):
-        if text:
-            err_console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+    for text in ex.ranking_warnings(results, metric, strict=False):
+        err_console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
     rows = ex.rank_results(results, metric)
     print_table(results_table(rows, metric, title=f"Sweep {plan.name}: ranked by {metric}"))
     print_chart(ex.lr_chart(rows, metric) if plan.kind == "lr" else ex.attention_chart(rows, metric))

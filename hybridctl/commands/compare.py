@@ -36,10 +36,9 @@ def compare(
             except OSError as e:
                 raise RunError(f"cannot make the folder of {target}: {e.strerror}; choose another path") from None
     results = ex.collect_results(paths or [Path("runs")])
-    coverage = ex.metric_coverage(results, metric)
+    notes = [f"warning: {text}" for text in ex.ranking_warnings(results, metric)]
     rows = ex.rank_results(results, metric, sort)
     # On stderr, so --json output stays machine-readable; the Markdown table carries them too.
-    notes = [f"warning: {text}" for text in (ex.comparability_warning(results, metric), coverage) if text]
     for note in notes:
         err_console.print(note, markup=False, highlight=False, soft_wrap=True)
     records = [ex.result_record(row, metric) for row in rows]

@@ -714,6 +714,19 @@ def _names(results: list[RunResult], most: int = 3) -> str:
     return ", ".join(labels[:most]) + (f" and {len(labels) - most} more" if len(labels) > most else "")
 
 
+def ranking_warnings(results: list[RunResult], metric: str, strict: bool = True) -> list[str]:
+    """What a ranking of these runs must say with it: that they are not comparable (comparability_warning), and
+    which finished runs lack the metric (metric_coverage). With strict, a metric that no run has is a ConfigError;
+    without, it is one more warning (a sweep that went well still shows its runs)."""
+    try:
+        coverage = metric_coverage(results, metric)
+    except ConfigError as e:
+        if strict:
+            raise
+        coverage = str(e)
+    return [text for text in (comparability_warning(results, metric), coverage) if text]
+
+
 def comparability_warning(results: list[RunResult], metric: str = "best_val_loss") -> str:
     """'' when the runs share data (validation split included), tokenizer, vocabulary and sequence length; else one
     line naming what differs and which runs, the smaller groups first (settings that split the runs alike, as a
