@@ -123,6 +123,20 @@ def test_glob_of_files_with_different_fields(tmp_path, suffix):
     assert result.stderr.splitlines() == [f"error: {message}"]  # nothing the library logged on the way
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_glob_file_with_only_some_of_the_fields_is_named_not_dropped(tmp_path, suffix):
+    """A later file whose fields are a subset of the first file's, without the text field: read with the first
+    file's fields it would give nulls, and its documents would vanish without a word."""
+    write_records(tmp_path / f"a{suffix}", [{"text": "first", "source": "web"}, {"text": "second", "source": "web"}])
+    write_records(tmp_path / f"b{suffix}", [{"source": "books"}] * 3)
+    glob = str(tmp_path / f"*{suffix}")
+    with pytest.raises(DataError) as e:
+        list(sources.iter_documents(cfg_for(glob)))
+    assert f"b{suffix}, one of the files of data.dataset '{glob}', has no field 'text' (its fields: source)" in str(e.value)
+    write_records(tmp_path / f"b{suffix}", [{"source": "books", "text": "third"}])
+    assert list(sources.iter_documents(cfg_for(glob))) == ["first", "second", "third"]
+
+
 def test_records_with_new_fields_inside_one_file_are_one_line(tmp_path):
     # the json builder takes its fields from the first 10 MB of the file and refuses a record with others later
     path = tmp_path / "d.jsonl"

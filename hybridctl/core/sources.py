@@ -14,6 +14,7 @@ For local data `data.val_split`, when set, is a second path or glob of validatio
 from __future__ import annotations
 
 import glob
+import json
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -132,6 +133,8 @@ def iter_local(spec: str, text_field: str, key: str = "data.dataset") -> Iterato
     files = local_files(spec, key)
     builder = builder_for(files, spec)
     datasets, _ = _import_datasets(for_hub=False)
+    if builder != "text" and len(files) > 1:
+        _check_every_file_has(files[1:], builder, text_field, f"{key} '{spec}'")
     options = {"sample_by": "paragraph"} if builder == "text" else {}
     done = 0
     try:
@@ -156,6 +159,51 @@ def iter_local(spec: str, text_field: str, key: str = "data.dataset") -> Iterato
                 done -= 1
             else:
                 yield text
+
+
+PROBE_LINES, PROBE_BYTES = 1000, 1 << 20  # how far into a JSON Lines file _fields_seen looks for the text field
+
+
+def _fields_seen(path: Path, builder: str, text_field: str) -> list[str] | None:
+    """The fields of a parquet file; of a JSON Lines file, those of its first records, stopping at the first that
+    has `text_field`. None where that cannot be told cheaply (a JSON array, malformed lines): the library decides."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_schema(path).names
+        except Exception:  # not parquet after all: the library's error names it
+            return None
+    fields: dict[str, None] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            read = 0
+            for number, line in enumerate(f):
+                read += len(line)
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        return None
+                    if text_field in record:
+                        return list(record)
+                    fields.update(dict.fromkeys(record))
+                if number >= PROBE_LINES or read >= PROBE_BYTES:
+                    break
+    except (OSError, ValueError):  # unreadable, undecodable or not JSON Lines
+        return None
+    return list(fields) if fields else None
+
+
+def _check_every_file_has(files: list[Path], builder: str, text_field: str, where: str) -> None:
+    """A file of a glob without the text field is refused here: read with the first file's fields (which the
+    library does), one whose fields are a subset of them would give nulls, and its documents would be dropped
+    without a word. Files with other fields still fail in the library, and are then read one by one."""
+    for path in files:
+        fields = _fields_seen(path, builder, text_field)
+        if fields is not None and text_field not in fields:
+            raise DataError(f"{path}, one of the files of {where}, has no field '{text_field}' (its fields: "
+                            f"{', '.join(fields) or 'none'}); give every file a '{text_field}' field, set "
+                            "data.text_field to a field every file has, or pass one file")
 
 
 def iter_file(datasets, builder: str, path: Path, text_field: str, where: str) -> Iterator[str]:
