@@ -474,7 +474,11 @@ def test_data_prepare_cli(corpus, tmp_path):
     assert f"{meta['train_documents']} train, {meta['val_documents']} val" in second.stdout
     listed = run_cli("data", "list", env=env)
     assert listed.returncode == 0 and "builtin:python" in listed.stdout and "synthetic:mqar" in listed.stdout
-    assert "bpe:320" in listed.stdout
+    assert "bpe:320" in listed.stdout and "ready" in listed.stdout and "incomplete" not in listed.stdout
+    train_bin = next((tmp_path / "cache" / "tokens").glob("*/train.bin"))
+    train_bin.write_bytes(train_bin.read_bytes()[:-2])  # a copy cut short
+    cut = run_cli("data", "list", env=env)
+    assert cut.returncode == 0 and "incomplete: tokenised again at its next use" in cut.stdout
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe:300"])

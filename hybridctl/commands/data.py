@@ -51,9 +51,10 @@ def list_data():
         console.print(f"no token sets cached under {cache_root()} yet; make one with `hybridctl data prepare --preset NAME`")
         return
     table = Table(title=f"Cached token sets ({cache_root()})", title_justify="left")
-    for column in ("dataset", "tokenizer", "train", "val", "size", "folder"):
+    for column in ("dataset", "tokenizer", "train", "val", "size", "folder", "state"):
         table.add_column(column)
     for m in cached:
+        state = "ready" if m["complete"] else "incomplete: tokenised again at its next use"
         table.add_row(m.get("dataset"), str(m.get("tokenizer")), fmt_count(m.get("train_tokens")), fmt_count(m.get("val_tokens")),
-                      fmt_bytes(m.get("cache_bytes")), m["cache"].rsplit("/", 1)[-1])
+                      fmt_bytes(m.get("cache_bytes")), m["cache"].rsplit("/", 1)[-1], state)
     console.print(table)

@@ -402,7 +402,8 @@ def load_token_data(data_cfg: DataConfig, rebuild: bool = False, progress: Calla
 
 
 def cached_token_sets(data_cfg: DataConfig | None = None) -> list[dict]:
-    """meta.json of every token cache under cache_root(), newest first."""
+    """meta.json of every token cache under cache_root(), newest first, with whether the cache is complete (one
+    cut short or missing a file is tokenised again at its next use)."""
     found = []
     for meta_path in (cache_root(data_cfg) / "tokens").glob("*/meta.json"):
         try:
@@ -410,7 +411,8 @@ def cached_token_sets(data_cfg: DataConfig | None = None) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue
         size = sum(p.stat().st_size for p in meta_path.parent.iterdir() if p.is_file())
-        found.append({**meta, "cache": str(meta_path.parent), "cache_bytes": size})
+        found.append({**meta, "cache": str(meta_path.parent), "cache_bytes": size,
+                      "complete": cache_is_complete(meta_path.parent)})
     return sorted(found, key=lambda m: m.get("created", ""), reverse=True)
 
 
