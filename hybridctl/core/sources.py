@@ -134,7 +134,7 @@ def iter_local(spec: str, text_field: str, key: str = "data.dataset") -> Iterato
     builder = builder_for(files, spec)
     datasets, _ = _import_datasets(for_hub=False)
     if builder != "text" and len(files) > 1:
-        _check_every_file_has(files[1:], builder, text_field, f"{key} '{spec}'")
+        _check_every_file_has(files, builder, text_field, f"{key} '{spec}'")
     options = {"sample_by": "paragraph"} if builder == "text" else {}
     done = 0
     try:
@@ -202,13 +202,16 @@ def _check_every_file_has(files: list[Path], builder: str, text_field: str, wher
         fields = _fields_seen(path, builder, text_field)
         if fields is not None and text_field not in fields:
             raise DataError(f"{path}, one of the files of {where}, has no field '{text_field}' (its fields: "
-                            f"{', '.join(fields) or 'none'}); give every file a '{text_field}' field, set "
-                            "data.text_field to a field every file has, or pass one file")
+                            f"{', '.join(fields) or 'none'}); {_glob_fix(text_field)}")
+
+
+def _glob_fix(text_field: str) -> str:
+    return f"give every file a '{text_field}' field, set data.text_field to a field every file has, or pass one file"
 
 
 def iter_file(datasets, builder: str, path: Path, text_field: str, where: str) -> Iterator[str]:
-    """One file of a glob whose files have different fields."""
-    fix = f"give every file a '{text_field}' field, set data.text_field to a field every file has, or pass one file"
+    """One file of a glob whose files have different fields (read one by one)."""
+    fix = _glob_fix(text_field)
     try:
         dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
         yield from _rows(dataset, text_field, f"{path}, one of the files of {where},", fix)
