@@ -115,11 +115,14 @@ def _paragraphs(chunks: Iterable[str]) -> Iterator[str]:
                 yield piece
 
 
+def _no_field(where: str, text_field: str, fields: list[str], fix: str) -> DataError:
+    return DataError(f"{where} has no field '{text_field}' (its fields: {', '.join(fields) or 'none'}); {fix}")
+
+
 def _rows(dataset, text_field: str, where: str, fix: str = "set data.text_field to one of them") -> Iterator[str]:
     for batch in dataset.iter(batch_size=BATCH_ROWS):
         if text_field not in batch:
-            fields = ", ".join(batch) or "none"
-            raise DataError(f"{where} has no field '{text_field}' (its fields: {fields}); {fix}")
+            raise _no_field(where, text_field, list(batch), fix)
         for text in batch[text_field]:
             if isinstance(text, str):
                 if text:
@@ -201,8 +204,11 @@ def _check_every_file_has(files: list[Path], builder: str, text_field: str, wher
     for path in files:
         fields = _fields_seen(path, builder, text_field)
         if fields is not None and text_field not in fields:
-            raise DataError(f"{path}, one of the files of {where}, has no field '{text_field}' (its fields: "
-                            f"{', '.join(fields) or 'none'}); {_glob_fix(text_field)}")
+            raise _no_field(_glob_file(path, where), text_field, fields, _glob_fix(text_field))
+
+
+def _glob_file(path: Path, where: str) -> str:
+    return f"{path}, one of the files of {where},"
 
 
 def _glob_fix(text_field: str) -> str:
@@ -211,10 +217,9 @@ def _glob_fix(text_field: str) -> str:
 
 def iter_file(datasets, builder: str, path: Path, text_field: str, where: str) -> Iterator[str]:
     """One file of a glob whose files have different fields (read one by one)."""
-    fix = _glob_fix(text_field)
     try:
         dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
-        yield from _rows(dataset, text_field, f"{path}, one of the files of {where},", fix)
+        yield from _rows(dataset, text_field, _glob_file(path, where), _glob_fix(text_field))
     except DataError:
         raise
     except Exception as e:
