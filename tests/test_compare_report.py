@@ -174,8 +174,7 @@ def test_metric_no_run_has_is_an_error(runs, tmp_path):
 def test_ranking_warnings_name_what_differs_and_what_is_missing(runs):
     """compare (strict: a metric no run has is an error) and ablate (not strict: its sweep still shows) share
     these warnings."""
-    results = [ex.load_result(RunDir(runs[name])) for name in ("stdlib", "short")]
-    ex.label_results(results)
+    results = ex.collect_results([runs["stdlib"], runs["short"]])
     with pytest.raises(ConfigError, match="none of the 2 runs has arc_acc"):
         ex.ranking_warnings(results, "arc_acc")
     assert ex.ranking_warnings(results, "arc_acc", strict=False) == [
