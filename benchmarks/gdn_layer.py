@@ -100,9 +100,7 @@ def part_times(args, sweep: bool) -> dict[str, float]:
         out["conv bwd kernels: ours"] = kernel_ms(lambda: ours(forward=False))
         out["conv fwd kernels: ours"] = kernel_ms(lambda: ours(backward=False))
         sweep_tiles(out, "conv fwd", "_short_conv_fwd", lambda t: ours(backward=False, fwd_tiles=t), CONV_FWD_SWEEP)
-        sweep_tiles(out, "conv bwd dz_dw", "_short_conv_dz_dw", lambda t: ours(forward=False, tiles=t),
-                    DZ_DW_SWEEP)
-        sweep_tiles(out, "conv bwd dx", "_short_conv_dx", lambda t: ours(forward=False, dx_tiles=t), DX_SWEEP)
+        sweep_tiles(out, "conv bwd", "_short_conv_bwd", lambda t: ours(forward=False, tiles=t), CONV_BWD_SWEEP)
 
     o = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     gate = parts[3]
@@ -165,11 +163,11 @@ def state_grad_times(out: dict, args, sweep: bool) -> None:
 
 
 # Tiles tried by --sweep: (rows, warps) for the one-tile kernels; (rows per tile, tiles per program, warps,
-# pipeline stages) for those that loop over tiles (stages 1: not pipelined)
+# pipeline stages) for those that loop over tiles (stages 1: not pipelined); for the convolution backward (spans
+# per program, time steps per span, warps, stages)
 CONV_FWD_SWEEP = [(16, 2), (16, 4), (8, 2), (32, 4), (32, 2)]
-DZ_DW_SWEEP = [(8, 32, 4, 1), (8, 32, 4, 3), (4, 32, 2, 1), (4, 32, 2, 3), (4, 32, 2, 4), (4, 16, 2, 3),
-               (4, 64, 2, 3), (2, 64, 1, 3)]
-DX_SWEEP = [(8, 2), (16, 2), (8, 1), (16, 4), (32, 4)]
+CONV_BWD_SWEEP = [(2, 64, 1, 3), (2, 64, 1, 4), (2, 128, 1, 3), (4, 64, 1, 3), (2, 32, 1, 3), (1, 64, 1, 3),
+                  (4, 32, 2, 3), (4, 64, 2, 3), (2, 64, 2, 3), (8, 32, 4, 3)]
 NORM_FWD_SWEEP = [(16, 4), (8, 4), (32, 4)]
 NORM_BWD_SWEEP = [(4, 16, 2, 1), (4, 16, 2, 3), (4, 8, 2, 3), (4, 8, 2, 4), (8, 8, 4, 4), (4, 4, 2, 3)]
 STATE_GRAD_SWEEP = [(32, 4, 2), (32, 4, 3), (32, 8, 2), (16, 2, 2), (16, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3)]

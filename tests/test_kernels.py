@@ -28,11 +28,12 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("width,tiles,two_sources,value_heads", [
     (4, None, False, 2), (2, None, False, 2), (1, None, False, 2), (4, (4, 3, 2, 2), True, 2),
-    (3, (8, 2, 2, 3), False, 2), (4, (2, 5, 1, 1), True, 2), (4, None, True, 1)])
+    (3, (8, 2, 2, 3), False, 2), (4, (2, 5, 1, 1), True, 2), (4, (1, 2, 1, 2), False, 2), (4, None, True, 1)])
 def test_short_conv_matches_reference(width, tiles, two_sources, value_heads):
     """q, k and v in one launch, read from the fused projection's first columns in place: q's and k's
-    channels L2-normalised per head, v's not. tiles: the backward's first kernel at several programs along T, each
-    over several tiles with or without pipelined loads, the last program short (None: the defaults).
+    channels L2-normalised per head, v's not. tiles: the backward at several programs along T, each walking one or
+    more spans of time, some shorter than the taps' reach into the next, with or without pipelined loads, the last
+    program past T (None: the defaults).
     two_sources: k's incoming gradient given as two tensors that the backward sums. value_heads: v's width in
     heads of q's size; at 1, v has half a head's channels per head (expand_v 0.5), so its last block is partial."""
     torch.manual_seed(0)
@@ -445,11 +446,10 @@ def tiles(t, rows):  # (rows per tile, tiles per program, warps, stages) -> the 
 cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, warps): the defaults launch these
     (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
      {**conv, "BT": gk.CONV_ROWS}, gk.CONV_WARPS),
-    (gk._short_conv_dz_dw_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dq:*bf16 dk:*bf16 dv:*bf16 dk2:*bf16 dz:*bf16 "
-     "dw_part:*fp32 N:i32 T:i32 KD:i32 VD:i32 eps:fp32", {**conv, **tiles(gk.DZ_DW_TILES, "BT"), "HAS_DK2": True},
-     gk.DZ_DW_TILES[2]),
-    (gk._short_conv_dx_kernel, "dz:*bf16 w:*fp32 dx:*bf16 dx_row_stride:i32 N:i32 T:i32 KD:i32 VD:i32",
-     {**conv, "BT": gk.DX_ROWS}, gk.DX_WARPS),
+    (gk._short_conv_bwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dq:*bf16 dk:*bf16 dv:*bf16 dk2:*bf16 dx:*bf16 "
+     "dx_row_stride:i32 dw_part:*fp32 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
+     {**conv, "SPANS": gk.CONV_BWD_TILES[0], "L": gk.CONV_BWD_TILES[1], "STAGES": gk.CONV_BWD_TILES[3],
+      "HAS_DK2": True}, gk.CONV_BWD_TILES[2]),
     (gk._gated_norm_fwd_kernel, "o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 y:*bf16 R:i32 H:i32 eps:fp32",
      {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
     (gk._gated_norm_bwd_kernel, "dy:*bf16 o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 do:*bf16 dgate:*bf16 "
@@ -498,7 +498,7 @@ def test_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_dz_dw_kernel", "_short_conv_dx_kernel",
+    assert result.stdout.split() == ["_short_conv_fwd_kernel", "_short_conv_bwd_kernel",
                                      "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel", "_add_norm_fwd_kernel",
                                      "_add_norm_bwd_kernel", "_softmax_grad_kernel", "_rotary_kernel", "_gate_beta_grad_kernel",
                                      "_state_grad_kernel",

@@ -3,13 +3,13 @@
 - `short_conv_fwd` / `short_conv_bwd`: the depthwise causal convolution + SiLU over q, k and v in one launch,
   reading their columns of the fused projection in place (a strided view) and, for q and k, the L2 norm over
   each head on top; q, k and v come out contiguous in one buffer. The backward recomputes the convolution from
-  the projection instead of saving its output and runs two kernels: the pre-activation gradient (through the L2
-  norm and SiLU) together with the weight gradient from the same loads of the input (per-program partial sums
-  over 128 time steps, then one sum: deterministic, no atomics), then the input gradient (its shifted sum,
-  written straight into the caller's gradient buffer). On an H200 at the study shape, per layer: forward 0.24 ms,
-  backward 0.57 ms (0.61 ms with a launch per q, k and v; 0.72-0.74 ms before the first kernel's loads were
-  pipelined, 0.86 ms with the weight gradient in a kernel of its own); fla's convolution (no L2 norm) takes
-  3.9 ms forward + backward.
+  the projection instead of saving its output, in one kernel that walks time backwards: the pre-activation
+  gradient (through the L2 norm and SiLU), from it and the same loads of the input the weight gradient
+  (per-program partial sums, then one sum: deterministic, no atomics), and the input gradient (its shifted sum,
+  carried in registers and written straight into the caller's gradient buffer). On an H200 at the study shape,
+  per layer: forward 0.24 ms, backward 0.445 ms (0.575 ms as two kernels with the pre-activation gradient
+  between them in memory, 0.61 ms with a launch per q, k and v, 0.86 ms with the weight gradient in a kernel of
+  its own); fla's convolution (no L2 norm) takes 3.9 ms forward + backward.
 - `gated_rms_norm_fwd` / `gated_rms_norm_bwd`: RMSNorm over each head's value vector times SiLU(gate), the gate
   read from (and its gradient written to) the fused projection in place.
 - `gate_beta_grad`: the backward of the decay gate and of beta = sigmoid(b), written as the gradient of the
@@ -37,23 +37,21 @@ from hybridctl.core.pdl import launch_options, wait_then_release
 
 # Time steps per program and warps, measured best on an H200 at the study shape; a program's channels are one head.
 CONV_ROWS, CONV_WARPS = 16, 2
-# The backward's first kernel (pre-activation and weight gradients): (time steps per tile, tiles per program, warps,
-# pipeline stages of the tile loop's loads).
-DZ_DW_TILES = (4, 32, 2, 3)
-DX_ROWS, DX_WARPS = 16, 2  # the input-gradient kernel
+# The backward: (spans of time walked at once per program, time steps per span, warps, pipeline stages of the
+# loop's loads), measured best on an H200 at the study shape (benchmarks/gdn_layer.py --sweep).
+CONV_BWD_TILES = (2, 64, 1, 3)
 
 
 @triton.jit
 def _qkv_block(i_c, KD, VD, BC: tl.constexpr):
     """Channel block i_c of [q | k | v] (q and k: KD channels each, v: VD; BC channels per block, one head of q
-    or k): (segment 0 / 1 / 2, the block's columns within its segment, that segment's width, which of those
-    columns lie inside it, the same columns counted over all three segments). A segment's blocks are contiguous,
-    and v's last one may be partial (columns past VD are masked)."""
+    or k): (segment 0 / 1 / 2, the block's columns within its segment, which of those columns lie inside it, the
+    same columns counted over all three segments). A segment's blocks are contiguous, and v's last one may be
+    partial (columns past VD are masked)."""
     key_blocks = KD // BC
     seg = tl.minimum(i_c // key_blocks, 2)
     cols = (i_c - seg * key_blocks) * BC + tl.arange(0, BC)
-    width = tl.where(seg == 2, VD, KD)
-    return seg, cols, width, cols < width, seg * KD + cols
+    return seg, cols, cols < tl.where(seg == 2, VD, KD), seg * KD + cols
 
 
 @triton.jit
@@ -76,7 +74,7 @@ def _short_conv_fwd_kernel(x, x_row_stride, w, y, N, T, KD, VD, eps, W: tl.const
                            BC: tl.constexpr, PDL: tl.constexpr = False):
     wait_then_release(PDL)
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seg, cols, width, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
+    seg, cols, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
     rows = i_t * BT + tl.arange(0, BT)
     row0 = i_b.to(tl.int64) * T
     z = tl.zeros([BT, BC], dtype=tl.float32)
@@ -92,66 +90,98 @@ def _short_conv_fwd_kernel(x, x_row_stride, w, y, N, T, KD, VD, eps, W: tl.const
 
 
 @triton.jit
-def _short_conv_dz_dw_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dz, dw_part, N, T, KD, VD, eps, W: tl.constexpr,
-                             BT: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
-                             HAS_DK2: tl.constexpr, PDL: tl.constexpr = False):
-    """Backward, first half, over TILES row tiles per program: the gradient of the convolution's output before
-    SiLU (through q's and k's L2 norm), and from it and the same loads of x the weight gradient, tap j = sum over
-    t of dz[t] x[t - W + 1 + j]. The products accumulate elementwise and are reduced once per program. The
-    incoming gradient is dq, dk or dv, by the program's segment; k's is dk plus dk2 if given (two parts summed here
-    rather than by a kernel of their own). Up to 4 taps.
+def _conv_pre_grad(x, x_row_stride, dy, dk2, row0, t, seg, cols, channels, col_ok, T, dk2_rows, KD, VD, w0, w1, w2,
+                   w3, eps, W: tl.constexpr, HAS_DK2: tl.constexpr):
+    """At time steps t (one per row): the gradient dz of the convolution's output before SiLU, through q's and k's
+    L2 norm (one program's channels are exactly one head), and the taps' inputs x[t - W + 1 + j] (fp32, zero
+    outside the sequence), for the weight gradient. The incoming gradient is dy's, plus dk2's in k's blocks."""
+    x0 = _load_shifted(x, x_row_stride, row0, t, channels, T, col_ok, 1 - W)
+    z = x0 * w0[None, :]
+    x1, x2, x3 = x0, x0, x0  # (unused placeholders below W taps)
+    if W > 1:
+        x1 = _load_shifted(x, x_row_stride, row0, t, channels, T, col_ok, 2 - W)
+        z += x1 * w1[None, :]
+    if W > 2:
+        x2 = _load_shifted(x, x_row_stride, row0, t, channels, T, col_ok, 3 - W)
+        z += x2 * w2[None, :]
+    if W > 3:
+        x3 = _load_shifted(x, x_row_stride, row0, t, channels, T, col_ok, 4 - W)
+        z += x3 * w3[None, :]
+    ok = (t < T)[:, None] & col_ok[None, :]
+    at = _qkv_rows(row0 + t, seg, KD, VD)[:, None] + cols[None, :]  # within the segment of [q | k | v]
+    g = tl.load(dy + at, mask=ok, other=0.0).to(tl.float32)
+    if HAS_DK2:
+        g += tl.load(dk2 + at, mask=(t < dk2_rows)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    sig = tl.sigmoid(z)
+    if seg < 2:  # q, k
+        act = z * sig
+        rstd = tl.rsqrt(tl.sum(act * act, axis=1) + eps)
+        normed = act * rstd[:, None]
+        g = (g - normed * tl.sum(g * normed, axis=1)[:, None]) * rstd[:, None]
+    return g * sig * (1.0 + z * (1.0 - sig)), x0, x1, x2, x3  # SiLU'; zero past T, where g is
 
-    The tile loop's loads are software-pipelined STAGES deep (Triton copies the next tiles into shared memory
-    while this one computes): a program's serial chain of loads is what bounds this kernel otherwise."""
+
+@triton.jit
+def _short_conv_bwd_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dx, dx_row_stride, dw_part, N, T, KD, VD, eps,
+                           W: tl.constexpr, SPANS: tl.constexpr, L: tl.constexpr, BC: tl.constexpr,
+                           STAGES: tl.constexpr, HAS_DK2: tl.constexpr, PDL: tl.constexpr = False):
+    """The whole backward in one pass: the pre-activation gradient dz (through q's and k's L2 norm and SiLU), the
+    weight gradient (tap j = sum over t of dz[t] x[t - W + 1 + j]) and the input gradient (dx[t] = sum over s of
+    w[W - 1 - s] dz[t + s]), without dz ever leaving registers.
+
+    A program walks SPANS spans of L time steps each at once (one row of its [SPANS, BC] tile per span),
+    backwards in time. dz[t] completes dx[t] and adds its share to dx[t - 1 .. t - W + 1], partial sums carried to
+    the next steps. A walk starts with the W - 1 steps past its span, in the next one, for their share. The
+    incoming gradient is dq, dk or dv, by the program's segment of [q | k | v]; k's is dk plus dk2 if given. Up to
+    4 taps. The loop's loads are software-pipelined STAGES deep (Triton pipelines it only while no loaded value is
+    carried to the next step, hence the partial sums rather than a window of dz, and x loaded afresh each step)."""
     wait_then_release(PDL)
     i_s, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seg, cols, width, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
-    normalize = seg < 2
+    seg, cols, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
     dy = tl.where(seg == 0, dq, tl.where(seg == 1, dk, dv))
     dk2_rows = tl.where(seg == 1, T, 0)  # dk2's loads masked off outside k's blocks (a mask of tensors alone)
     row0 = i_b.to(tl.int64) * T
+    ends = (i_s * SPANS + tl.arange(0, SPANS)) * L + L  # each span's end (exclusive) in its sequence
     w0 = tl.load(w + channels * W, mask=col_ok, other=0.0).to(tl.float32)
     w1 = tl.load(w + channels * W + 1, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
     w2 = tl.load(w + channels * W + 2, mask=col_ok & (W > 2), other=0.0).to(tl.float32)
     w3 = tl.load(w + channels * W + 3, mask=col_ok & (W > 3), other=0.0).to(tl.float32)
-    acc0 = tl.zeros([BT, BC], dtype=tl.float32)
-    acc1 = tl.zeros([BT, BC], dtype=tl.float32)
-    acc2 = tl.zeros([BT, BC], dtype=tl.float32)
-    acc3 = tl.zeros([BT, BC], dtype=tl.float32)
-    for it in tl.range(0, TILES, num_stages=STAGES):
-        rows = (i_s * TILES + it) * BT + tl.arange(0, BT)
-        ok = (rows < T)[:, None] & col_ok[None, :]
-        x0 = _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, 1 - W)
-        z = x0 * w0[None, :]
+    # dz[t] reaches dx[t - d] through tap W - 1 - d: the taps the other way round, zero past the first
+    r0 = tl.load(w + channels * W + W - 1, mask=col_ok, other=0.0).to(tl.float32)
+    r1 = tl.load(w + channels * W + W - 2, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
+    r2 = tl.load(w + channels * W + W - 3, mask=col_ok & (W > 2), other=0.0).to(tl.float32)
+    r3 = tl.load(w + channels * W + W - 4, mask=col_ok & (W > 3), other=0.0).to(tl.float32)
+    # Before the step at t: dx[t], dx[t - 1] and dx[t - 2] summed over the dz walked so far
+    partial0 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    partial1 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    partial2 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    for s in tl.static_range(W - 1):  # the next span's first steps, ends + W - 2 down to ends: their share only
+        dz, _, _, _, _ = _conv_pre_grad(x, x_row_stride, dy, dk2, row0, ends + (W - 2 - s), seg, cols, channels,
+                                        col_ok, T, dk2_rows, KD, VD, w0, w1, w2, w3, eps, W, HAS_DK2)
+        partial0 = partial1 + dz * r1[None, :]
+        partial1 = partial2 + dz * r2[None, :]
+        partial2 = dz * r3[None, :]
+    acc0 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    acc1 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    acc2 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    acc3 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    for it in tl.range(0, L, num_stages=STAGES):
+        t = ends - 1 - it
+        dz, x0, x1, x2, x3 = _conv_pre_grad(x, x_row_stride, dy, dk2, row0, t, seg, cols, channels, col_ok, T,
+                                            dk2_rows, KD, VD, w0, w1, w2, w3, eps, W, HAS_DK2)
+        ok = (t < T)[:, None] & col_ok[None, :]
+        tl.store(dx + (row0 + t)[:, None] * dx_row_stride + channels[None, :],
+                 (partial0 + dz * r0[None, :]).to(dx.dtype.element_ty), mask=ok)
+        acc0 += dz * x0
         if W > 1:
-            x1 = _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, 2 - W)
-            z += x1 * w1[None, :]
+            acc1 += dz * x1
+            partial0 = partial1 + dz * r1[None, :]
         if W > 2:
-            x2 = _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, 3 - W)
-            z += x2 * w2[None, :]
+            acc2 += dz * x2
+            partial1 = partial2 + dz * r2[None, :]
         if W > 3:
-            x3 = _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, 4 - W)
-            z += x3 * w3[None, :]
-        sig = tl.sigmoid(z)
-        at = _qkv_rows(row0 + rows, seg, KD, VD)[:, None] + cols[None, :]  # within the segment
-        g = tl.load(dy + at, mask=ok, other=0.0).to(tl.float32)
-        if HAS_DK2:
-            ok_k = (rows < dk2_rows)[:, None] & col_ok[None, :]
-            g += tl.load(dk2 + at, mask=ok_k, other=0.0).to(tl.float32)
-        act = z * sig
-        if normalize:  # one program's channels are exactly one head
-            rstd = tl.rsqrt(tl.sum(act * act, axis=1) + eps)
-            normed = act * rstd[:, None]
-            g = (g - normed * tl.sum(g * normed, axis=1)[:, None]) * rstd[:, None]
-        d_pre = g * sig * (1.0 + z * (1.0 - sig))  # SiLU'; zero past T, where dy is masked to zero
-        tl.store(dz + seg.to(tl.int64) * N * KD + at, d_pre.to(dz.dtype.element_ty), mask=ok)
-        acc0 += d_pre * x0
-        if W > 1:
-            acc1 += d_pre * x1
-        if W > 2:
-            acc2 += d_pre * x2
-        if W > 3:
-            acc3 += d_pre * x3
+            acc3 += dz * x3
+            partial2 = dz * r3[None, :]
     part = dw_part + (i_b * tl.num_programs(0) + i_s).to(tl.int64) * (2 * KD + VD) * W + channels * W
     tl.store(part, tl.sum(acc0, axis=0), mask=col_ok)
     if W > 1:
@@ -160,24 +190,6 @@ def _short_conv_dz_dw_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dz, dw_part, N
         tl.store(part + 2, tl.sum(acc2, axis=0), mask=col_ok)
     if W > 3:
         tl.store(part + 3, tl.sum(acc3, axis=0), mask=col_ok)
-
-
-@triton.jit
-def _short_conv_dx_kernel(dz, w, dx, dx_row_stride, N, T, KD, VD, W: tl.constexpr, BT: tl.constexpr,
-                          BC: tl.constexpr, PDL: tl.constexpr = False):
-    """Backward, input gradient: x[t] fed the outputs at t + s through tap W - 1 - s."""
-    wait_then_release(PDL)
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seg, cols, width, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
-    rows = i_t * BT + tl.arange(0, BT)
-    row0 = i_b.to(tl.int64) * T
-    dz += seg.to(tl.int64) * N * KD
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for s in tl.static_range(W):
-        w_tap = tl.load(w + channels * W + (W - 1 - s), mask=col_ok, other=0.0).to(tl.float32)
-        acc += _load_shifted(dz, width, row0, rows, cols, T, col_ok, s) * w_tap[None, :]
-    ok = (rows < T)[:, None] & col_ok[None, :]
-    tl.store(dx + (row0 + rows)[:, None] * dx_row_stride + channels[None, :], acc.to(dx.dtype.element_ty), mask=ok)
 
 
 def _check_conv_input(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value_dim: int,
@@ -212,12 +224,10 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value_di
 
 def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                    dx: torch.Tensor, key_dim: int, value_dim: int, head_dim: int, eps: float = 1e-6,
-                   dk2: torch.Tensor | None = None, tiles: tuple[int, int, int, int] = DZ_DW_TILES,
-                   dx_tiles: tuple[int, int] = (DX_ROWS, DX_WARPS)) -> torch.Tensor:
+                   dk2: torch.Tensor | None = None, tiles: tuple[int, int, int, int] = CONV_BWD_TILES) -> torch.Tensor:
     """Gradients of short_conv_fwd for the incoming gradients of q, k (+ dk2 if given) and v, each contiguous:
     writes d x into `dx` ([B, T, C], may be the first columns of a wider buffer) and returns d weight (fp32,
-    [C, W]). tiles: (rows per tile, tiles per program, warps, pipeline stages) of the pre-activation and
-    weight-gradient kernel; dx_tiles: (rows, warps) of the input-gradient kernel."""
+    [C, W]). tiles: (spans of time walked at once per program, time steps per span, warps, pipeline stages)."""
     B, T, C = _check_conv_input(x, weight, key_dim, value_dim, head_dim)
     W = weight.shape[1]
     grads = (dq, dk, dv) + (() if dk2 is None else (dk2,))
@@ -225,19 +235,13 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dq: torch.Tensor, dk: 
     assert dq.numel() == dk.numel() == B * T * key_dim and dv.numel() == B * T * value_dim
     assert dk2 is None or dk2.numel() == dk.numel()
     assert dx.shape == (B, T, C) and dx.stride(-1) == 1 and dx.stride(0) == T * dx.stride(1)
-    rows, per_program, warps, stages = tiles
-    dz = torch.empty(B * T * C, dtype=dq.dtype, device=x.device)
-    blocks = 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim)
-    grid = (triton.cdiv(T, rows * per_program), blocks, B)
+    spans, steps, warps, stages = tiles
+    grid = (triton.cdiv(T, spans * steps), 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim), B)
     dw_part = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
-    _short_conv_dz_dw_kernel[grid](x, x.stride(1), weight, dq, dk, dv, dk if dk2 is None else dk2, dz, dw_part,
-                                   B * T, T, key_dim, value_dim, eps, W=W, BT=rows, BC=head_dim, TILES=per_program,
-                                   STAGES=stages, HAS_DK2=dk2 is not None, num_warps=warps,
-                                   **launch_options(x.device))
-    rows, warps = dx_tiles
-    grid = (triton.cdiv(T, rows), blocks, B)
-    _short_conv_dx_kernel[grid](dz, weight, dx, dx.stride(1), B * T, T, key_dim, value_dim, W=W, BT=rows,
-                                BC=head_dim, num_warps=warps, **launch_options(x.device))
+    _short_conv_bwd_kernel[grid](x, x.stride(1), weight, dq, dk, dv, dk if dk2 is None else dk2, dx, dx.stride(1),
+                                 dw_part, B * T, T, key_dim, value_dim, eps, W=W, SPANS=spans, L=steps,
+                                 BC=head_dim, STAGES=stages, HAS_DK2=dk2 is not None, num_warps=warps,
+                                 **launch_options(x.device))
     return dw_part.sum(0)
 
 
