@@ -85,9 +85,9 @@ def part_times(args, sweep: bool) -> dict[str, float]:
     d_parts = d_proj.split([H * K, H * K, H * V, H * V], dim=-1)
     dk2 = torch.randn_like(grads[1])  # k's gradient comes in two parts, as in the op
 
-    def ours(backward=True, forward=True, fwd_tiles=(gdn_kernels.CONV_ROWS, gdn_kernels.CONV_WARPS), **bwd_tiles):
+    def ours(backward=True, forward=True, fwd_tiles=gdn_kernels.CONV_FWD_TILES, **bwd_tiles):
         if forward:
-            gdn_kernels.short_conv_fwd(proj, weight, H * K, H * V, K, rows=fwd_tiles[0], warps=fwd_tiles[1])
+            gdn_kernels.short_conv_fwd(proj, weight, H * K, H * V, K, tiles=fwd_tiles)
         if backward:
             gdn_kernels.short_conv_bwd(proj, weight, *grads, d_proj[..., : 2 * H * K + H * V], H * K, H * V, K,
                                        dk2=dk2, **bwd_tiles)
@@ -163,11 +163,12 @@ def state_grad_times(out: dict, args, sweep: bool) -> None:
 
 
 # Tiles tried by --sweep: (rows, warps) for the one-tile kernels; (rows per tile, tiles per program, warps,
-# pipeline stages) for those that loop over tiles (stages 1: not pipelined); for the convolution backward (spans
-# per program, time steps per span, warps, stages)
-CONV_FWD_SWEEP = [(16, 2), (16, 4), (8, 2), (32, 4), (32, 2)]
-CONV_BWD_SWEEP = [(2, 64, 1, 3), (2, 64, 1, 4), (2, 128, 1, 3), (4, 64, 1, 3), (2, 32, 1, 3), (1, 64, 1, 3),
-                  (4, 32, 2, 3), (4, 64, 2, 3), (2, 64, 2, 3), (8, 32, 4, 3)]
+# pipeline stages) for those that loop over tiles (stages 1: not pipelined); for the convolution (spans per
+# program, time steps per span, warps, stages)
+CONV_FWD_SWEEP = [(2, 32, 1, 3), (2, 64, 1, 3), (2, 64, 1, 2), (2, 64, 1, 4), (2, 128, 1, 3), (4, 64, 1, 3),
+                  (1, 64, 1, 3), (4, 32, 2, 3), (4, 64, 2, 3), (8, 32, 4, 3)]
+CONV_BWD_SWEEP = [(2, 64, 1, 4), (2, 64, 1, 3), (2, 64, 1, 2), (2, 128, 1, 3), (4, 64, 1, 3), (2, 32, 1, 3),
+                  (1, 64, 1, 3), (1, 128, 1, 3), (4, 32, 2, 3), (4, 64, 2, 3), (2, 64, 2, 3), (8, 32, 4, 3)]
 NORM_FWD_SWEEP = [(16, 4), (8, 4), (32, 4)]
 NORM_BWD_SWEEP = [(4, 16, 2, 1), (4, 16, 2, 3), (4, 8, 2, 3), (4, 8, 2, 4), (8, 8, 4, 4), (4, 4, 2, 3)]
 STATE_GRAD_SWEEP = [(32, 4, 2), (32, 4, 3), (32, 8, 2), (16, 2, 2), (16, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3)]

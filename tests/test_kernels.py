@@ -31,7 +31,7 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     (3, (8, 2, 2, 3), False, 2), (4, (2, 5, 1, 1), True, 2), (4, (1, 2, 1, 2), False, 2), (4, None, True, 1)])
 def test_short_conv_matches_reference(width, tiles, two_sources, value_heads):
     """q, k and v in one launch, read from the fused projection's first columns in place: q's and k's
-    channels L2-normalised per head, v's not. tiles: the backward at several programs along T, each walking one or
+    channels L2-normalised per head, v's not. tiles: both kernels at several programs along T, each walking one or
     more spans of time, some shorter than the taps' reach into the next, with or without pipelined loads, the last
     program past T (None: the defaults).
     two_sources: k's incoming gradient given as two tensors that the backward sums. value_heads: v's width in
@@ -51,7 +51,7 @@ def test_short_conv_matches_reference(width, tiles, two_sources, value_heads):
     grads = [torch.randn(B, T, n, device=DEVICE) for n in (KD, KD, VD)]
     torch.autograd.backward(refs, [g.double() for g in grads])
 
-    y = gdn_kernels.short_conv_fwd(proj, weight, KD, VD, K)
+    y = gdn_kernels.short_conv_fwd(proj, weight, KD, VD, K, **({"tiles": tiles} if tiles else {}))
     d_proj = torch.full_like(proj, SENTINEL)
     dq, dk, dv = grads
     dk2 = None
@@ -443,13 +443,16 @@ def tiles(t, rows):  # (rows per tile, tiles per program, warps, stages) -> the 
     return {rows: t[0], "TILES": t[1], "STAGES": t[3]}
 
 
+def spans(t):  # (spans per program, steps per span, warps, stages) -> the kernel's constexprs
+    return {"SPANS": t[0], "L": t[1], "STAGES": t[3]}
+
+
 cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, warps): the defaults launch these
     (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
-     {**conv, "BT": gk.CONV_ROWS}, gk.CONV_WARPS),
+     {**conv, **spans(gk.CONV_FWD_TILES)}, gk.CONV_FWD_TILES[2]),
     (gk._short_conv_bwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dq:*bf16 dk:*bf16 dv:*bf16 dk2:*bf16 dx:*bf16 "
      "dx_row_stride:i32 dw_part:*fp32 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
-     {**conv, "SPANS": gk.CONV_BWD_TILES[0], "L": gk.CONV_BWD_TILES[1], "STAGES": gk.CONV_BWD_TILES[3],
-      "HAS_DK2": True}, gk.CONV_BWD_TILES[2]),
+     {**conv, **spans(gk.CONV_BWD_TILES), "HAS_DK2": True}, gk.CONV_BWD_TILES[2]),
     (gk._gated_norm_fwd_kernel, "o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 y:*bf16 R:i32 H:i32 eps:fp32",
      {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
     (gk._gated_norm_bwd_kernel, "dy:*bf16 o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 do:*bf16 dgate:*bf16 "

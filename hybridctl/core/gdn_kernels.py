@@ -35,11 +35,11 @@ from hybridctl.core.pdl import launch_options, wait_then_release
 # ---------------------------------------------------------------------------------------------------------
 # Short convolution (+ SiLU, + per-head L2 norm)
 
-# Time steps per program and warps, measured best on an H200 at the study shape; a program's channels are one head.
-CONV_ROWS, CONV_WARPS = 16, 2
-# The backward: (spans of time walked at once per program, time steps per span, warps, pipeline stages of the
-# loop's loads), measured best on an H200 at the study shape (benchmarks/gdn_layer.py --sweep).
-CONV_BWD_TILES = (2, 64, 1, 3)
+# Forward and backward: (spans of time walked at once per program, time steps per span, warps, pipeline stages of
+# the loop's loads), measured best on an H200 at the study shape (benchmarks/gdn_layer.py --sweep). A program's
+# channels are one head.
+CONV_FWD_TILES = (2, 32, 1, 3)
+CONV_BWD_TILES = (2, 64, 1, 4)
 
 
 @triton.jit
@@ -70,23 +70,47 @@ def _load_shifted(x, x_row_stride, row0, rows, cols, T, col_ok, SHIFT: tl.conste
 
 
 @triton.jit
-def _short_conv_fwd_kernel(x, x_row_stride, w, y, N, T, KD, VD, eps, W: tl.constexpr, BT: tl.constexpr,
-                           BC: tl.constexpr, PDL: tl.constexpr = False):
+def _short_conv_fwd_kernel(x, x_row_stride, w, y, N, T, KD, VD, eps, W: tl.constexpr, SPANS: tl.constexpr,
+                           L: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False):
+    """A program walks SPANS spans of L time steps at once (one row of its [SPANS, BC] tile per span), forwards in
+    time, loading each row of x once: x[t] completes the convolution at t and adds its share to t + 1 .. t + W - 1,
+    partial sums carried to the next steps (a loaded row itself carried would keep Triton from pipelining the
+    loop's loads). A walk starts with the W - 1 steps before its span, for their share."""
     wait_then_release(PDL)
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seg, cols, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
-    rows = i_t * BT + tl.arange(0, BT)
     row0 = i_b.to(tl.int64) * T
-    z = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        wj = tl.load(w + channels * W + j, mask=col_ok, other=0.0).to(tl.float32)
-        z += _load_shifted(x, x_row_stride, row0, rows, channels, T, col_ok, j - (W - 1)) * wj[None, :]
-    out = z * tl.sigmoid(z)
-    if seg < 2:  # q, k: one program's channels are exactly one head
-        out = out * tl.rsqrt(tl.sum(out * out, axis=1) + eps)[:, None]
-    ok = (rows < T)[:, None] & col_ok[None, :]
-    at = seg.to(tl.int64) * N * KD + _qkv_rows(row0 + rows, seg, KD, VD)
-    tl.store(y + at[:, None] + cols[None, :], out.to(y.dtype.element_ty), mask=ok)
+    starts = (i_s * SPANS + tl.arange(0, SPANS)) * L  # each span's first time step in its sequence
+    # x[t] reaches the output at t + d through tap W - 1 - d
+    r0 = tl.load(w + channels * W + W - 1, mask=col_ok, other=0.0).to(tl.float32)
+    r1 = tl.load(w + channels * W + W - 2, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
+    r2 = tl.load(w + channels * W + W - 3, mask=col_ok & (W > 2), other=0.0).to(tl.float32)
+    r3 = tl.load(w + channels * W + W - 4, mask=col_ok & (W > 3), other=0.0).to(tl.float32)
+    # Before the step at t: the output's pre-activation at t, t + 1 and t + 2 summed over the rows walked so far
+    partial0 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    partial1 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    partial2 = tl.zeros([SPANS, BC], dtype=tl.float32)
+    for s in tl.static_range(W - 1):  # starts - W + 1 up to starts - 1: their share only
+        xt = _load_shifted(x, x_row_stride, row0, starts, channels, T, col_ok, s - (W - 1))
+        partial0 = partial1 + xt * r1[None, :]
+        partial1 = partial2 + xt * r2[None, :]
+        partial2 = xt * r3[None, :]
+    for it in tl.range(0, L, num_stages=STAGES):
+        t = starts + it
+        xt = _load_shifted(x, x_row_stride, row0, t, channels, T, col_ok, 0)
+        z = partial0 + xt * r0[None, :]
+        if W > 1:
+            partial0 = partial1 + xt * r1[None, :]
+        if W > 2:
+            partial1 = partial2 + xt * r2[None, :]
+        if W > 3:
+            partial2 = xt * r3[None, :]
+        out = z * tl.sigmoid(z)
+        if seg < 2:  # q, k: one program's channels are exactly one head
+            out = out * tl.rsqrt(tl.sum(out * out, axis=1) + eps)[:, None]
+        ok = (t < T)[:, None] & col_ok[None, :]
+        at = seg.to(tl.int64) * N * KD + _qkv_rows(row0 + t, seg, KD, VD)
+        tl.store(y + at[:, None] + cols[None, :], out.to(y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -209,16 +233,19 @@ def qkv_views(qkv: torch.Tensor, B: int, T: int, H: int, K: int, V: int) -> tupl
 
 
 def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value_dim: int, head_dim: int,
-                   eps: float = 1e-6, rows: int = CONV_ROWS, warps: int = CONV_WARPS) -> torch.Tensor:
+                   eps: float = 1e-6, tiles: tuple[int, int, int, int] = CONV_FWD_TILES) -> torch.Tensor:
     """SiLU(causal depthwise conv(x)) over the channels [q | k | v] (key_dim, key_dim, value_dim), q and k then
     L2-normalised per head of `head_dim` channels, in one launch. x: [B, T, >= C] with C = 2 key_dim + value_dim,
     the first C channels read (e.g. the fused projection, in place); weight: [C, W]. Returns a flat buffer of q,
-    k and v, each contiguous [B, T, width] (`qkv_views`)."""
+    k and v, each contiguous [B, T, width] (`qkv_views`). tiles: (spans of time walked at once per program,
+    time steps per span, warps, pipeline stages)."""
     B, T, C = _check_conv_input(x, weight, key_dim, value_dim, head_dim)
     y = torch.empty(B * T * C, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(T, rows), 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim), B)
+    spans, steps, warps, stages = tiles
+    grid = (triton.cdiv(T, spans * steps), 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim), B)
     _short_conv_fwd_kernel[grid](x, x.stride(1), weight, y, B * T, T, key_dim, value_dim, eps, W=weight.shape[1],
-                                 BT=rows, BC=head_dim, num_warps=warps, **launch_options(x.device))
+                                 SPANS=spans, L=steps, BC=head_dim, STAGES=stages, num_warps=warps,
+                                 **launch_options(x.device))
     return y
 
 
