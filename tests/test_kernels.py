@@ -483,20 +483,27 @@ assert with_pdl == {kernel.fn.__name__ for kernel, *_ in cases}, with_pdl
 for kernel, signature, constexprs, warps in cases:
     constexprs = {**constexprs, "PDL": True}  # as Hopper launches them (pdl.py)
     sig = dict(item.split(":") for item in signature.split())
+    # A launch marks the pointers and integers divisible by 16 as such (all are at the study shape), which is what
+    # lets loads vectorize and loops pipeline
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in sig.items()
+               if kind[0] == "*" or kind == "i32"}
     sig.update({name: "constexpr" for name in constexprs})
-    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=aligned),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "launch_pdl": True})
     assert len(compiled.asm["cubin"]) > 0 and compiled.metadata.launch_pdl
     ptx = compiled.asm["ptx"]
     first_read = min(ptx.find(op) for op in ("ld.global", "cp.async") if op in ptx)
     assert ptx.index("griddepcontrol.wait") < first_read, "waits before its first read of global memory"
+    if "STAGES" in constexprs:  # the tile loop's loads copied ahead into shared memory (see the kernels' notes)
+        assert "cp.async" in ptx, f"{compiled.metadata.name}: the loop's loads are not pipelined"
     print(compiled.metadata.name)
 '''
 
 
 def test_kernels_compile_for_hopper():
     """The interpreter is lenient: compile every kernel at its default tiles to Hopper machine code (Triton's own
-    ptxas; no GPU needed), as a CUDA run would, with the programmatic dependent launch's wait before any load."""
+    ptxas; no GPU needed), as a CUDA run would, with the programmatic dependent launch's wait before any load and,
+    in the kernels that loop over tiles, the loop's loads pipelined."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=300)
