@@ -70,6 +70,19 @@ def _load_shifted(x, x_row_stride, row0, rows, cols, T, col_ok, SHIFT: tl.conste
 
 
 @triton.jit
+def _tap(w, channels, col_ok, W: tl.constexpr, J: tl.constexpr):
+    """Tap J of the block's channels of w [C, W], [BC] fp32; zero for a tap that is not there (J < 0 or J >= W)."""
+    return tl.load(w + channels * W + J, mask=col_ok & (J >= 0) & (J < W), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pass_on(partial1, partial2, v, r1, r2, r3):
+    """The partial sums of the convolution's next three steps, one step on: v's share through taps r1, r2 and r3
+    added (the walk's direction decides which taps those are)."""
+    return partial1 + v * r1[None, :], partial2 + v * r2[None, :], v * r3[None, :]
+
+
+@triton.jit
 def _short_conv_fwd_kernel(x, x_row_stride, w, y, N, T, KD, VD, eps, W: tl.constexpr, SPANS: tl.constexpr,
                            L: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False):
     """A program walks SPANS spans of L time steps at once (one row of its [SPANS, BC] tile per span), forwards in
@@ -81,30 +94,21 @@ def _short_conv_fwd_kernel(x, x_row_stride, w, y, N, T, KD, VD, eps, W: tl.const
     seg, cols, col_ok, channels = _qkv_block(i_c, KD, VD, BC)  # channels: in x and w
     row0 = i_b.to(tl.int64) * T
     starts = (i_s * SPANS + tl.arange(0, SPANS)) * L  # each span's first time step in its sequence
-    # x[t] reaches the output at t + d through tap W - 1 - d
-    r0 = tl.load(w + channels * W + W - 1, mask=col_ok, other=0.0).to(tl.float32)
-    r1 = tl.load(w + channels * W + W - 2, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
-    r2 = tl.load(w + channels * W + W - 3, mask=col_ok & (W > 2), other=0.0).to(tl.float32)
-    r3 = tl.load(w + channels * W + W - 4, mask=col_ok & (W > 3), other=0.0).to(tl.float32)
+    # x[t] reaches the output at t + d through tap W - 1 - d (zero past the first)
+    r0, r1 = _tap(w, channels, col_ok, W, W - 1), _tap(w, channels, col_ok, W, W - 2)
+    r2, r3 = _tap(w, channels, col_ok, W, W - 3), _tap(w, channels, col_ok, W, W - 4)
     # Before the step at t: the output's pre-activation at t, t + 1 and t + 2 summed over the rows walked so far
     partial0 = tl.zeros([SPANS, BC], dtype=tl.float32)
     partial1 = tl.zeros([SPANS, BC], dtype=tl.float32)
     partial2 = tl.zeros([SPANS, BC], dtype=tl.float32)
     for s in tl.static_range(W - 1):  # starts - W + 1 up to starts - 1: their share only
         xt = _load_shifted(x, x_row_stride, row0, starts, channels, T, col_ok, s - (W - 1))
-        partial0 = partial1 + xt * r1[None, :]
-        partial1 = partial2 + xt * r2[None, :]
-        partial2 = xt * r3[None, :]
+        partial0, partial1, partial2 = _pass_on(partial1, partial2, xt, r1, r2, r3)
     for it in tl.range(0, L, num_stages=STAGES):
         t = starts + it
         xt = _load_shifted(x, x_row_stride, row0, t, channels, T, col_ok, 0)
         z = partial0 + xt * r0[None, :]
-        if W > 1:
-            partial0 = partial1 + xt * r1[None, :]
-        if W > 2:
-            partial1 = partial2 + xt * r2[None, :]
-        if W > 3:
-            partial2 = xt * r3[None, :]
+        partial0, partial1, partial2 = _pass_on(partial1, partial2, xt, r1, r2, r3)
         out = z * tl.sigmoid(z)
         if seg < 2:  # q, k: one program's channels are exactly one head
             out = out * tl.rsqrt(tl.sum(out * out, axis=1) + eps)[:, None]
@@ -167,15 +171,11 @@ def _short_conv_bwd_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dx, dx_row_strid
     dk2_rows = tl.where(seg == 1, T, 0)  # dk2's loads masked off outside k's blocks (a mask of tensors alone)
     row0 = i_b.to(tl.int64) * T
     ends = (i_s * SPANS + tl.arange(0, SPANS)) * L + L  # each span's end (exclusive) in its sequence
-    w0 = tl.load(w + channels * W, mask=col_ok, other=0.0).to(tl.float32)
-    w1 = tl.load(w + channels * W + 1, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
-    w2 = tl.load(w + channels * W + 2, mask=col_ok & (W > 2), other=0.0).to(tl.float32)
-    w3 = tl.load(w + channels * W + 3, mask=col_ok & (W > 3), other=0.0).to(tl.float32)
+    w0, w1 = _tap(w, channels, col_ok, W, 0), _tap(w, channels, col_ok, W, 1)
+    w2, w3 = _tap(w, channels, col_ok, W, 2), _tap(w, channels, col_ok, W, 3)
     # dz[t] reaches dx[t - d] through tap W - 1 - d: the taps the other way round, zero past the first
-    r0 = tl.load(w + channels * W + W - 1, mask=col_ok, other=0.0).to(tl.float32)
-    r1 = tl.load(w + channels * W + W - 2, mask=col_ok & (W > 1), other=0.0).to(tl.float32)
-    r2 = tl.load(w + channels * W + W - 3, mask=col_ok & (W > 2), other=0.0).to(tl.float32)
-    r3 = tl.load(w + channels * W + W - 4, mask=col_ok & (W > 3), other=0.0).to(tl.float32)
+    r0, r1 = _tap(w, channels, col_ok, W, W - 1), _tap(w, channels, col_ok, W, W - 2)
+    r2, r3 = _tap(w, channels, col_ok, W, W - 3), _tap(w, channels, col_ok, W, W - 4)
     # Before the step at t: dx[t], dx[t - 1] and dx[t - 2] summed over the dz walked so far
     partial0 = tl.zeros([SPANS, BC], dtype=tl.float32)
     partial1 = tl.zeros([SPANS, BC], dtype=tl.float32)
@@ -183,9 +183,7 @@ def _short_conv_bwd_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dx, dx_row_strid
     for s in tl.static_range(W - 1):  # the next span's first steps, ends + W - 2 down to ends: their share only
         dz, _, _, _, _ = _conv_pre_grad(x, x_row_stride, dy, dk2, row0, ends + (W - 2 - s), seg, cols, channels,
                                         col_ok, T, dk2_rows, KD, VD, w0, w1, w2, w3, eps, W, HAS_DK2)
-        partial0 = partial1 + dz * r1[None, :]
-        partial1 = partial2 + dz * r2[None, :]
-        partial2 = dz * r3[None, :]
+        partial0, partial1, partial2 = _pass_on(partial1, partial2, dz, r1, r2, r3)
     acc0 = tl.zeros([SPANS, BC], dtype=tl.float32)
     acc1 = tl.zeros([SPANS, BC], dtype=tl.float32)
     acc2 = tl.zeros([SPANS, BC], dtype=tl.float32)
@@ -200,13 +198,11 @@ def _short_conv_bwd_kernel(x, x_row_stride, w, dq, dk, dv, dk2, dx, dx_row_strid
         acc0 += dz * x0
         if W > 1:
             acc1 += dz * x1
-            partial0 = partial1 + dz * r1[None, :]
         if W > 2:
             acc2 += dz * x2
-            partial1 = partial2 + dz * r2[None, :]
         if W > 3:
             acc3 += dz * x3
-            partial2 = dz * r3[None, :]
+        partial0, partial1, partial2 = _pass_on(partial1, partial2, dz, r1, r2, r3)
     part = dw_part + (i_b * tl.num_programs(0) + i_s).to(tl.int64) * (2 * KD + VD) * W + channels * W
     tl.store(part, tl.sum(acc0, axis=0), mask=col_ok)
     if W > 1:
