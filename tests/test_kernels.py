@@ -451,7 +451,7 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
     (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
      {**conv, **spans(gk.CONV_FWD_TILES)}, gk.CONV_FWD_TILES[2]),
     (gk._short_conv_bwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dq:*bf16 dk:*bf16 dv:*bf16 dk2:*bf16 dx:*bf16 "
-     "dx_row_stride:i32 dw_part:*fp32 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
+     "dx_row_stride:i32 dw_part:*fp32 T:i32 KD:i32 VD:i32 eps:fp32",
      {**conv, **spans(gk.CONV_BWD_TILES), "HAS_DK2": True}, gk.CONV_BWD_TILES[2]),
     (gk._gated_norm_fwd_kernel, "o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 y:*bf16 R:i32 H:i32 eps:fp32",
      {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
