@@ -221,6 +221,7 @@ def test_speed_cli_on_cpu(tmp_path):
     assert "tok/s" in result.stdout and "MFU" in result.stdout and str(out.name) in result.stdout
     report = json.loads(out.read_text())
     assert report["task"] == "speed" and report["device"] == "cpu" and report["mode"] == "train"
+    assert report["complete"] is True
     rows = report["results"]
     assert [(r["layer_types"], r["seq_len"], r["batch_size"]) for r in rows] == [
         ("LF", 16, 4), ("LF", 32, 2), ("LL", 16, 4), ("LL", 32, 2)]
@@ -270,6 +271,37 @@ def test_speed_runs_started_in_one_second_keep_both_results(tmp_path, capsys, mo
     files = sorted((tmp_path / "bench").iterdir())
     assert len(set(saved)) == 2 and sorted(map(Path, saved)) == files
     assert [json.loads(f.read_text())["task"] for f in files] == ["speed", "speed"]
+
+
+def test_speed_stopped_part_way_keeps_the_shapes_it_measured(tmp_path, capsys, monkeypatch):
+    """Stopped during its second shape, a run leaves the first one's row in its file (marked incomplete); stopped
+    during its first, it leaves no file of its own and a --json file it was to replace untouched."""
+    measure, stop_at = evaluation.measure_speed, []
+
+    def measure_until_stopped(*a, **k):
+        stop_at[0] -= 1
+        if stop_at[0] == 0:
+            raise KeyboardInterrupt
+        return measure(*a, **k)
+
+    monkeypatch.setattr(evaluation, "measure_speed", measure_until_stopped)
+    args = ["bench", "speed", "--patterns", "LL,LF", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "0",
+            *MICRO_SPEED]
+    stop_at[:] = [2]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 130
+    (path,) = (tmp_path / "a" / "bench").glob("speed-*.json")
+    report = json.loads(path.read_text())
+    assert report["complete"] is False and [r["layer_types"] for r in report["results"]] == ["LL"]
+    assert f"kept the shapes measured so far in {path}" in capsys.readouterr().err
+
+    stop_at[:] = [1]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 130
+    assert not list((tmp_path / "b").rglob("*.json"))
+    kept = tmp_path / "kept.json"
+    kept.write_text("an earlier result")
+    stop_at[:] = [1]
+    assert main([*args, "--json", str(kept), "--force"]) == 130
+    assert kept.read_text() == "an earlier result" and "kept the shapes" not in capsys.readouterr().err
 
 
 def test_speed_json_that_is_a_folder_is_refused_before_measuring(tmp_path, capsys, monkeypatch):

@@ -142,16 +142,29 @@ def speed(
         path, replace = json_path, force
         if json_path is None and main:  # process 0 alone writes the results
             path, replace = reserve_speed_path(out), True  # the empty file it made is this run's to replace
+        before = file_state(path)
         try:
             report = evaluation.bench_speed(configs, seqs, batches, tokens_per_step, steps, warmup, forward_only,
                                             path, replace, on_start=on_start)
         except BaseException:
-            if json_path is None and path is not None:
+            if main and path is not None and file_state(path) != before:  # the file is written after each shape
+                err_console.print(f"kept the shapes measured so far in {path}", markup=False, highlight=False,
+                                  soft_wrap=True)
+            elif json_path is None and path is not None:
                 path.unlink(missing_ok=True)  # no results: no empty file left behind
             raise
     if main:
         print_table(speed_table(report))
         console.print(f"saved {report['path']}", markup=False, highlight=False, soft_wrap=True)
+
+
+def file_state(path: Optional[Path]) -> Optional[tuple[int, int]]:
+    """(modification time, size) of a file, None if there is none: tells whether a run wrote it."""
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_mtime_ns, stat.st_size)
 
 
 def reserve_speed_path(out: Path) -> Path:

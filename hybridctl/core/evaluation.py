@@ -608,17 +608,20 @@ def bench_speed(configs: list[Config], seqs: list[int], batches: list[int], toke
         if on_start is not None:
             on_start(cfg.name, seq, batch)
         rows.append(measure_speed(cfg, seq, batch, device, steps, warmup, forward_only))
-    report = speed_report(rows, device, forward_only)
-    if path is not None and dist.is_main():
-        write_json(path, report, force=True)
+        report = speed_report(rows, device, forward_only, complete=len(rows) == len(plan))
+        if path is not None and dist.is_main():  # after every shape: a run stopped part-way keeps what it measured
+            write_json(path, report, force=True)
     return {**report, "path": str(path) if path else None}
 
 
-def speed_report(rows: list[dict[str, Any]], device: torch.device, forward_only: bool) -> dict[str, Any]:
+def speed_report(rows: list[dict[str, Any]], device: torch.device, forward_only: bool,
+                 complete: bool = True) -> dict[str, Any]:
+    """complete: every planned shape is in rows (false in the file of a run stopped part-way)."""
     name = device_name(device)
     return {
         "task": "speed",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "complete": complete,
         "device": name,
         "processes": dist.world_size(),  # one per GPU on CUDA; tok/s is for all of them, MFU per GPU
         "peak_bf16_tflops": peak_bf16_tflops(name) if device.type == "cuda" else None,
