@@ -224,6 +224,11 @@ def _check_conv_input(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value
     return B, T, C
 
 
+def _conv_grid(B: int, T: int, key_dim: int, value_dim: int, head_dim: int, steps_per_program: int) -> tuple:
+    """The convolution kernels' grid: programs along time, channel blocks of one head (`_qkv_block`), sequences."""
+    return triton.cdiv(T, steps_per_program), 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim), B
+
+
 def qkv_views(qkv: torch.Tensor, B: int, T: int, H: int, K: int, V: int) -> tuple[torch.Tensor, ...]:
     """q, k [B, T, H, K] and v [B, T, H, V], each contiguous, from the flat buffer the convolution writes."""
     q, k, v = qkv.split([B * T * H * K, B * T * H * K, B * T * H * V])
@@ -240,7 +245,7 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value_di
     B, T, C = _check_conv_input(x, weight, key_dim, value_dim, head_dim)
     y = torch.empty(B * T * C, dtype=x.dtype, device=x.device)
     spans, steps, warps, stages = tiles
-    grid = (triton.cdiv(T, spans * steps), 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim), B)
+    grid = _conv_grid(B, T, key_dim, value_dim, head_dim, spans * steps)
     _short_conv_fwd_kernel[grid](x, x.stride(1), weight, y, B * T, T, key_dim, value_dim, eps, W=weight.shape[1],
                                  SPANS=spans, L=steps, BC=head_dim, STAGES=stages, num_warps=warps,
                                  **launch_options(x.device))
@@ -261,7 +266,7 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, dq: torch.Tensor, dk: 
     assert dk2 is None or dk2.numel() == dk.numel()
     assert dx.shape == (B, T, C) and dx.stride(-1) == 1 and dx.stride(0) == T * dx.stride(1)
     spans, steps, warps, stages = tiles
-    grid = (triton.cdiv(T, spans * steps), 2 * key_dim // head_dim + triton.cdiv(value_dim, head_dim), B)
+    grid = _conv_grid(B, T, key_dim, value_dim, head_dim, spans * steps)
     dw_part = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
     _short_conv_bwd_kernel[grid](x, x.stride(1), weight, dq, dk, dv, dk if dk2 is None else dk2, dx, dx.stride(1),
                                  dw_part, T, key_dim, value_dim, eps, W=W, SPANS=spans, L=steps,
