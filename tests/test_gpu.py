@@ -46,6 +46,25 @@ def test_fla_op_matches_reference(dtype, tol):
     assert all(e < tol for e in errors.values()), errors
 
 
+def test_padded_decay_beta_projection_matches_the_plain_one():
+    """On CUDA the 12-column decay and beta projection runs through a weight padded to 16 rows: under bf16
+    autocast, its output and the gradients of its input and weight match the plain linear layer's."""
+    layer = GatedDeltaNet(768, H, K, V / K).cuda()
+    x = torch.randn(B, T, 768, device="cuda", requires_grad=True)
+    dy = torch.randn(B, T, 2 * H, device="cuda")
+    results = []
+    for fn in (layer.decay_beta_logits, layer.ab_proj):
+        x.grad = layer.ab_proj.weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x)
+        (y.float() * dy).sum().backward()
+        results.append((y.float(), x.grad.clone(), layer.ab_proj.weight.grad.clone()))
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = results
+    errors = {"y": rel_err(y, y_ref), "dx": rel_err(dx, dx_ref), "dw": rel_err(dw, dw_ref)}
+    print(f"\npadded decay/beta projection vs plain: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert y.shape == y_ref.shape and all(e < 1e-2 for e in errors.values()), errors
+
+
 def layer_errors(layer: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Relative errors of a layer's output and parameter gradients against the reference layer, bf16 autocast."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
