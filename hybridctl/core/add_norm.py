@@ -104,7 +104,8 @@ def _backward(ds: Tensor | None, dn: Tensor, s: Tensor, weight: Tensor, eps: flo
     dx = torch.empty_like(s)
     d_delta = torch.empty(s.shape, dtype=delta_dtype, device=s.device) if delta_dtype is not None else None
     programs = triton.cdiv(R, rows * per_program)
-    dw_part = torch.zeros(max(programs, 1), D, dtype=torch.float32, device=s.device)
+    # every program writes its row; zeros only for no rows at all (no program)
+    dw_part = (torch.empty if R else torch.zeros)(max(programs, 1), D, dtype=torch.float32, device=s.device)
     if R:
         _add_norm_bwd_kernel[(programs,)](ds if ds is not None else dn, dn, s, weight, dx,
                                           d_delta if d_delta is not None else dx, dw_part, R, eps, D=D,
