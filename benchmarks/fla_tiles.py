@@ -4,7 +4,7 @@
                                    [--json FILE]
 
 For each kernel (forward: the WY factor's triangular inverse `kkt_solve`, the chunk states `fwd_h`, the output
-`fwd_o`; backward: the q/k/w/g gradients `dqkwg`) and each config: its GPU time per call (profiler, kernels only) and the
+`fwd_o`; backward: the q/k/w/g gradients `dqkwg`, the WY factors' backward `wy_bwd`) and each config: its GPU time per call (profiler, kernels only) and the
 relative L2 error of each output against fla's own wrapper, which autotunes over its own configs. Inputs are a
 real forward of the op at the given shape. Configs that beat the wrapper with no error go into `HOPPER_CONFIGS`
 in hybridctl/core/gdn_fused.py.
@@ -47,7 +47,9 @@ def inputs(args) -> dict[str, torch.Tensor]:
     do = torch.randn_like(o)
     scale = args.head_dim**-0.5
     dh, dv = state_grad(q, k, w, g, do, scale, gdn_fused.CHUNK)
-    return dict(q=q, k=k, g=g, beta=beta, h=h, u=u, v_new=v_new, w=w, do=do, dh=dh, dv=dv, scale=scale)
+    dw = torch.randn_like(w)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, A=A, h=h, u=u, v_new=v_new, w=w, do=do, dh=dh, dv=dv, dw=dw,
+                scale=scale)
 
 
 def kernels(t: dict) -> dict:
@@ -68,6 +70,11 @@ def kernels(t: dict) -> dict:
                   ["dq", "dk", "dw", "dg"],
                   [{"BV": bv, "num_warps": nw, "num_stages": ns}
                    for bv, nw, ns in itertools.product([32, 64, 128], [4, 8], [1, 2, 3])]),
+        # BK 32 at 4 warps faults (an illegal address, which ends the process): not tried
+        "wy_bwd": (lambda c: gdn_fused.bwd_wy(t["k"], t["v"], t["beta"], t["g"], t["A"], t["dw"], t["dv"], c),
+                   ["dk", "dv", "dbeta", "dg"],
+                   [{"BK": bk, "BV": bv, "num_warps": nw, "num_stages": ns}
+                    for (bk, bv), nw, ns in itertools.product([(64, 64), (64, 128), (128, 64)], [4, 8], [2, 3, 4])]),
     }
 
 
@@ -77,7 +84,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--kernels", default="kkt_solve,fwd_h,fwd_o,dqkwg", help="Comma-separated subset.")
+    parser.add_argument("--kernels", default="kkt_solve,fwd_h,fwd_o,dqkwg,wy_bwd", help="Comma-separated subset.")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     ok, why = fla_status(args.head_dim)  # also lifts fla's Hopper guard where that is verified
@@ -95,6 +102,7 @@ def main() -> None:
                 got = call(config)
                 errors = {o: rel_err(a, b) for o, a, b in zip(outputs, got, reference)}
                 rows.append({"config": config, "ms": kernel_ms(lambda: call(config)), "errors": errors})
+                print(f"  {name} {config}: {rows[-1]['ms']:.3f} ms", flush=True)
             except Exception as e:  # e.g. out of shared memory at the largest tiles
                 rows.append({"config": config, "error": f"{type(e).__name__}: {str(e)[:160]}"})
         results[name] = rows

@@ -130,7 +130,7 @@ def test_fla_launch_configs_only_where_measured(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert gdn_fused.launch_config("dqkwg", k, v) == gdn_fused.HOPPER_CONFIGS["dqkwg"]
     assert gdn_fused.launch_config("dqkwg", k[..., :64], v[..., :128]) is None
-    assert gdn_fused.launch_config("prepare_wy_repr_bwd", k, v) is None
+    assert gdn_fused.launch_config("wy_bwd", k, v) is None  # measured, and no config beat fla's
     assert gdn_fused.launch_config("dqkwg", k, v, config=None) is None
     assert gdn_fused.launch_config("dqkwg", k, v, config={"BV": 32}) == {"BV": 32}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))

@@ -53,7 +53,8 @@ def fla_internals_available() -> bool:
             chunk_bwd_dqkwg, chunk_bwd_kernel_dqkwg, chunk_fwd_kernel_o, chunk_fwd_o)
         from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_kkt_solve_kernel  # noqa: F401
         from fla.ops.gated_delta_rule.gate import gdn_gate_chunk_cumsum  # noqa: F401
-        from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd  # noqa: F401
+        from fla.ops.gated_delta_rule.wy_fast import (  # noqa: F401
+            prepare_wy_repr_bwd, prepare_wy_repr_bwd_kernel, recompute_w_u_fwd)
         from fla.ops.utils import chunk_local_cumsum  # noqa: F401
 
         from hybridctl.core import gdn_kernels  # noqa: F401  (needs Triton)
@@ -79,8 +80,9 @@ def _gate(proj: Tensor, num_heads: int, head_v_dim: int) -> Tensor:
 # autotuner, timing a few runs, picks slower ones here. Some configs compute wrong results (dqkwg at BV 32 with 4
 # warps gets dw wrong by 7%; prepare_wy_repr_bwd at BK 32 with 4 warps faults), so the sweep reports each config's
 # error against fla's launch, and the configs apply only at the head sizes where tests/test_gpu.py checks them
-# against the PyTorch reference. Elsewhere, on other GPUs, and for kernels not listed (no prepare_wy_repr_bwd
-# config beat fla's own) the op calls fla's wrappers.
+# against the PyTorch reference. Elsewhere, on other GPUs, and for kernels not listed the op calls fla's wrappers:
+# no config of the WY backward (`wy_bwd`: BK, BV of 64, 64 / 64, 128 / 128, 64 at 4 and 8 warps and 2-4 stages) beat
+# fla's 0.358 ms (its 4 warps at 4 stages, inside fla's list, took 0.354; every 8-warp config 0.53-0.67).
 HOPPER_CONFIGS = {
     "kkt_solve": {"BK": 128, "num_warps": 1, "num_stages": 1},
     "fwd_h": {"BV": 64, "num_warps": 4, "num_stages": 3},
@@ -182,6 +184,24 @@ def bwd_dqkwg(q: Tensor, k: Tensor, v_new: Tensor, w: Tensor, g: Tensor, h: Tens
     return dq, dk, dw, dg.sum(0) if NK > 1 else dg[0]
 
 
+def bwd_wy(k: Tensor, v: Tensor, beta: Tensor, g: Tensor, A: Tensor, dw: Tensor, du: Tensor,
+           config: dict | str | None = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of the WY factors w = A (beta 2^g k) and u = A (beta v), through A's dependence on k, beta and g:
+    the gradients of k, v, beta and g (before its reverse cumsum), given those of w (dw) and u (du)."""
+    from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, prepare_wy_repr_bwd_kernel
+    config = launch_config("wy_bwd", k, v, config)
+    if config is None:
+        return prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=du)
+    B, T, H, K = k.shape
+    V, NT, config = v.shape[-1], -(-T // CHUNK), dict(config)
+    BK, BV = min(config.pop("BK"), K), min(config.pop("BV"), V)
+    dk, dv, db, dg = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), torch.empty_like(g)
+    _jit(prepare_wy_repr_bwd_kernel)[(NT, B * H)](
+        k, v, beta, g, A, dw, du, dk, dv, db, dg, None, None, T, H=H, HV=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV,
+        USE_G=True, IS_VARLEN=False, **config)
+    return dk, dv, db, dg
+
+
 @torch.library.custom_op("hybridctl::gated_deltanet", mutates_args=())
 def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor, norm_weight: Tensor,
                    num_heads: int, head_dim: int, head_v_dim: int, norm_eps: float
@@ -226,7 +246,6 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
                             v_new: Tensor, w: Tensor, o: Tensor, norm_eps: float
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for proj, ab, conv_weight, A_log, dt_bias and norm_weight."""
-    from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd
     from fla.ops.utils import chunk_local_cumsum
 
     from hybridctl.core.gdn_kernels import gate_beta_grad, gated_rms_norm_bwd, qkv_views, short_conv_bwd, state_grad
@@ -240,7 +259,7 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
     do, d_norm_weight = gated_rms_norm_bwd(dy.contiguous(), o, gate, norm_weight, norm_eps, d_gate)
     dh, dv = state_grad(q, k, w, g, do, scale, CHUNK)
     dq, dk, dw, dg = bwd_dqkwg(q, k, v_new, w, g, h, dv, do, dh, scale)
-    dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
+    dk2, dv, dbeta, dg2 = bwd_wy(k, v, beta, g, A, dw, dv)
     dg.add_(dg2)
     dg = chunk_local_cumsum(dg, chunk_size=CHUNK, reverse=True)
     d_ab, dA_log, ddt_bias = gate_beta_grad(ab, A_log, dt_bias, dg, beta, dbeta)
