@@ -16,7 +16,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from hybridctl.core import add_norm
+from hybridctl.core.kernels import add_norm
 from profile_step import kernel_ms  # benchmarks/ is on the path when this script runs
 
 EPS = 1e-5

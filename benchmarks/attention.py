@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from hybridctl.core.attention import Rotary
+from hybridctl.core.model.attention import Rotary
 from profile_step import kernel_ms  # benchmarks/ is on the path when this script runs
 
 

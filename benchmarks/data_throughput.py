@@ -20,9 +20,11 @@ import time
 import torch
 
 from hybridctl.core.config import DataConfig, load_config
-from hybridctl.core.data import BatchSampler, get_tokenizer, load_token_data
-from hybridctl.core.render import fmt_count
-from hybridctl.core.trainer import build_optimizer, prepare_model, seed_everything
+from hybridctl.core.data.batches import BatchSampler
+from hybridctl.core.data.tokenizer import get_tokenizer
+from hybridctl.core.data.token_cache import load_token_data
+from hybridctl.core.lab.render import fmt_count
+from hybridctl.core.training.trainer import build_optimizer, prepare_model, seed_everything
 
 
 def tokenise(dataset: str, tokenizer: str, max_tokens: int, cache: str) -> dict:

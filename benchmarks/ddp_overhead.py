@@ -17,7 +17,7 @@ import os
 import torch
 import torch.distributed as torch_dist
 
-from hybridctl.core.evaluation import benchmark_step, speed_configs
+from hybridctl.core.lab.speed import benchmark_step, speed_configs
 
 
 def step_ms(cfg, device, ddp: bool, steps: int, warmup: int) -> float:

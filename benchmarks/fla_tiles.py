@@ -18,8 +18,8 @@ import json
 
 import torch
 
-from hybridctl.core import gdn_fused
-from hybridctl.core.gated_delta import GatedDeltaNet, fla_status
+from hybridctl.core.kernels import gdn_fused
+from hybridctl.core.model.gated_delta import GatedDeltaNet, fla_status
 from profile_step import kernel_ms  # benchmarks/ is on the path when this script runs
 
 
@@ -31,7 +31,7 @@ def inputs(args) -> dict[str, torch.Tensor]:
     """The saved tensors of one forward of the op, and the incoming gradients of the backward's fla kernels."""
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
 
-    from hybridctl.core.gdn_kernels import qkv_views, state_grad
+    from hybridctl.core.kernels.gdn_kernels import qkv_views, state_grad
 
     torch.manual_seed(0)
     d_model = args.heads * args.head_dim

@@ -22,8 +22,8 @@ import json
 import torch
 from triton.testing import do_bench
 
-from hybridctl.core import gdn_kernels
-from hybridctl.core.gated_delta import GatedDeltaNet, fla_gated_rms_norm, fla_short_conv, layer_path
+from hybridctl.core.kernels import gdn_kernels
+from hybridctl.core.model.gated_delta import GatedDeltaNet, fla_gated_rms_norm, fla_short_conv, layer_path
 from profile_step import kernel_ms, profiled_kernel_times  # benchmarks/ is on the path when this script runs
 
 
@@ -138,7 +138,7 @@ def state_grad_times(out: dict, args, sweep: bool) -> None:
     from fla.ops.common.chunk_o import chunk_bwd_dv_local
 
     from fla_tiles import inputs  # benchmarks/ is on the path when this script runs
-    from hybridctl.core import gdn_fused
+    from hybridctl.core.kernels import gdn_fused
 
     C = gdn_fused.CHUNK
     saved = inputs(args)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from hybridctl.core import fused_loss
-from hybridctl.core.model import linear_cross_entropy
+from hybridctl.core.kernels import fused_loss
+from hybridctl.core.model.hybrid_lm import linear_cross_entropy
 
 
 def plain_loss(h, weight, targets):

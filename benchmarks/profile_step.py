@@ -19,7 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hybridctl.core.evaluation import benchmark_step, speed_configs
+from hybridctl.core.lab.speed import benchmark_step, speed_configs
 
 # Kernel name fragments -> category, first match wins. Inductor names its kernels triton_poi/red/per/tem_...;
 # flash-linear-attention's Triton kernels and the project's own (gdn_kernels.py, fused_loss.py, swiglu.py, rope.py)

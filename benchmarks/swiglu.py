@@ -15,7 +15,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from hybridctl.core import swiglu
+from hybridctl.core.kernels import swiglu
 from profile_step import kernel_ms  # benchmarks/ is on the path when this script runs
 
 

@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 import click
 import typer
 
-from hybridctl.core import distributed
+from hybridctl.core.training import distributed
 from hybridctl.core.errors import HybridctlError, Terminated
 
 ENTRY_POINT_GROUP = "hybridctl.commands"

@@ -55,8 +55,8 @@ def micro_config(extra: list[str] | None = None, preset: str = "tiny"):
 @pytest.fixture(scope="session")
 def finished_micro_run(tmp_path_factory) -> Path:
     """A finished micro run (checkpoints at steps 3 and 6, best/); copy it before changing anything in it."""
-    from hybridctl.core.runs import RunDir
-    from hybridctl.core.trainer import train
+    from hybridctl.core.training.runs import RunDir
+    from hybridctl.core.training.trainer import train
 
     cfg = micro_config()
     run = RunDir(tmp_path_factory.mktemp("finished") / "micro")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hybridctl.core.attention import CausalSelfAttention, sliding_window_mask
+from hybridctl.core.model.attention import CausalSelfAttention, sliding_window_mask
 
 
 def reference_attention(layer: CausalSelfAttention, x: torch.Tensor, window: int) -> torch.Tensor:

@@ -13,11 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import MICRO_SPEED, micro_config, run_cli, write_plugin
 from hybridctl.cli import main
-from hybridctl.core import checkpoint as ckpt
-from hybridctl.core import evaluation
-from hybridctl.core.data import ByteTokenizer
-from hybridctl.core.model import build_model
-from hybridctl.core.runs import RunDir
+from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.lab import arc
+from hybridctl.core.lab import flops
+from hybridctl.core.lab import speed
+from hybridctl.core.lab import trained_model
+from hybridctl.core.data.tokenizer import ByteTokenizer
+from hybridctl.core.model.hybrid_lm import build_model
+from hybridctl.core.training.runs import RunDir
 
 LONG = "a long answer that keeps going for many characters"
 
@@ -98,8 +101,8 @@ def first_max(values):
 @pytest.mark.parametrize("batch_size,max_len", [(4, None), (1, None), (7, 64)])
 def test_arc_scores_match_direct_computation(tiny_run, batch_size, max_len):
     _, model, data = tiny_run
-    questions = evaluation.read_arc_file(data)
-    result = evaluation.score_arc(model, ByteTokenizer(), questions, torch.device("cpu"), batch_size=batch_size, max_len=max_len)
+    questions = arc.read_arc_file(data)
+    result = arc.score_arc(model, ByteTokenizer(), questions, torch.device("cpu"), batch_size=batch_size, max_len=max_len)
     acc, acc_norm = [], []
     for r, q, got in zip(RECORDS, questions, result["questions"]):
         assert (q.choices, q.gold) == (r["choices"]["text"], r["choices"]["label"].index(r["answerKey"]))
@@ -129,8 +132,8 @@ def test_arc_cli_writes_results_and_keeps_them(tiny_run, capsys):
     result = run_cli("bench", "arc", str(run.path), "--data", str(data), "--batch-size", "5", env=SERIAL)
     assert result.returncode == 0, result.stderr
     assert "acc_norm" in result.stdout and "chance" in result.stdout and "best" in result.stdout
-    saved = evaluation.read_bench_result(run, "arc")
-    expected = evaluation.score_arc(model, ByteTokenizer(), evaluation.read_arc_file(data), torch.device("cpu"), max_len=256)
+    saved = trained_model.read_bench_result(run, "arc")
+    expected = arc.score_arc(model, ByteTokenizer(), arc.read_arc_file(data), torch.device("cpu"), max_len=256)
     for key in ("n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance"):
         assert saved[key] == pytest.approx(expected[key]), key
     assert saved["task"] == "arc_challenge" and saved["split"] == "test"
@@ -139,7 +142,7 @@ def test_arc_cli_writes_results_and_keeps_them(tiny_run, capsys):
 
     code, err = cli(capsys, "bench", "arc", str(run.path), "--data", str(data))
     assert code == 1 and "--force" in err and len(err.strip().splitlines()) == 1
-    assert evaluation.read_bench_result(run, "arc") == saved
+    assert trained_model.read_bench_result(run, "arc") == saved
 
 
 def test_arc_cli_checkpoint_folder_parquet_and_limit(tiny_run, tmp_path):
@@ -152,7 +155,7 @@ def test_arc_cli_checkpoint_folder_parquet_and_limit(tiny_run, tmp_path):
     step = run.checkpoints_dir / "step_000002"
     result = run_cli("bench", "arc", str(step), "--data", str(data), "--limit", "2", "--force", env=SERIAL)
     assert result.returncode == 0, result.stderr
-    saved = evaluation.read_bench_result(run, "arc")
+    saved = trained_model.read_bench_result(run, "arc")
     assert saved["n"] == 2 and saved["checkpoint"] == "step_000002" and saved["limit"] == 2
 
 
@@ -256,7 +259,7 @@ def test_speed_runs_started_in_one_second_keep_both_results(tmp_path, capsys, mo
     monkeypatch.setattr(time, "strftime", lambda fmt, t=None, strftime=time.strftime: strftime(fmt, now))
     args = ["bench", "speed", "--patterns", "LL", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "0",
             "--out", str(tmp_path), *MICRO_SPEED]
-    measure, started, codes = evaluation.measure_speed, [], []
+    measure, started, codes = speed.measure_speed, [], []
 
     def measure_and_start_another(*a, **k):
         if not started:
@@ -264,7 +267,7 @@ def test_speed_runs_started_in_one_second_keep_both_results(tmp_path, capsys, mo
             codes.append(main(args))
         return measure(*a, **k)
 
-    monkeypatch.setattr(evaluation, "measure_speed", measure_and_start_another)
+    monkeypatch.setattr(speed, "measure_speed", measure_and_start_another)
     assert main(args) == 0 and codes == [0], capsys.readouterr().err
     out = capsys.readouterr().out
     saved = re.findall(r"^saved (.+)$", out, re.M)
@@ -276,7 +279,7 @@ def test_speed_runs_started_in_one_second_keep_both_results(tmp_path, capsys, mo
 def test_speed_stopped_part_way_keeps_the_shapes_it_measured(tmp_path, capsys, monkeypatch):
     """Stopped during its second shape, a run leaves the first one's row in its file (marked incomplete); stopped
     during its first, it leaves no file of its own and a --json file it was to replace untouched."""
-    measure, stop_at = evaluation.measure_speed, []
+    measure, stop_at = speed.measure_speed, []
 
     def measure_until_stopped(*a, **k):
         stop_at[0] -= 1
@@ -284,7 +287,7 @@ def test_speed_stopped_part_way_keeps_the_shapes_it_measured(tmp_path, capsys, m
             raise KeyboardInterrupt
         return measure(*a, **k)
 
-    monkeypatch.setattr(evaluation, "measure_speed", measure_until_stopped)
+    monkeypatch.setattr(speed, "measure_speed", measure_until_stopped)
     args = ["bench", "speed", "--patterns", "LL,LF", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "0",
             *MICRO_SPEED]
     stop_at[:] = [2]
@@ -305,7 +308,7 @@ def test_speed_stopped_part_way_keeps_the_shapes_it_measured(tmp_path, capsys, m
 
 
 def test_speed_json_that_is_a_folder_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluation, "measure_speed", lambda *a, **k: pytest.fail("measured before checking --json"))
+    monkeypatch.setattr(speed, "measure_speed", lambda *a, **k: pytest.fail("measured before checking --json"))
     code, err = cli(capsys, "bench", "speed", "--patterns", "LL", "--seq", "16", "--batch", "2", "--json", str(tmp_path),
                     "--force", *MICRO_SPEED)
     assert code == 1 and err.strip() == f"error: {tmp_path} is a folder; give a file path"
@@ -342,33 +345,33 @@ def test_forward_flops_match_pytorch_flop_counter():
         x = torch.randint(0, 257, (B, T))
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(x)
-        f = evaluation.flops_per_token(model, T)
-        comparable = f["dense"] + f["head"] + f["gdn"] + f["attention"] * T / evaluation.keys_per_query(T)
+        f = flops.flops_per_token(model, T)
+        comparable = f["dense"] + f["head"] + f["gdn"] + f["attention"] * T / flops.keys_per_query(T)
         assert counter.get_total_flops() / (B * T) == pytest.approx(comparable, rel=1e-9), pattern
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_speed_on_gpu_reports_memory_and_mfu():
-    configs = evaluation.speed_configs(["tiny"], ["LLFL"], ['train.device="cuda"'])
-    report = evaluation.bench_speed(configs, [256], [4], steps=2, warmup=2)
+    configs = speed.speed_configs(["tiny"], ["LLFL"], ['train.device="cuda"'])
+    report = speed.bench_speed(configs, [256], [4], steps=2, warmup=2)
     (row,) = report["results"]
     assert row["error"] is None and row["tok_s"] > 0 and row["peak_memory_bytes"] > 0
-    assert (row["mfu"] is not None) == (evaluation.peak_bf16_tflops(report["device"]) is not None)
+    assert (row["mfu"] is not None) == (flops.peak_bf16_tflops(report["device"]) is not None)
 
 
 def test_keys_per_query_counts_causal_and_windowed_keys():
     for T, window in ((8, 0), (8, 3), (5, 8)):
         seen = [min(i + 1, window) if window else i + 1 for i in range(T)]
-        assert evaluation.keys_per_query(T, window) == pytest.approx(sum(seen) / T)
+        assert flops.keys_per_query(T, window) == pytest.approx(sum(seen) / T)
 
 
 def test_peak_table_by_device_name():
-    assert evaluation.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
-    assert evaluation.peak_bf16_tflops("NVIDIA H100 PCIe") == 756
-    assert evaluation.peak_bf16_tflops("NVIDIA H200") == 989
-    assert evaluation.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312
-    assert evaluation.peak_bf16_tflops("Tesla T4") is None
+    assert flops.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert flops.peak_bf16_tflops("NVIDIA H100 PCIe") == 756
+    assert flops.peak_bf16_tflops("NVIDIA H200") == 989
+    assert flops.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert flops.peak_bf16_tflops("Tesla T4") is None
 
 
 def _write_plugin(root, body):

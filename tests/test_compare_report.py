@@ -10,11 +10,12 @@ import pytest
 
 from conftest import MICRO, micro_config, run_cli
 from hybridctl.cli import main
-from hybridctl.core import experiments as ex
-from hybridctl.core.data import load_token_data
+from hybridctl.core.lab.results import collect_results, comparability_warning, load_result, rank_results, ranking_warnings, result_record
+from hybridctl.core.lab.sweeps import plan_lr_sweep, run_sweep
+from hybridctl.core.data.token_cache import load_token_data
 from hybridctl.core.errors import ConfigError
-from hybridctl.core.runs import RunDir
-from hybridctl.core.trainer import train
+from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.trainer import train
 
 
 def strict_json(text: str):
@@ -54,9 +55,9 @@ def runs(tmp_path_factory):
 def diverged_sweep(tmp_path_factory):
     """An LR sweep whose first run diverges after one update, its only eval giving a NaN loss."""
     extra = ["train.max_bad_steps=1", "train.grad_clip=0", "train.eval_every=1"]
-    plan = ex.plan_lr_sweep("tiny", [1e4, 1e-3], 4, list(MICRO) + extra, name="div")
+    plan = plan_lr_sweep("tiny", [1e4, 1e-3], 4, list(MICRO) + extra, name="div")
     path = tmp_path_factory.mktemp("div") / "div"
-    state = ex.run_sweep(plan, path)
+    state = run_sweep(plan, path)
     assert state["status"] == {"tiny_lr1e4": "diverged", "tiny_lr1e-3": "complete"}
     return path
 
@@ -107,10 +108,10 @@ def test_compare_warns_about_runs_validated_on_other_tokens(runs):
     val = {name: load_token_data(micro_config(extra).data).val for name, extra in
            (("stdlib", []), ("fewer", ["data.max_tokens=30000"]))}
     assert len(val["fewer"]) < len(val["stdlib"])
-    warning = ex.comparability_warning(ex.collect_results([runs["stdlib"], runs["fewer"]]))
+    warning = comparability_warning(collect_results([runs["stdlib"], runs["fewer"]]))
     assert warning.startswith("runs differ in data.max_tokens: stdlib (60000) vs fewer (30000); ")
     assert "data.val" not in warning and "data.dataset" not in warning
-    records = [ex.result_record(row, "best_val_loss") for row in ex.rank_results(ex.collect_results([runs["fewer"]]))]
+    records = [result_record(row, "best_val_loss") for row in rank_results(collect_results([runs["fewer"]]))]
     assert (records[0]["max_tokens"], records[0]["val_fraction"], records[0]["val_split"]) == (30000, 0.05, "")
 
 
@@ -123,9 +124,9 @@ def test_compare_warns_about_runs_scored_on_other_eval_windows(runs, tmp_path):
     text = config.read_text()
     assert "eval_batches = 1" in text
     config.write_text(text.replace("eval_batches = 1", "eval_batches = 2"))
-    warning = ex.comparability_warning(ex.collect_results([runs["stdlib"], other]))
+    warning = comparability_warning(collect_results([runs["stdlib"], other]))
     assert warning.startswith("runs differ in train.batch_size × train.eval_batches: stdlib (4) vs more_windows (8); ")
-    records = [ex.result_record(row, "best_val_loss") for row in ex.rank_results(ex.collect_results([other]))]
+    records = [result_record(row, "best_val_loss") for row in rank_results(collect_results([other]))]
     assert records[0]["eval_windows"] == 8
 
 
@@ -174,12 +175,12 @@ def test_metric_no_run_has_is_an_error(runs, tmp_path):
 def test_ranking_warnings_name_what_differs_and_what_is_missing(runs):
     """compare (strict: a metric no run has is an error) and ablate (not strict: its sweep still shows) share
     these warnings."""
-    results = ex.collect_results([runs["stdlib"], runs["short"]])
+    results = collect_results([runs["stdlib"], runs["short"]])
     with pytest.raises(ConfigError, match="none of the 2 runs has arc_acc"):
-        ex.ranking_warnings(results, "arc_acc")
-    assert ex.ranking_warnings(results, "arc_acc", strict=False) == [
+        ranking_warnings(results, "arc_acc")
+    assert ranking_warnings(results, "arc_acc", strict=False) == [
         "none of the 2 runs has arc_acc; measure it with `hybridctl bench arc RUN`, or rank by another --metric"]
-    (warning,) = ex.ranking_warnings(results, "best_val_loss")
+    (warning,) = ranking_warnings(results, "best_val_loss")
     assert warning.startswith("runs differ in train.seq_len") and "short" in warning and "stdlib" in warning
 
 
@@ -211,7 +212,7 @@ def test_diverged_run_is_shown_as_diverged(diverged_sweep, tmp_path):
     # outside a sweep, a last eval that is not finite says the same
     alone = tmp_path / "alone"
     shutil.copytree(diverged_sweep / "tiny_lr1e4", alone)
-    result = ex.load_result(RunDir(alone))
+    result = load_result(RunDir(alone))
     assert result.status == "diverged" and result.get("best_val_loss") is None
 
 
@@ -279,5 +280,5 @@ def test_a_run_stopped_before_its_first_eval_is_partial_at_its_checkpoint(finish
     shutil.copytree(finished_micro_run, run.path)
     run.summary_path.unlink()
     run.truncate_metrics(2)  # the evals at steps 3 and 6 and the log lines after step 2 never made it
-    result = ex.load_result(run)
+    result = load_result(run)
     assert (result.status, result.get("steps")) == ("partial", 6)

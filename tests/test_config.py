@@ -1,8 +1,7 @@
 import pytest
 
-from hybridctl.core.config import (
-    Config, available_presets, config_from_dict, config_to_toml, load_config, load_config_file,
-)
+from hybridctl.core.config import Config, config_from_dict, config_to_toml, load_config, load_config_file
+from hybridctl.core.presets import available_presets
 from hybridctl.core.errors import ConfigError
 
 # Study A: attention layers and LR per preset (SEEDS: layer lists and learning rates of the original study).

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from conftest import micro_config, run_cli
-from hybridctl.core import data as data_mod
-from hybridctl.core import sources, synthetic, tokenization
+from hybridctl.core.data import token_cache
+from hybridctl.core.data import tokenizer
+from hybridctl.core.data import sources, subword, synthetic
 from hybridctl.core.config import DataConfig, load_config, load_config_file
-from hybridctl.core.data import (
-    builtin_documents, is_val_document, load_token_data, token_cache_dir, training_documents,
-)
+from hybridctl.core.data.corpora import builtin_documents, is_val_document, training_documents
+from hybridctl.core.data.token_cache import load_token_data, token_cache_dir
 from hybridctl.core.errors import DataError
-from hybridctl.core.runs import RunDir
-from hybridctl.core.trainer import evaluate, train
+from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.trainer import evaluate, train
 
 from test_train_resume import StopAfter, losses
 
@@ -226,7 +226,7 @@ def test_second_load_reads_the_cache_and_tokenises_nothing(corpus, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the cached load tokenised or read the corpus")
 
-    for module, name in ((data_mod, "pack_documents"), (data_mod, "iter_documents"), (tokenization, "train_bpe"),
+    for module, name in ((token_cache, "pack_documents"), (token_cache, "iter_documents"), (subword, "train_bpe"),
                          (sources, "iter_documents")):
         monkeypatch.setattr(module, name, forbidden)
     again = load_token_data(cfg)
@@ -268,7 +268,7 @@ def test_cached_load_does_not_import_datasets(corpus):
     load_token_data(cfg)
     code = (
         "import sys; sys.modules['datasets'] = None\n"  # any import of datasets now fails
-        "from hybridctl.core.config import DataConfig\nfrom hybridctl.core.data import load_token_data\n"
+        "from hybridctl.core.config import DataConfig\nfrom hybridctl.core.data.token_cache import load_token_data\n"
         f"d = load_token_data(DataConfig(dataset={corpus.jsonl!r}, tokenizer='bpe:300'))\nprint(d.info['cached'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -282,12 +282,12 @@ def test_cached_load_does_not_import_datasets(corpus):
 
 def test_bpe_is_deterministic_cached_and_round_trips(corpus, docs, tmp_path):
     cfg = cfg_for(corpus.jsonl, tokenizer="bpe:400")
-    tok = data_mod.get_tokenizer("bpe:400", cfg)
-    path = tokenization.bpe_path(cfg, 400)
+    tok = tokenizer.get_tokenizer("bpe:400", cfg)
+    path = subword.bpe_path(cfg, 400)
     assert path.is_file() and tok.vocab_size == 400 and tok.eos_id == tok.tokenizer.token_to_id("<|endoftext|>")
     other = DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "elsewhere")})
-    retrained = data_mod.get_tokenizer("bpe:400", other)
-    assert tokenization.bpe_path(other, 400).read_text() == path.read_text()  # same merges from scratch
+    retrained = tokenizer.get_tokenizer("bpe:400", other)
+    assert subword.bpe_path(other, 400).read_text() == path.read_text()  # same merges from scratch
     for d in docs[:5]:
         ids = tok.encode(d)
         assert tok.decode(ids) == d and retrained.encode(d) == ids
@@ -306,7 +306,7 @@ def test_bpe_learns_from_training_documents_only(docs, tmp_path):
         body[index] = word * 800
         path = tmp_path / f"{where}.jsonl"
         path.write_text("".join(json.dumps({"text": d}) + "\n" for d in body))
-        tok = data_mod.get_tokenizer("bpe:400", cfg_for(str(path), val_fraction=0.2))
+        tok = tokenizer.get_tokenizer("bpe:400", cfg_for(str(path), val_fraction=0.2))
         results[where] = len(tok.encode(word))
     assert results["train"] == 1 and results["val"] >= 4  # merged only when the trainer saw it
 
@@ -317,19 +317,19 @@ def test_tokenizer_file_eos_found_or_added(tmp_path):
     plain = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     plain.pre_tokenizer = pre_tokenizers.Whitespace()
     plain.save(str(tmp_path / "plain.json"))
-    tok = tokenization.load_tokenizer(str(tmp_path / "plain.json"))
+    tok = subword.load_tokenizer(str(tmp_path / "plain.json"))
     assert tok.vocab_size == 4 and tok.eos_id == 3 and tok.encode("a b a") == [0, 1, 0]
     plain.add_special_tokens(["</s>"])
     (tmp_path / "folder").mkdir()
     plain.save(str(tmp_path / "folder" / "tokenizer.json"))
-    tok = tokenization.load_tokenizer(str(tmp_path / "folder"))
+    tok = subword.load_tokenizer(str(tmp_path / "folder"))
     assert tok.vocab_size == 4 and tok.eos_id == 3 and tok.tokenizer.id_to_token(3) == "</s>"
 
 
 def test_hub_tokenizer_offline_fails_fast_in_one_line():
     start = time.perf_counter()
     with pytest.raises(DataError) as e:
-        tokenization.load_tokenizer("hybridctl-test/no-such-tokenizer")
+        subword.load_tokenizer("hybridctl-test/no-such-tokenizer")
     message = str(e.value)
     assert time.perf_counter() - start < 5
     assert "'hybridctl-test/no-such-tokenizer'" in message and "HF_HUB_OFFLINE=1" in message
@@ -348,9 +348,9 @@ def test_hub_dataset_offline_fails_fast_in_one_line():
 
 def test_bad_tokenizer_specs():
     with pytest.raises(DataError, match="bpe:N with N >= 260"):
-        tokenization.load_tokenizer("bpe:100", cfg_for("builtin:stdlib"))
+        subword.load_tokenizer("bpe:100", cfg_for("builtin:stdlib"))
     with pytest.raises(DataError, match="no such file"):
-        tokenization.load_tokenizer("./nowhere/tokenizer.json")
+        subword.load_tokenizer("./nowhere/tokenizer.json")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -496,7 +496,7 @@ def test_cache_that_cannot_be_written_is_one_line_and_leaves_nothing(corpus, tmp
     if tokenizer == "bytes":
         what, folder = "token cache", token_cache_dir(cfg)
     else:  # the BPE tokenizer is trained and saved before any token is written, and its file alone passes the limit
-        what, folder = "tokenizer cache", tokenization.bpe_path(cfg, 300).parent
+        what, folder = "tokenizer cache", subword.bpe_path(cfg, 300).parent
     assert full.returncode == 1 and full.stderr.splitlines() == [
         f"error: cannot write {what} {folder}: File too large; free some space, "
         "or set HYBRIDCTL_CACHE or data.cache_dir to a folder on a disk with room"]
@@ -506,7 +506,7 @@ def test_cache_that_cannot_be_written_is_one_line_and_leaves_nothing(corpus, tmp
     def disk_full(self, ids, eos_id):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data_mod.SplitWriter, "add", disk_full)
+    monkeypatch.setattr(token_cache.SplitWriter, "add", disk_full)
     with pytest.raises(DataError, match=r"cannot write token cache .*: the disk is full; free some space"):
         load_token_data(DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "other")}))
     assert list((tmp_path / "other" / "tokens").iterdir()) == []

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from conftest import MICRO_SPEED, cli_args_for_micro, micro_config
 from hybridctl.cli import main
 from hybridctl.commands import train as train_command
-from hybridctl.core import checkpoint as ckpt
-from hybridctl.core.runs import RunDir
-from hybridctl.core.trainer import micro_batch_size, train
+from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.trainer import micro_batch_size, train
 
 # Two micro-batches per process (batch 4 over 2 processes), so no_sync is exercised too.
 SETTINGS = ["train.grad_accum=2"]
@@ -186,8 +186,8 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 from conftest import micro_config
-from hybridctl.core import distributed as dist
-from hybridctl.core.evaluation import benchmark_step
+from hybridctl.core.training import distributed as dist
+from hybridctl.core.lab.speed import benchmark_step
 
 with dist.session(torch.device("cpu")):
     cfg = micro_config(["train.batch_size=4", "train.seq_len=16"])
@@ -219,21 +219,21 @@ def test_speed_bench_splits_the_batch_over_the_processes(tmp_path):
 def test_out_of_memory_under_several_processes_stops_them_all(monkeypatch):
     """A shape that does not fit in one process ends the benchmark (no row: the others may be waiting for it in a
     collective), with an error that leaves the process group alone instead of tearing it down."""
-    from hybridctl.core import distributed as dist
-    from hybridctl.core import evaluation
+    from hybridctl.core.training import distributed as dist
+    from hybridctl.core.lab import speed
     from hybridctl.core.errors import ConfigError
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(evaluation, "_timed_steps", out_of_memory)
+    monkeypatch.setattr(speed, "_timed_steps", out_of_memory)
     cfg = micro_config()
-    assert evaluation.measure_speed(cfg, 16, 4, torch.device("cpu"))["error"] == "out of memory"  # one process: a row
+    assert speed.measure_speed(cfg, 16, 4, torch.device("cpu"))["error"] == "out of memory"  # one process: a row
     monkeypatch.setattr(dist, "active", lambda: True)
     monkeypatch.setattr(dist, "rank", lambda: 1)
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     with pytest.raises(ConfigError, match="out of memory in process 1 at seq 16, batch 4 over 2 processes") as caught:
-        evaluation.measure_speed(cfg, 16, 4, torch.device("cpu"))
+        speed.measure_speed(cfg, 16, 4, torch.device("cpu"))
     closed = []
     monkeypatch.setattr(dist, "close", lambda: closed.append(True))
     with pytest.raises(ConfigError):

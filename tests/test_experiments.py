@@ -15,12 +15,15 @@ import pytest
 from rich.console import Console
 
 from conftest import MICRO, cli_args_for_micro, run_cli
-from hybridctl.core import experiments as ex
+from hybridctl.core.lab.report import build_report
+from hybridctl.core.lab.results import collect_results, rank_results
+from hybridctl.core.lab.sweeps import STUDY_A, STUDY_C, divergence_advice, next_action, parse_lr_values, parse_patterns, plan_arch_sweep, plan_lr_sweep, prepare_sweep, preview_actions, read_sweep, resolve_steps, run_sweep, sweep_conflict, sweep_path
+from hybridctl.core.training import runs
 from hybridctl.core.config import load_config, load_config_file
 from hybridctl.core.errors import ConfigError, RunError, TrainingError
-from hybridctl.core.plots import Chart, Series, chart_size, render_chart
-from hybridctl.core.render import fmt_lr, print_chart, results_rows
-from hybridctl.core.runs import RunDir
+from hybridctl.core.lab.plots import Chart, Series, chart_size, render_chart
+from hybridctl.core.lab.render import fmt_lr, print_chart, results_rows
+from hybridctl.core.training.runs import RunDir
 
 LRS = ["1e-3", "3e-3"]
 STEPS = 4  # checkpoints at steps 3 and 4 (MICRO saves every 3)
@@ -119,33 +122,33 @@ def test_forced_replan_keeps_identical_runs_and_drops_the_rest(sweep, tmp_path):
     shutil.copytree(path, copy)
     keep_marker = copy / "tiny_lr1e-3" / "marker"
     keep_marker.write_text("kept")
-    plan = ex.plan_lr_sweep("tiny", [1e-3, 2e-3], STEPS, list(MICRO), name="lr_tiny")
-    assert [a.kind for a in ex.preview_actions(ex.plan_lr_sweep("tiny", [1e-3, 3e-3], STEPS, list(MICRO)), copy)] == ["done", "done"]
-    assert "+tiny_lr2e-3" in ex.sweep_conflict(plan, copy)
+    plan = plan_lr_sweep("tiny", [1e-3, 2e-3], STEPS, list(MICRO), name="lr_tiny")
+    assert [a.kind for a in preview_actions(plan_lr_sweep("tiny", [1e-3, 3e-3], STEPS, list(MICRO)), copy)] == ["done", "done"]
+    assert "+tiny_lr2e-3" in sweep_conflict(plan, copy)
     with pytest.raises(RunError, match="planned differently"):
-        ex.prepare_sweep(plan, copy)
-    state = ex.prepare_sweep(plan, copy, force=True)
+        prepare_sweep(plan, copy)
+    state = prepare_sweep(plan, copy, force=True)
     assert keep_marker.read_text() == "kept"  # same plan entry: finished run kept
     assert not (copy / "tiny_lr3e-3").exists()  # left the plan: removed
     assert [r["name"] for r in state["plan"]] == ["tiny_lr1e-3", "tiny_lr2e-3"]
-    actions = ex.preview_actions(plan, copy)
+    actions = preview_actions(plan, copy)
     assert [a.kind for a in actions] == ["done", "start"]
 
 
 def test_next_action_by_run_state(sweep, tmp_path):
     _, path, _ = sweep
-    plan = ex.plan_lr_sweep("tiny", [float(LRS[0])], STEPS, list(MICRO))
+    plan = plan_lr_sweep("tiny", [float(LRS[0])], STEPS, list(MICRO))
     planned = plan.runs[0]
     run = RunDir(tmp_path / planned.name)
-    assert ex.next_action(run, planned, None).kind == "start"  # no folder
+    assert next_action(run, planned, None).kind == "start"  # no folder
     shutil.copytree(path / planned.name, run.path)
-    assert ex.next_action(run, planned, "complete").kind == "done"
+    assert next_action(run, planned, "complete").kind == "done"
     run.summary_path.unlink()  # stopped after its last checkpoint but before the summary
-    action = ex.next_action(run, planned, "interrupted")
+    action = next_action(run, planned, "interrupted")
     assert (action.kind, action.step, action.checkpoint.name) == ("resume", 3, "step_000003")
-    assert ex.next_action(run, planned, "diverged").kind == "diverged"
+    assert next_action(run, planned, "diverged").kind == "diverged"
     shutil.rmtree(run.checkpoints_dir)  # config but no checkpoint: trained again from the start
-    assert ex.next_action(run, planned, "interrupted").kind == "start"
+    assert next_action(run, planned, "interrupted").kind == "start"
 
 
 def test_interrupted_sweep_resumes_from_checkpoint(sweep, tmp_path):
@@ -153,8 +156,8 @@ def test_interrupted_sweep_resumes_from_checkpoint(sweep, tmp_path):
     first run and continues the second from step 3, ending where an uninterrupted run ends."""
     _, reference, _ = sweep
     out = tmp_path / "runs"
-    plan = ex.plan_lr_sweep("tiny", [float(v) for v in LRS], STEPS, list(MICRO))
-    path = ex.sweep_path(out, plan.name)
+    plan = plan_lr_sweep("tiny", [float(v) for v in LRS], STEPS, list(MICRO))
+    path = sweep_path(out, plan.name)
 
     def progress(planned, index):
         def callback(kind, record):
@@ -162,13 +165,13 @@ def test_interrupted_sweep_resumes_from_checkpoint(sweep, tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)
         return callback
 
-    ex.prepare_sweep(plan, path)
+    prepare_sweep(plan, path)
     shutil.copytree(reference / plan.runs[0].name, path / plan.runs[0].name)  # finished earlier
     with pytest.raises(TrainingError, match="run the same ablate command again") as stopped:
-        ex.run_sweep(plan, path, progress=progress)
+        run_sweep(plan, path, progress=progress)
     assert stopped.value.exit_code == 130
     first, second = (RunDir(path / n) for n in run_names())
-    state = ex.read_sweep(path)
+    state = read_sweep(path)
     assert state["status"] == {first.name: "complete", second.name: "interrupted"}
     assert first.read_summary()["status"] == "complete" and not second.summary_path.exists()
     assert [p.name for p in second.step_checkpoints()] == ["step_000003"]
@@ -180,7 +183,7 @@ def test_interrupted_sweep_resumes_from_checkpoint(sweep, tmp_path):
     assert f"{first.name}: finished, skipping" in result.stderr
     assert f"{second.name}: resuming from step 3" in result.stderr
     assert (second.path / "marker").exists() and first.summary_path.stat().st_mtime_ns == finished
-    assert ex.read_sweep(path)["status"][second.name] == "complete"
+    assert read_sweep(path)["status"][second.name] == "complete"
     assert sorted(losses(second)) == list(range(1, STEPS + 1))  # no step logged twice
     expected = losses(RunDir(reference / second.name))
     assert losses(second) == pytest.approx(expected, rel=1e-6, abs=0)
@@ -216,7 +219,7 @@ def test_ablate_exits_130_on_ctrl_c_and_143_on_sigterm(tmp_path):
         assert re.fullmatch(rf"error: sweep sig stopped in run tiny_lr1e-3 \(stopped by {sig.name} at step \d+; "
                             r"checkpoint saved, continue with `hybridctl resume .*`\); finished runs are kept, "
                             r"run the same ablate command again to resume the sweep", last), last
-        assert ex.read_sweep(run.path.parent)["status"]["tiny_lr1e-3"] == "interrupted"
+        assert read_sweep(run.path.parent)["status"]["tiny_lr1e-3"] == "interrupted"
 
 
 def test_second_ablate_of_a_running_sweep_is_refused_and_changes_nothing(tmp_path):
@@ -227,11 +230,11 @@ def test_second_ablate_of_a_running_sweep_is_refused_and_changes_nothing(tmp_pat
     child = subprocess.Popen([sys.executable, "-m", "hybridctl", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(RunDir(path / "tiny_lr1e-3"), 2)
-        before = (path / ex.SWEEP_FILE).read_text()
+        before = (path / runs.SWEEP_FILE).read_text()
         second = run_cli(*args)
         assert second.returncode == 1 and second.stderr.strip() == (
             f"error: sweep {path} is in use by process {child.pid}; wait for it to finish or stop it first")
-        assert (path / ex.SWEEP_FILE).read_text() == before and json.loads(before)["status"] == {"tiny_lr1e-3": "running"}
+        assert (path / runs.SWEEP_FILE).read_text() == before and json.loads(before)["status"] == {"tiny_lr1e-3": "running"}
     finally:
         child.kill()
         child.wait(timeout=60)
@@ -239,31 +242,31 @@ def test_second_ablate_of_a_running_sweep_is_refused_and_changes_nothing(tmp_pat
 
 def test_sweep_leaves_a_run_another_process_holds_as_it_was(tmp_path):
     """A sweep run that another process writes (a `resume` of it, say) stops the sweep, but is not marked interrupted."""
-    plan = ex.plan_lr_sweep("tiny", [1e-3], STEPS, list(MICRO))
+    plan = plan_lr_sweep("tiny", [1e-3], STEPS, list(MICRO))
     path = tmp_path / "sweep"
-    ex.prepare_sweep(plan, path)
+    prepare_sweep(plan, path)
     run = RunDir(path / plan.runs[0].name)
     run.create(plan.runs[0].cfg)
     run.release_lock()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from hybridctl.core.runs import RunDir; RunDir(sys.argv[1]).acquire_lock(); "
+        [sys.executable, "-c", "import sys; from hybridctl.core.training.runs import RunDir; RunDir(sys.argv[1]).acquire_lock(); "
          "print('locked', flush=True); sys.stdin.read()", str(run.path)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunError, match=f"in use by process {holder.pid}"):
-            ex.run_sweep(plan, path)
-        assert ex.read_sweep(path)["status"] == {run.name: "pending"}
+            run_sweep(plan, path)
+        assert read_sweep(path)["status"] == {run.name: "pending"}
         assert run.lock_owner() == holder.pid and run.is_unstarted()
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    assert not (path / ex.SWEEP_LOCK).exists()  # the sweep's own lock went with it
+    assert not (path / runs.SWEEP_LOCK).exists()  # the sweep's own lock went with it
 
 
 def test_second_ctrl_c_in_a_sweep_still_says_how_to_resume(tmp_path):
     """A KeyboardInterrupt (a second Ctrl-C, or one while data loads) exits 130 with the sweep's resume hint."""
-    plan = ex.plan_lr_sweep("tiny", [1e-3], STEPS, list(MICRO))
+    plan = plan_lr_sweep("tiny", [1e-3], STEPS, list(MICRO))
     path = tmp_path / "sweep"
 
     def progress(planned, index):
@@ -273,9 +276,9 @@ def test_second_ctrl_c_in_a_sweep_still_says_how_to_resume(tmp_path):
         return callback
 
     with pytest.raises(TrainingError, match="interrupted in run tiny_lr1e-3; .*run the same ablate command again") as stopped:
-        ex.run_sweep(plan, path, progress=progress)
+        run_sweep(plan, path, progress=progress)
     assert stopped.value.exit_code == 130
-    assert ex.read_sweep(path)["status"] == {"tiny_lr1e-3": "interrupted"}
+    assert read_sweep(path)["status"] == {"tiny_lr1e-3": "interrupted"}
     assert not RunDir(path / "tiny_lr1e-3").lock_path.exists()
 
 
@@ -293,7 +296,7 @@ def test_diverged_sweep_run_gets_advice_that_works(tmp_path):
     assert line.startswith("[1/2] tiny_lr1e4: diverged, the sweep goes on: loss was not finite for 1 step (last at step 2); ")
     assert "LR 1e4 is too high: run the ablate command again with --force and --values without it" in line
     assert "--from best" not in result.stderr
-    error = ex.read_sweep(path)["errors"]["tiny_lr1e4"]
+    error = read_sweep(path)["errors"]["tiny_lr1e4"]
     assert "--values without it" in error and "--from best" not in error
     assert not (path / "tiny_lr1e4" / "best").exists()  # why `resume --from best` could not be the way
 
@@ -302,41 +305,41 @@ def test_diverged_sweep_run_gets_advice_that_works(tmp_path):
     assert followed.returncode == 0, followed.stderr
     assert "tiny_lr1e-3: finished, skipping" in followed.stderr
     assert not (path / "tiny_lr1e4").exists() and (path / "tiny_lr1e-3" / "summary.json").stat().st_mtime_ns == finished
-    assert ex.read_sweep(path)["status"] == {"tiny_lr1e-3": "complete"}
+    assert read_sweep(path)["status"] == {"tiny_lr1e-3": "complete"}
 
     # an arch sweep's run has its LR from its preset
     run = RunDir(path / "tiny_lr1e-3")
-    assert ex.divergence_advice("arch", run, "hybrid_sparse") == (
+    assert divergence_advice("arch", run, "hybrid_sparse") == (
         f"its LR is too high: lower train.lr in preset hybrid_sparse (now 0.001), delete {run.path} and run the same "
         "ablate command again; finished runs are kept")
 
 
 def test_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     extra = ["train.max_bad_steps=1", "train.grad_clip=0"]  # an absurd LR blows up within a few steps
-    plan = ex.plan_lr_sweep("tiny", [1e4, 1e-3], STEPS, list(MICRO) + extra)
+    plan = plan_lr_sweep("tiny", [1e4, 1e-3], STEPS, list(MICRO) + extra)
     path = tmp_path / "sweep"
-    state = ex.run_sweep(plan, path)
+    state = run_sweep(plan, path)
     assert state["status"] == {"tiny_lr1e4": "diverged", "tiny_lr1e-3": "complete"}
     assert "not finite" in state["errors"]["tiny_lr1e4"]
     heard = []
-    ex.run_sweep(plan, path, notify=lambda planned, i, action: heard.append((action.kind, action.note)))
+    run_sweep(plan, path, notify=lambda planned, i, action: heard.append((action.kind, action.note)))
     assert [kind for kind, _ in heard] == ["diverged", "done"]  # not retried, not retrained
     assert heard[0][1].startswith("LR 1e4 is too high")  # and told what to do instead
-    rows = ex.rank_results(ex.collect_results([path]))
+    rows = rank_results(collect_results([path]))
     assert [(r.result.label, r.rank) for r in rows][0] == ("tiny_lr1e-3", 1) and rows[1].rank is None
-    report = ex.build_report([r.result for r in rows], sweep=ex.read_sweep(path))
+    report = build_report([r.result for r in rows], sweep=read_sweep(path))
     assert any("Diverged (loss not finite): tiny_lr1e4" in p for p in report.sections[0].paragraphs)
 
 
 def test_sweep_options_are_checked():
     with pytest.raises(ConfigError, match="--values"):
-        ex.plan_lr_sweep("tiny", [1e-3], 2, list(MICRO) + ["train.lr=1e-2"])
+        plan_lr_sweep("tiny", [1e-3], 2, list(MICRO) + ["train.lr=1e-2"])
     with pytest.raises(ConfigError, match="not a number"):
-        ex.parse_lr_values("1e-3,fast")
-    assert ex.resolve_steps("lr", None, ["train.steps=7"]) == 7  # --set train.steps counts when --steps is absent
-    assert ex.resolve_steps("lr", 5, ["train.steps=7"]) == 5  # --steps wins
-    assert ex.resolve_steps("arch", None, []) == 300 and ex.resolve_steps("lr", None, []) == 200
-    assert ex.parse_patterns("study_c") == ex.STUDY_C and len(ex.parse_patterns("all,deltanet")) == 13
+        parse_lr_values("1e-3,fast")
+    assert resolve_steps("lr", None, ["train.steps=7"]) == 7  # --set train.steps counts when --steps is absent
+    assert resolve_steps("lr", 5, ["train.steps=7"]) == 5  # --steps wins
+    assert resolve_steps("arch", None, []) == 300 and resolve_steps("lr", None, []) == 200
+    assert parse_patterns("study_c") == STUDY_C and len(parse_patterns("all,deltanet")) == 13
     for value in (3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 0.25):
         assert float(fmt_lr(value)) == value
     assert fmt_lr(1.5e-3) == "1.5e-3" and fmt_lr(3e-4) == "3e-4"
@@ -380,13 +383,13 @@ def test_arch_dry_run_of_study_a(tmp_path):
     result = run_cli("ablate", "arch", "--patterns", "all", "--dry-run", "--out", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "runs").exists()
-    for name in ex.STUDY_A:
+    for name in STUDY_A:
         assert re.search(rf"^\s*{name}\s", result.stdout, re.M), name
     t = load_config("hybrid_sparse").train
     per_run = 300 * t.batch_size * t.seq_len
     assert f"({13 * per_run:,})" in result.stdout
     with pytest.raises(ConfigError, match="did you mean 'hybrid_sparse'"):
-        ex.plan_arch_sweep(ex.parse_patterns("deltanet,hybrid_sparce"))
+        plan_arch_sweep(parse_patterns("deltanet,hybrid_sparce"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -433,7 +436,7 @@ def test_compare_without_runs_says_how_to_make_them(tmp_path):
     assert result.returncode == 1 and "no runs found under runs" in result.stderr and "hybridctl train" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     with pytest.raises(RunError, match="does not exist.*hybridctl train"):
-        ex.collect_results([tmp_path / "nope"])
+        collect_results([tmp_path / "nope"])
 
 
 def test_unfinished_runs_and_arc_columns(sweep, tmp_path):
@@ -447,16 +450,16 @@ def test_unfinished_runs_and_arc_columns(sweep, tmp_path):
     arc = {"task": "arc_challenge", "split": "test", "n": 1172, "acc": 0.2312, "acc_stderr": 0.012,
            "acc_norm": 0.2654, "acc_norm_stderr": 0.013}
     (copy / other / "bench" / "arc.json").write_text(json.dumps(arc))
-    rows = ex.rank_results(ex.collect_results([copy]))
+    rows = rank_results(collect_results([copy]))
     assert [(r.result.label, r.rank) for r in rows] == [(other, 1), (best, None)]  # an unfinished run is not ranked
     assert rows[1].result.status == "partial" and rows[1].value == summaries[best]["best_val_loss"]
     headers, cells = results_rows(rows, "best_val_loss")
     assert headers[-3:] == ["ARC acc", "ARC acc_norm", "status"]
     assert cells[0][-3:] == ["23.12%", "26.54%", "complete"] and cells[1][-3:-1] == ["-", "-"]
     assert cells[1][0] == "-" and cells[1][-1].startswith("partial")
-    assert ex.rank_results(ex.collect_results([copy]), "arc_acc")[0].value == arc["acc"]
+    assert rank_results(collect_results([copy]), "arc_acc")[0].value == arc["acc"]
     with pytest.raises(ConfigError, match="did you mean 'final_val_loss'"):
-        ex.rank_results(rows and [r.result for r in rows], "final_val_los")
+        rank_results(rows and [r.result for r in rows], "final_val_los")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridctl.core.gated_delta import (
+from hybridctl.core.model.gated_delta import (
     GatedDeltaNet, causal_conv_silu, chunk_gated_delta_rule_torch, gated_delta_rule, gdn_decay, l2norm, recurrent_gated_delta_rule,
 )
 
@@ -93,18 +93,18 @@ def test_cpu_training_never_imports_fla():
     code = (
         "import sys, torch\n"
         "from hybridctl.core.config import load_config\n"
-        "from hybridctl.core.model import HybridLM\n"
+        "from hybridctl.core.model.hybrid_lm import HybridLM\n"
         "cfg = load_config('tiny'); cfg.model.vocab_size = 300\n"
         "m = HybridLM(cfg.model)\n"
         "m(torch.randint(0, 300, (1, 70)), torch.randint(0, 300, (1, 70))).loss.backward()\n"
         "assert not any(n == 'fla' or n.startswith('fla.') for n in sys.modules), 'fla was imported'\n"
-        "assert 'hybridctl.core.gdn_kernels' not in sys.modules, 'the Triton kernels were imported'\n"
+        "assert 'hybridctl.core.kernels.gdn_kernels' not in sys.modules, 'the Triton kernels were imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_layer_path_on_cpu_is_the_reference():
-    from hybridctl.core.gated_delta import layer_path
+    from hybridctl.core.model.gated_delta import layer_path
 
     assert layer_path(False, 128, 256, 4, "auto") == "torch"
     assert layer_path(False, 128, 256, 4, "torch") == "torch"
@@ -113,7 +113,7 @@ def test_layer_path_on_cpu_is_the_reference():
 
 
 def test_fused_op_shape_limits():
-    from hybridctl.core.gdn_fused import shape_supported
+    from hybridctl.core.kernels.gdn_fused import shape_supported
 
     assert shape_supported(128, 256, 4) and shape_supported(64, 128, 2)
     assert not shape_supported(96, 192, 4)  # a program holds one head: powers of two only
@@ -124,7 +124,7 @@ def test_fused_op_shape_limits():
 def test_fla_launch_configs_only_where_measured(monkeypatch):
     """The fused op's own launch configs for fla's kernels apply on Hopper at the head sizes the GPU tests check;
     other GPUs and shapes get None (fla's autotuned wrapper), and an explicit config passes through."""
-    from hybridctl.core import gdn_fused
+    from hybridctl.core.kernels import gdn_fused
 
     k, v = torch.empty(1, 1, 1, 128), torch.empty(1, 1, 1, 256)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

@@ -5,7 +5,7 @@ so compiled kernels are reused."""
 import pytest
 import torch
 
-from hybridctl.core.gated_delta import GatedDeltaNet, fla_status, gated_delta_rule
+from hybridctl.core.model.gated_delta import GatedDeltaNet, fla_status, gated_delta_rule
 
 pytestmark = pytest.mark.gpu
 
@@ -82,8 +82,8 @@ def layer_errors(layer: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) 
 def test_layer_matches_reference_layer(backend, monkeypatch):
     """On Hopper the fused op launches three of fla's backward kernels at its own configs; the second case runs
     it with fla's wrappers instead, so both launch paths are checked."""
-    from hybridctl.core import gdn_fused
-    from hybridctl.core.gated_delta import layer_path
+    from hybridctl.core.kernels import gdn_fused
+    from hybridctl.core.model.gated_delta import layer_path
 
     if backend.startswith("fused, "):
         monkeypatch.setattr(gdn_fused, "launch_config", lambda kernel, k, v, config="auto": None)
@@ -116,8 +116,8 @@ def test_attention_and_mlp_kernels_match_cpu_reference():
     against the same modules on the CPU in fp32 (the PyTorch code): output and every parameter gradient."""
     import copy
 
-    from hybridctl.core.attention import CausalSelfAttention
-    from hybridctl.core.model import SwiGLU
+    from hybridctl.core.model.attention import CausalSelfAttention
+    from hybridctl.core.model.layers import SwiGLU
 
     torch.manual_seed(2)
     cpu = torch.nn.Sequential(CausalSelfAttention(256, 4), SwiGLU(256, 512))
@@ -140,8 +140,8 @@ def test_attention_and_mlp_kernels_match_cpu_reference():
 def test_linear_cross_entropy_bf16(impl):
     """The chunked losses against the plain one in bf16 autocast (fp32 softmax): loss and both gradients, over
     several chunks; the fused op also inside torch.compile, as the trainer runs it."""
-    from hybridctl.core.fused_loss import fused_linear_cross_entropy
-    from hybridctl.core.model import linear_cross_entropy
+    from hybridctl.core.kernels.fused_loss import fused_linear_cross_entropy
+    from hybridctl.core.model.hybrid_lm import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(4096, 768, device="cuda", requires_grad=True)
@@ -167,8 +167,8 @@ CUDA_MICRO = [f"model.gdn.head_dim={K}", f"model.gdn.num_heads={H}", "model.d_mo
 
 def test_training_steps_on_cuda(tmp_path):
     from conftest import micro_config
-    from hybridctl.core.runs import RunDir
-    from hybridctl.core.trainer import train
+    from hybridctl.core.training.runs import RunDir
+    from hybridctl.core.training.trainer import train
 
     cfg = micro_config(CUDA_MICRO + [f"train.seq_len={T}", f"train.batch_size={B}"])
     run = RunDir(tmp_path / "cuda")
@@ -181,8 +181,8 @@ def test_compiled_training_model_matches_eager():
     """The model as the trainer compiles it (with its inductor options) against the same model run eagerly, both
     on CUDA in bf16 autocast: loss and every parameter's gradient."""
     from conftest import micro_config
-    from hybridctl.core.model import build_model, pick_loss
-    from hybridctl.core.trainer import wrap_for_training
+    from hybridctl.core.model.hybrid_lm import build_model, pick_loss
+    from hybridctl.core.training.trainer import wrap_for_training
 
     cfg = micro_config(CUDA_MICRO + ['model.pattern="LFL"', "model.n_layers=3"])
     cfg.model.vocab_size = 512
@@ -216,8 +216,8 @@ def test_cuda_model_matches_cpu_model():
     import copy
 
     from conftest import micro_config
-    from hybridctl.core.model import build_model, pick_loss
-    from hybridctl.core.trainer import wrap_for_training
+    from hybridctl.core.model.hybrid_lm import build_model, pick_loss
+    from hybridctl.core.training.trainer import wrap_for_training
 
     cfg = micro_config(CUDA_MICRO + ['model.pattern="LFL"', "model.n_layers=3"])
     cfg.model.vocab_size = 512
@@ -246,7 +246,7 @@ def test_moe_router_reads_fp32_norm_on_cuda():
     """Under bf16 autocast the norm before an MoE layer hands it fp32 (as F.rms_norm does), so routing decisions
     are taken on unrounded values; the other norms hand their matmuls bf16."""
     from conftest import micro_config
-    from hybridctl.core.model import build_model
+    from hybridctl.core.model.hybrid_lm import build_model
 
     cfg = micro_config(CUDA_MICRO + ['model.pattern="LFL"', "model.n_layers=3", "model.moe.n_experts=4"])
     cfg.model.vocab_size = 512

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, conftest.py switches Triton to its interpreter
 pytest.importorskip("triton")
 
-from hybridctl.core import add_norm, fused_loss, gdn_kernels, rope, swiglu  # noqa: E402
-from hybridctl.core.attention import Rotary  # noqa: E402
-from hybridctl.core.gated_delta import GatedRMSNorm, causal_conv_silu, l2norm  # noqa: E402
+from hybridctl.core.kernels import add_norm, fused_loss, gdn_kernels, rope, swiglu  # noqa: E402
+from hybridctl.core.model.attention import Rotary  # noqa: E402
+from hybridctl.core.model.gated_delta import GatedRMSNorm, causal_conv_silu, l2norm  # noqa: E402
 
 SENTINEL = 7.0  # fills gradient buffers: columns a kernel must not write keep it
 
@@ -235,7 +235,7 @@ def test_add_rms_norm_rejects_other_shapes_and_takes_strided_input():
 def test_add_rms_norm_compiled_matches_eager():
     """Two chained add + norm ops under torch.compile, registered with inductor as the trainer registers them,
     against the same calls run eagerly: outputs and every gradient. The last sum is unused (no gradient for it)."""
-    from hybridctl.core import inductor_fallbacks
+    from hybridctl.core.kernels import inductor_fallbacks
 
     assert inductor_fallbacks.register()
     torch.manual_seed(3)
@@ -260,8 +260,8 @@ def test_model_through_the_add_norm_op_matches_pytorch(monkeypatch):
     """The model's blocks wired through the op (as on CUDA) against the PyTorch path, on layers of every kind
     (Gated DeltaNet, attention, sparse attention) with an MoE layer: loss and every gradient."""
     from conftest import micro_config
-    from hybridctl.core import model as model_module
-    from hybridctl.core.model import build_model
+    from hybridctl.core.model import layers
+    from hybridctl.core.model.hybrid_lm import build_model
 
     cfg = micro_config(['model.pattern="LDLF"', "model.n_layers=4", "model.moe.n_experts=4"])
     cfg.model.vocab_size = 256
@@ -278,7 +278,7 @@ def test_model_through_the_add_norm_op_matches_pytorch(monkeypatch):
 
     results = []
     for add_and_norm in (plain, through_the_op):
-        monkeypatch.setattr(model_module.RMSNorm, "add_and_norm", add_and_norm)
+        monkeypatch.setattr(layers.RMSNorm, "add_and_norm", add_and_norm)
         model.zero_grad(set_to_none=True)
         loss = model(tokens[:, :-1], tokens[:, 1:]).loss
         loss.backward()
@@ -308,7 +308,7 @@ def test_every_custom_op_is_registered_with_inductor():
     from torch._inductor.lowering import lowerings, maybe_layout_constraints, tag_to_layout_constraint
     from torch._library.utils import get_layout_constraint_tag
 
-    from hybridctl.core import inductor_fallbacks
+    from hybridctl.core.kernels import inductor_fallbacks
 
     import pathlib
     import re
@@ -430,11 +430,11 @@ COMPILE_FOR_HOPPER = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hybridctl.core import add_norm as an
-from hybridctl.core import fused_loss as fl
-from hybridctl.core import gdn_kernels as gk
-from hybridctl.core import rope
-from hybridctl.core import swiglu as sw
+from hybridctl.core.kernels import add_norm as an
+from hybridctl.core.kernels import fused_loss as fl
+from hybridctl.core.kernels import gdn_kernels as gk
+from hybridctl.core.kernels import rope
+from hybridctl.core.kernels import swiglu as sw
 
 conv = {"W": 4, "BC": 128}
 
@@ -526,7 +526,7 @@ def test_kernels_compile_for_hopper():
 def test_dependent_launch_options(monkeypatch, env, capability, expected):
     """The project's kernels launch as programmatic dependent launches on CUDA from compute capability 9, unless
     the environment turns it off (the switch inductor reads) or the interpreter runs them."""
-    from hybridctl.core import pdl
+    from hybridctl.core.kernels import pdl
 
     for name in ("TORCHINDUCTOR_ENABLE_PDL", "TRITON_INTERPRET"):
         monkeypatch.delenv(name, raising=False)
@@ -543,7 +543,7 @@ def test_dependent_launch_options(monkeypatch, env, capability, expected):
 
 @pytest.mark.parametrize("env,options", [({}, {"triton.enable_pdl": True}), ({"TORCHINDUCTOR_ENABLE_PDL": "0"}, None)])
 def test_compile_model_asks_inductor_for_dependent_launch(monkeypatch, env, options):
-    from hybridctl.core import trainer
+    from hybridctl.core.training import trainer
 
     monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
     for name, value in env.items():

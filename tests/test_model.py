@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hybridctl.core.config import load_config
-from hybridctl.core.model import HybridLM
+from hybridctl.core.model.hybrid_lm import HybridLM
 
 
 @pytest.mark.parametrize("preset,params_m", [("transformer", 122.7), ("hybrid_sparse", 146.5), ("deltanet", 151.3)])
@@ -32,7 +32,7 @@ def test_tied_embeddings_and_loss_at_init():
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
 def test_chunked_linear_cross_entropy_matches_plain(chunk):
-    from hybridctl.core.model import linear_cross_entropy
+    from hybridctl.core.model.hybrid_lm import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(3, 50, 16, dtype=torch.float64, requires_grad=True)
@@ -61,7 +61,7 @@ def test_training_loss_equals_eval_loss():
 
 
 def test_train_loss_setting_picks_the_loss_and_all_agree():
-    from hybridctl.core.model import pick_loss
+    from hybridctl.core.model.hybrid_lm import pick_loss
 
     assert [pick_loss(loss, "cuda") for loss in ("auto", "fused", "chunked", "plain")] == [
         "fused", "fused", "chunked", "plain"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybridctl.core.config import MoEConfig
-from hybridctl.core.moe import MoE, gather_dispatch, slot_dispatch
+from hybridctl.core.model.moe import MoE, gather_dispatch, slot_dispatch
 
 D_MODEL, D_FF = 16, 24
 

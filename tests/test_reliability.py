@@ -22,13 +22,15 @@ from safetensors.torch import load_file
 
 from conftest import REPO, StopAfter, cli_args_for_micro, micro_config
 from hybridctl.cli import main
-from hybridctl.core import checkpoint as ckpt
-from hybridctl.core import trainer
-from hybridctl.core.config import config_diff, load_config_file
-from hybridctl.core.data import BatchSampler, load_token_data
+from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import trainer
+from hybridctl.core.presets import config_diff
+from hybridctl.core.config import load_config_file
+from hybridctl.core.data.batches import BatchSampler
+from hybridctl.core.data.token_cache import load_token_data
 from hybridctl.core.errors import CheckpointError, RunError
-from hybridctl.core.model import build_model
-from hybridctl.core.runs import RunDir
+from hybridctl.core.model.hybrid_lm import build_model
+from hybridctl.core.training.runs import RunDir
 
 
 def losses(run: RunDir) -> dict[int, float]:
@@ -424,7 +426,7 @@ def test_checkpoint_folders_hold_only_safetensors_and_json(finished_micro_run):
 # 8. Two processes, one run
 
 
-LOCK_HOLDER = "import sys, time; from hybridctl.core.runs import RunDir; RunDir(sys.argv[1]).acquire_lock(); print('locked', flush=True); time.sleep(120)"
+LOCK_HOLDER = "import sys, time; from hybridctl.core.training.runs import RunDir; RunDir(sys.argv[1]).acquire_lock(); print('locked', flush=True); time.sleep(120)"
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -475,9 +477,9 @@ def test_a_run_that_never_started_is_reused_without_force(tmp_path):
 def test_sigterm_while_the_data_is_tokenised_cleans_up(monkeypatch, tmp_path, capsys):
     """SIGTERM outside the training loop unwinds like Ctrl-C (exit 143): the half-written token cache is removed
     instead of staying, hidden, in the cache folder."""
-    from hybridctl.core import data
+    from hybridctl.core.data import token_cache
 
-    real_build = data.build_token_cache
+    real_build = token_cache.build_token_cache
 
     def build_then_terminated(data_cfg, folder, progress=None):
         real_build(data_cfg, folder, progress)
@@ -485,7 +487,7 @@ def test_sigterm_while_the_data_is_tokenised_cleans_up(monkeypatch, tmp_path, ca
         time.sleep(5)  # the handler raises before this returns
         raise AssertionError("SIGTERM did not stop the build")
 
-    monkeypatch.setattr(data, "build_token_cache", build_then_terminated)
+    monkeypatch.setattr(token_cache, "build_token_cache", build_then_terminated)
     monkeypatch.setenv("HYBRIDCTL_CACHE", str(tmp_path / "cache"))
     code = main(["data", "prepare", "--preset", "tiny", "--set", "data.max_tokens=20000"])
     assert code == 143 and capsys.readouterr().err.strip().splitlines()[-1] == "error: stopped by SIGTERM"

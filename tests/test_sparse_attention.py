@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from hybridctl.core.attention import CausalSelfAttention
+from hybridctl.core.model.attention import CausalSelfAttention
 from hybridctl.core.config import ModelConfig
-from hybridctl.core.sparse_attention import DeepSeekSparseAttention, topk_mask
+from hybridctl.core.model.sparse_attention import DeepSeekSparseAttention, topk_mask
 
 D_MODEL, N_HEADS, T = 32, 4, 24
 

@@ -5,13 +5,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import micro_config
-from hybridctl.core import checkpoint as ckpt
+from hybridctl.core.training import checkpoint as ckpt
 from hybridctl.core.config import load_config, load_config_file
-from hybridctl.core.model import HybridLM
-from hybridctl.core.moe import MoE
-from hybridctl.core.runs import RunDir
-from hybridctl.core.sparse_attention import DeepSeekSparseAttention
-from hybridctl.core.trainer import train
+from hybridctl.core.model.hybrid_lm import HybridLM
+from hybridctl.core.model.moe import MoE
+from hybridctl.core.training.runs import RunDir
+from hybridctl.core.model.sparse_attention import DeepSeekSparseAttention
+from hybridctl.core.training.trainer import train
 from test_train_resume import StopAfter, losses
 
 STUDY_C = {

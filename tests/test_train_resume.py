@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import StopAfter, micro_config
-from hybridctl.core import checkpoint as ckpt
+from hybridctl.core.training import checkpoint as ckpt
 from hybridctl.core.config import load_config_file
-from hybridctl.core.experiments import load_result
-from hybridctl.core.runs import RunDir
-from hybridctl.core.trainer import Schedule, train
+from hybridctl.core.lab.results import load_result
+from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.trainer import Schedule, train
 
 
 def losses(run: RunDir) -> dict[int, float]:

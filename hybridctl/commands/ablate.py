@@ -7,10 +7,12 @@ from typing import Optional
 
 import typer
 
-from hybridctl.core import experiments as ex
-from hybridctl.core.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, print_table,
+from hybridctl.core.lab.report import attention_chart, lr_chart
+from hybridctl.core.lab.results import check_metric, label_results, load_result, rank_results, ranking_warnings
+from hybridctl.core.lab.sweeps import ARCH_GROUPS, DEFAULT_LRS, SweepPlan, parse_lr_values, parse_patterns, plan_arch_sweep, plan_lr_sweep, preview_actions, run_sweep, sweep_conflict, sweep_path
+from hybridctl.core.lab.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, print_table,
                                    results_table)
-from hybridctl.core.runs import RunDir
+from hybridctl.core.training.runs import RunDir
 
 app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value under runs/ablations/<sweep>/.",
                   no_args_is_help=True)
@@ -23,7 +25,7 @@ FORCE_HELP = "Run even if the sweep folder holds a different plan: runs that dif
 @app.command("lr")
 def lr(
     preset: str = typer.Option("deltanet", "--preset", "-p", help="Preset name or .toml path."),
-    values: str = typer.Option(",".join(fmt_lr(v) for v in ex.DEFAULT_LRS), "--values", help="Comma-separated learning rates."),
+    values: str = typer.Option(",".join(fmt_lr(v) for v in DEFAULT_LRS), "--values", help="Comma-separated learning rates."),
     steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
     overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
     out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
@@ -33,14 +35,14 @@ def lr(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """One run per learning rate on one preset; ranks them and plots val loss against LR."""
-    ex.check_metric(metric)
-    plan = ex.plan_lr_sweep(preset, ex.parse_lr_values(values), steps, overrides, name)
+    check_metric(metric)
+    plan = plan_lr_sweep(preset, parse_lr_values(values), steps, overrides, name)
     execute(plan, out, dry_run, force, metric)
 
 
 @app.command("arch")
 def arch(
-    patterns: str = typer.Option("all", "--patterns", help=f"Presets and groups ({', '.join(ex.ARCH_GROUPS)}), comma-separated."),
+    patterns: str = typer.Option("all", "--patterns", help=f"Presets and groups ({', '.join(ARCH_GROUPS)}), comma-separated."),
     steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
     overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
     out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
@@ -50,18 +52,18 @@ def arch(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """One run per architecture preset (same data and seed, each preset's own LR); ranks them by val loss."""
-    ex.check_metric(metric)
-    label = patterns if patterns in ex.ARCH_GROUPS else ""
-    plan = ex.plan_arch_sweep(ex.parse_patterns(patterns), steps, overrides, name, label=label)
+    check_metric(metric)
+    label = patterns if patterns in ARCH_GROUPS else ""
+    plan = plan_arch_sweep(parse_patterns(patterns), steps, overrides, name, label=label)
     execute(plan, out, dry_run, force, metric)
 
 
-def execute(plan: ex.SweepPlan, out: Path, dry_run: bool, force: bool, metric: str) -> None:
-    path = ex.sweep_path(out, plan.name)
+def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str) -> None:
+    path = sweep_path(out, plan.name)
     if dry_run:
-        print_table(plan_table(plan, ex.preview_actions(plan, path)))
+        print_table(plan_table(plan, preview_actions(plan, path)))
         console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {len(plan.runs)} runs")
-        conflict = ex.sweep_conflict(plan, path)
+        conflict = sweep_conflict(plan, path)
         if conflict:
             console.print(f"note: {conflict}; running this plan needs --force or another --name", markup=False,
                           highlight=False, soft_wrap=True)
@@ -77,15 +79,15 @@ def execute(plan: ex.SweepPlan, out: Path, dry_run: bool, force: bool, metric: s
                  else f"diverged before, skipping; {action.note}"}
         err_console.print(f"{where}: {words[action.kind]}", markup=False, highlight=False, soft_wrap=True)
 
-    ex.run_sweep(plan, path, force, progress=lambda planned, i: TrainProgress(f"[{i + 1}/{total}] {planned.name}"),
+    run_sweep(plan, path, force, progress=lambda planned, i: TrainProgress(f"[{i + 1}/{total}] {planned.name}"),
                  notify=notify)
-    results = [ex.load_result(RunDir(path / r.name)) for r in plan.runs if RunDir(path / r.name).exists()]
-    ex.label_results(results)
-    for text in ex.ranking_warnings(results, metric, strict=False):
+    results = [load_result(RunDir(path / r.name)) for r in plan.runs if RunDir(path / r.name).exists()]
+    label_results(results)
+    for text in ranking_warnings(results, metric, strict=False):
         err_console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
-    rows = ex.rank_results(results, metric)
+    rows = rank_results(results, metric)
     print_table(results_table(rows, metric, title=f"Sweep {plan.name}: ranked by {metric}"))
-    print_chart(ex.lr_chart(rows, metric) if plan.kind == "lr" else ex.attention_chart(rows, metric))
+    print_chart(lr_chart(rows, metric) if plan.kind == "lr" else attention_chart(rows, metric))
     best = next((r for r in rows if r.rank == 1), None)
     if best is None:
         finished = any(r.status == "complete" for r in results)

@@ -15,12 +15,13 @@ from rich.table import Table
 
 from hybridctl.cli import register_entry_points
 from hybridctl.commands.train import check_device_for_gpus, check_gpus, launch_on_gpus
-from hybridctl.core import distributed as dist
-from hybridctl.core import evaluation
+from hybridctl.core.training import distributed as dist
+from hybridctl.core.lab.arc import bench_arc
+from hybridctl.core.lab.speed import DEFAULT_VOCAB, bench_speed, check_speed_counts, default_speed_path, speed_configs, speed_plan
 from hybridctl.core.errors import ConfigError, RunError
-from hybridctl.core.render import console, err_console, fmt_count, fmt_num, print_table
-from hybridctl.core.runs import ensure_new_file
-from hybridctl.core.trainer import resolve_device
+from hybridctl.core.lab.render import console, err_console, fmt_count, fmt_num, print_table
+from hybridctl.core.training.runs import ensure_new_file
+from hybridctl.core.training.trainer import resolve_device
 
 ENTRY_POINT_GROUP = "hybridctl.benchmarks"
 
@@ -48,7 +49,7 @@ def arc(
 ):
     """ARC-Challenge (zero-shot, scored like lm-evaluation-harness) on a trained run; writes RUN/bench/arc.json."""
     with progress_bar("arc") as update:
-        result = evaluation.bench_arc(target, checkpoint, split, data, limit, batch_size, max_len, device, force, progress=update)
+        result = bench_arc(target, checkpoint, split, data, limit, batch_size, max_len, device, force, progress=update)
     console.print(f"[bold]{result['run']}[/] @ {result['checkpoint']} (step {result['checkpoint_step']})", highlight=False)
     print_table(arc_table(result))
     console.print(f"saved {result['path']}", markup=False, highlight=False, soft_wrap=True)
@@ -105,7 +106,7 @@ def speed(
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compilation, autotuning, allocator)."),
     forward_only: bool = typer.Option(False, "--forward-only", help="Time inference forward passes instead of training steps."),
     overrides: list[str] = typer.Option([], "--set", help="Override a key for every architecture, e.g. --set model.d_model=64."),
-    vocab: Optional[int] = typer.Option(None, "--vocab", help=f"Vocabulary size (default: the preset's when known, else {evaluation.DEFAULT_VOCAB})."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", help=f"Vocabulary size (default: the preset's when known, else {DEFAULT_VOCAB})."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the preset's train.device)."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders; results go to OUT/bench/speed-<time>.json."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this file instead."),
@@ -123,14 +124,14 @@ def speed(
         names = ["base_study_a"] if pattern_list else ["deltanet", "hybrid_sparse", "transformer"]
     if device is not None:
         overrides = [*overrides, f'train.device="{device}"']
-    configs = evaluation.speed_configs(names, pattern_list, overrides, vocab)
+    configs = speed_configs(names, pattern_list, overrides, vocab)
     seqs, batches = int_list(seq, "--seq"), int_list(batch, "--batch")
     if gpus is not None:
         for cfg in configs:
             check_device_for_gpus(cfg, gpus)
     if gpus is not None and gpus > 1:  # what would stop every process, checked here once
-        evaluation.check_speed_counts(steps, warmup, seqs, batches, tokens_per_step)
-        evaluation.speed_plan(configs, seqs, batches, tokens_per_step, gpus)
+        check_speed_counts(steps, warmup, seqs, batches, tokens_per_step)
+        speed_plan(configs, seqs, batches, tokens_per_step, gpus)
         return launch_on_gpus(gpus)
 
     def on_start(name: str, seq_len: int, batch_size: int) -> None:
@@ -144,7 +145,7 @@ def speed(
             path, replace = reserve_speed_path(out), True  # the empty file it made is this run's to replace
         before = file_state(path)
         try:
-            report = evaluation.bench_speed(configs, seqs, batches, tokens_per_step, steps, warmup, forward_only,
+            report = bench_speed(configs, seqs, batches, tokens_per_step, steps, warmup, forward_only,
                                             path, replace, on_start=on_start)
         except BaseException:
             if main and path is not None and file_state(path) != before:  # the file is written after each shape
@@ -171,7 +172,7 @@ def reserve_speed_path(out: Path) -> Path:
     """A new OUT/bench/speed-<time>[-N].json, created empty at once (O_EXCL): two runs started in the same second
     would otherwise pick the same free name and the later one would write over the earlier one's results."""
     while True:
-        path = evaluation.default_speed_path(out)
+        path = default_speed_path(out)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))

@@ -8,16 +8,17 @@ from typing import Optional
 
 import typer
 
-from hybridctl.core import experiments as ex
+from hybridctl.core.lab.report import curves_chart
+from hybridctl.core.lab.results import METRICS, SORT_KEYS, collect_results, rank_results, ranking_warnings, result_record
 from hybridctl.core.errors import ConfigError, RunError
-from hybridctl.core.render import console, err_console, markdown_table, print_chart, print_table, results_rows, results_table
-from hybridctl.core.runs import ensure_new_file
+from hybridctl.core.lab.render import console, err_console, markdown_table, print_chart, print_table, results_rows, results_table
+from hybridctl.core.training.runs import ensure_new_file
 
 
 def compare(
     paths: Optional[list[Path]] = typer.Argument(None, help="Run folders, sweep folders or folders of runs (default: runs)."),
-    metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(ex.METRICS)}."),
-    sort: str = typer.Option("rank", "--sort", help=f"Row order: {', '.join(ex.SORT_KEYS)}."),
+    metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(METRICS)}."),
+    sort: str = typer.Option("rank", "--sort", help=f"Row order: {', '.join(SORT_KEYS)}."),
     x: str = typer.Option("steps", "--x", help="x axis of the curves: steps or tokens."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw loss curves (a table of points when not on a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print the ranking as JSON to stdout instead of tables."),
@@ -35,13 +36,13 @@ def compare(
                 target.parent.mkdir(parents=True, exist_ok=True)  # as report and bench make theirs
             except OSError as e:
                 raise RunError(f"cannot make the folder of {target}: {e.strerror}; choose another path") from None
-    results = ex.collect_results(paths or [Path("runs")])
-    notes = [f"warning: {text}" for text in ex.ranking_warnings(results, metric)]
-    rows = ex.rank_results(results, metric, sort)
+    results = collect_results(paths or [Path("runs")])
+    notes = [f"warning: {text}" for text in ranking_warnings(results, metric)]
+    rows = rank_results(results, metric, sort)
     # On stderr, so --json output stays machine-readable; the Markdown table carries them too.
     for note in notes:
         err_console.print(note, markup=False, highlight=False, soft_wrap=True)
-    records = [ex.result_record(row, metric) for row in rows]
+    records = [result_record(row, metric) for row in rows]
     if json_out is not None:
         json_out.write_text(json.dumps(records, indent=2) + "\n")
     if markdown is not None:
@@ -55,8 +56,8 @@ def compare(
     print_table(results_table(rows, metric, title=f"{count} ranked by {metric}"))
     if plots:
         shown = [row.result for row in rows]
-        print_chart(ex.curves_chart(shown, "val_loss", x))
-        print_chart(ex.curves_chart(shown, "loss", x))
+        print_chart(curves_chart(shown, "val_loss", x))
+        print_chart(curves_chart(shown, "loss", x))
     for target in (json_out, markdown):
         if target is not None:
             console.print(f"wrote {target}", markup=False, highlight=False)

@@ -7,9 +7,11 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hybridctl.core.config import load_config
-from hybridctl.core.data import BUILTIN_CORPORA, cache_root, cached_token_sets, load_token_data
-from hybridctl.core.render import console, data_table, err_console, fmt_bytes, fmt_count
-from hybridctl.core.synthetic import TASKS, check_seq_len
+from hybridctl.core.data.corpora import BUILTIN_CORPORA
+from hybridctl.core.data.tokens import cache_root
+from hybridctl.core.data.token_cache import cached_token_sets, load_token_data
+from hybridctl.core.lab.render import console, data_table, err_console, fmt_bytes, fmt_count
+from hybridctl.core.data.synthetic import TASKS, check_seq_len
 
 app = typer.Typer(help="Prepare (tokenise and cache) and list training data.", no_args_is_help=True)
 

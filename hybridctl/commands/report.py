@@ -7,20 +7,22 @@ from typing import Optional
 
 import typer
 
-from hybridctl.core import experiments as ex
+from hybridctl.core.lab.report import build_report
+from hybridctl.core.lab.results import METRICS, check_metric, collect_results
+from hybridctl.core.lab.sweeps import read_sweep
 from hybridctl.core.errors import ConfigError, RunError
-from hybridctl.core.render import console, print_report, report_plots_dir, write_report
-from hybridctl.core.runs import ensure_new_file
+from hybridctl.core.lab.render import console, print_report, report_plots_dir, write_report
+from hybridctl.core.training.runs import ensure_new_file
 
 
 def report(
     path: Path = typer.Argument(..., help="A run folder, a sweep folder (runs/ablations/<sweep>) or a folder of runs."),
     out: Optional[Path] = typer.Option(None, "--out", help="Markdown file (.md) to write; plots go to <name>_plots/ beside it (default: PATH/report.md)."),
-    metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(ex.METRICS)}."),
+    metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(METRICS)}."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report file and its plots."),
 ):
     """Winner and margin, ranking, loss vs attention share, throughput vs quality, LR sensitivity, curves."""
-    ex.check_metric(metric)
+    check_metric(metric)
     if out is not None and out.suffix != ".md" and not out.is_dir():  # a folder gets its own error below
         raise ConfigError(f"--out {out} is not a Markdown file; give a path ending in .md")
     out = out or (path / "report.md" if path.is_dir() else path.with_suffix(".md"))
@@ -30,9 +32,9 @@ def report(
         raise RunError(f"{plots_dir} is a file where the report's plots go; move it or choose another --out")
     if plots_dir.exists() and not force:  # the plots of an earlier report, kept (maybe edited) without its .md
         raise RunError(f"{plots_dir} already exists; pass --force to replace the plots in it or choose another --out")
-    results = ex.collect_results([path])
-    sweep = ex.read_sweep(path) if path.is_dir() else None
-    findings = ex.build_report(results, metric, title=f"Findings: {path.resolve().name}", sweep=sweep)
+    results = collect_results([path])
+    sweep = read_sweep(path) if path.is_dir() else None
+    findings = build_report(results, metric, title=f"Findings: {path.resolve().name}", sweep=sweep)
     print_report(findings)
     plots = write_report(findings, out)
     where = f" and {len(plots)} plot files in {plots[0].parent}" if plots else ""

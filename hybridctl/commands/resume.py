@@ -9,13 +9,13 @@ from typing import Optional
 import typer
 
 from hybridctl.commands.train import GPUS_HELP, check_config_for_gpus, check_gpus, launch_on_gpus
-from hybridctl.core import distributed as dist
-from hybridctl.core.checkpoint import read_state, verify_checkpoint
+from hybridctl.core.training import distributed as dist
+from hybridctl.core.training.checkpoint import read_state, verify_checkpoint
 from hybridctl.core.errors import RunError
-from hybridctl.core.render import TrainProgress, console, err_console, summary_table
-from hybridctl.core.runs import RunDir
-from hybridctl.core.trainer import resolve_device
-from hybridctl.core.trainer import train as run_training
+from hybridctl.core.lab.render import TrainProgress, console, err_console, summary_table
+from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.trainer import resolve_device
+from hybridctl.core.training.trainer import train as run_training
 
 
 def resume(

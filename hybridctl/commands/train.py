@@ -13,14 +13,15 @@ import torch
 import typer
 
 from hybridctl import cli
-from hybridctl.core import distributed as dist
-from hybridctl.core.config import available_presets, load_config, read_toml, find_preset
+from hybridctl.core.training import distributed as dist
+from hybridctl.core.presets import available_presets, read_toml, find_preset
+from hybridctl.core.config import load_config
 from hybridctl.core.errors import ConfigError
-from hybridctl.core.render import TrainProgress, console, summary_table
-from hybridctl.core.runs import RunDir, check_run_name
-from hybridctl.core.trainer import (checkpoint_bytes, check_room_for_a_checkpoint, load_run_data, micro_batch_size,
+from hybridctl.core.lab.render import TrainProgress, console, summary_table
+from hybridctl.core.training.runs import RunDir, check_run_name
+from hybridctl.core.training.trainer import (checkpoint_bytes, check_room_for_a_checkpoint, load_run_data, micro_batch_size,
                                     resolve_device)
-from hybridctl.core.trainer import train as run_training
+from hybridctl.core.training.trainer import train as run_training
 
 GPUS_HELP = "Train on N GPUs of this machine: starts N processes under torchrun, one per GPU (global batch unchanged)."
 

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message as one line and exits non-zero, without a traceback."""
 
+import difflib
+
 
 class HybridctlError(Exception):
     """A problem the user can fix; the message names it and says how."""
@@ -31,3 +33,9 @@ class Terminated(BaseException):
     """SIGTERM outside the training loop (which saves a checkpoint first): unwinds the stack, so the cleanup of
     half-written files runs, where the default action would kill the process on the spot. Not a KeyboardInterrupt,
     which Typer turns into a silent exit."""
+
+
+def suggest(word: str, choices) -> str:
+    """A ' (did you mean ...?)' hint for an error message, or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from hybridctl.core import hub
+from hybridctl.core.data import hub
 from hybridctl.core.config import DataConfig
 from hybridctl.core.errors import DataError
 

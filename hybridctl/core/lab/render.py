@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from hybridctl.core.plots import chart_size, render_chart, save_chart
+from hybridctl.core.lab.plots import chart_size, render_chart, save_chart
 
 console = Console()
 err_console = Console(stderr=True)

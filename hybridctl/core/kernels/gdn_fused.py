@@ -57,7 +57,7 @@ def fla_internals_available() -> bool:
             prepare_wy_repr_bwd, prepare_wy_repr_bwd_kernel, recompute_w_u_fwd)
         from fla.ops.utils import chunk_local_cumsum  # noqa: F401
 
-        from hybridctl.core import gdn_kernels  # noqa: F401  (needs Triton)
+        from hybridctl.core.kernels import gdn_kernels  # noqa: F401  (needs Triton)
     except Exception:  # another fla layout, or no Triton
         return False
     return True
@@ -211,7 +211,7 @@ def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor,
     from fla.ops.gated_delta_rule.wy_fast import recompute_w_u_fwd
     from fla.ops.utils.constant import RCP_LN2
 
-    from hybridctl.core.gdn_kernels import gated_rms_norm_fwd, qkv_views, short_conv_fwd
+    from hybridctl.core.kernels.gdn_kernels import gated_rms_norm_fwd, qkv_views, short_conv_fwd
 
     B, T, _ = proj.shape
     H, K, V = num_heads, head_dim, head_v_dim
@@ -248,7 +248,7 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
     """Gradients for proj, ab, conv_weight, A_log, dt_bias and norm_weight."""
     from fla.ops.utils import chunk_local_cumsum
 
-    from hybridctl.core.gdn_kernels import gate_beta_grad, gated_rms_norm_bwd, qkv_views, short_conv_bwd, state_grad
+    from hybridctl.core.kernels.gdn_kernels import gate_beta_grad, gated_rms_norm_bwd, qkv_views, short_conv_bwd, state_grad
 
     B, T, H, V = o.shape
     K = (proj.shape[-1] - 2 * H * V) // (2 * H)  # proj is [q | k | v | gate]: 2 H K + 2 H V wide

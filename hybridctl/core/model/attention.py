@@ -37,7 +37,7 @@ class Rotary(nn.Module):
         B, T, _ = qkv.shape
         head_dim = self.inv_freq.numel() * 2
         if qkv.is_cuda:
-            from hybridctl.core import rope  # needs Triton
+            from hybridctl.core.kernels import rope  # needs Triton
 
             if rope.supported(head_dim):
                 cos, sin = self.tables(T, qkv.device)

@@ -34,7 +34,7 @@ def register() -> bool:
         from torch._library.utils import get_layout_constraint_tag
 
         for module in OP_MODULES:
-            importlib.import_module(f"hybridctl.core.{module}")
+            importlib.import_module(f"hybridctl.core.kernels.{module}")
         for name in op_names():
             op = getattr(torch.ops.hybridctl, name).default
             if op not in lowerings:

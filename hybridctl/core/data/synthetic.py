@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from hybridctl.core.config import DataConfig
+from hybridctl.core.data.tokens import TokenData, token_dtype
 from hybridctl.core.errors import DataError
 
 TASKS = {"mqar": "multi-query associative recall: key-value pairs, then every key again with its value (offline)"}
@@ -96,8 +97,6 @@ def check_seq_len(data_cfg: DataConfig, seq_len: int) -> None:
 
 
 def load(data_cfg: DataConfig):
-    from hybridctl.core.data import TokenData, token_dtype
-
     start = time.perf_counter()
     task, opts = parse_spec(data_cfg.dataset)
     pairs, vocab, seed = opts["pairs"], opts["vocab"], opts["seed"]

@@ -11,57 +11,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from hybridctl.core.attention import CausalSelfAttention
+from hybridctl.core.model.attention import CausalSelfAttention
 from hybridctl.core.config import ModelConfig
-from hybridctl.core.gated_delta import GatedDeltaNet
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, cast_to_autocast: bool = True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-        # add_and_norm's output on CUDA: in autocast's dtype for the matmul that reads it, or in the residual
-        # stream's (fp32, as F.rms_norm gives under autocast) for a reader that computes in fp32 (the MoE router).
-        self.cast_to_autocast = cast_to_autocast
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, the sum normalised): a residual add and the norm after it, one kernel each way on CUDA
-        (add_norm.py). delta None: (x, x normalised)."""
-        if x.is_cuda:
-            from hybridctl.core.add_norm import add_rms_norm  # needs Triton
-
-            return add_rms_norm(x, delta, self.weight, self.eps, self.cast_to_autocast)
-        x = x if delta is None else x + delta
-        return x, self(x)
-
-
-def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up = [gate | up]; on CUDA through swiglu.py's kernels (a leaner backward)."""
-    if gate_up.is_cuda:
-        from hybridctl.core.swiglu import swiglu  # needs Triton
-
-        return swiglu(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x):
-        return self.down(silu_gate(self.gate_up(x)))
+from hybridctl.core.model.gated_delta import GatedDeltaNet
+from hybridctl.core.model.layers import RMSNorm, SwiGLU
 
 
 def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
@@ -72,7 +28,7 @@ def make_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
     if kind == "F":
         return CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.attention.window, cfg.attention.rope_theta)
     if kind == "D":
-        from hybridctl.core.sparse_attention import DeepSeekSparseAttention
+        from hybridctl.core.model.sparse_attention import DeepSeekSparseAttention
 
         return DeepSeekSparseAttention(cfg)
     raise ValueError(f"unknown layer kind {kind!r}")
@@ -84,7 +40,7 @@ def uses_moe(layer: int, cfg: ModelConfig) -> bool:
 
 def make_mlp(layer: int, cfg: ModelConfig) -> nn.Module:
     if uses_moe(layer, cfg):
-        from hybridctl.core.moe import MoE
+        from hybridctl.core.model.moe import MoE
 
         return MoE(cfg.d_model, cfg.ffn_dim, cfg.moe)
     return SwiGLU(cfg.d_model, cfg.ffn_dim)
@@ -217,7 +173,7 @@ class HybridLM(nn.Module):
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 in fp64 checks
             ce = F.cross_entropy(wide.view(-1, wide.shape[-1]), targets.reshape(-1))
         elif self.loss_impl == "fused":
-            from hybridctl.core.fused_loss import fused_linear_cross_entropy  # needs Triton
+            from hybridctl.core.kernels.fused_loss import fused_linear_cross_entropy  # needs Triton
 
             ce = fused_linear_cross_entropy(h, self.lm_head.weight, targets)
         else:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridctl.core.pdl import launch_options, wait_then_release
+from hybridctl.core.kernels.pdl import launch_options, wait_then_release
 
 BLOCK, WARPS = 2048, 8  # elements of the output per program; most tiles are within 2% (benchmarks/swiglu.py)
 

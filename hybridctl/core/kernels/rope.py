@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridctl.core.pdl import launch_options, wait_then_release
+from hybridctl.core.kernels.pdl import launch_options, wait_then_release
 
 ROWS, WARPS = 32, 4  # time steps per program and warps; a program holds one head of one sequence
 

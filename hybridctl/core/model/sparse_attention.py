@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridctl.core.attention import Rotary, sliding_window_mask
+from hybridctl.core.model.attention import Rotary, sliding_window_mask
 from hybridctl.core.config import ModelConfig
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from hybridctl.core import checkpoint as ckpt
+from hybridctl.core.training import checkpoint as ckpt
 from hybridctl.core.config import Config, config_to_toml, load_config_file
 from hybridctl.core.errors import CheckpointError, RunError
 

@@ -31,14 +31,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hybridctl.core import checkpoint as ckpt
-from hybridctl.core import distributed as dist
-from hybridctl.core import synthetic
-from hybridctl.core.config import Config, config_diff
-from hybridctl.core.data import BatchSampler, TokenData, eval_batches, load_token_data, windows_to_batch
+from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import distributed as dist
+from hybridctl.core.data import synthetic
+from hybridctl.core.config import Config
+from hybridctl.core.presets import config_diff
+from hybridctl.core.data.batches import BatchSampler, eval_batches, windows_to_batch
+from hybridctl.core.data.tokens import TokenData
+from hybridctl.core.data.token_cache import load_token_data
 from hybridctl.core.errors import CheckpointError, ConfigError, TrainingError
-from hybridctl.core.model import HybridLM, build_model, pick_loss
-from hybridctl.core.runs import RunDir
+from hybridctl.core.model.hybrid_lm import HybridLM, build_model, pick_loss
+from hybridctl.core.training.runs import RunDir
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -248,7 +251,7 @@ def compile_model(module: torch.nn.Module) -> torch.nn.Module:
     import torch._inductor.config as inductor_config
 
     if torch.cuda.is_available():
-        from hybridctl.core import inductor_fallbacks
+        from hybridctl.core.kernels import inductor_fallbacks
 
         inductor_fallbacks.register()
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridctl.core.pdl import launch_options, wait_then_release
+from hybridctl.core.kernels.pdl import launch_options, wait_then_release
 
 # Vocabulary entries per loop step and warps per row, and tokens per chunk: measured best on an H200 at the study
 # shape (benchmarks/loss.py).

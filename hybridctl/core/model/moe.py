@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybridctl.core.config import MoEConfig
-from hybridctl.core.model import SwiGLU
+from hybridctl.core.model.layers import SwiGLU
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridctl.core.pdl import launch_options, wait_then_release
+from hybridctl.core.kernels.pdl import launch_options, wait_then_release
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridctl.core.pdl import launch_options, wait_then_release
+from hybridctl.core.kernels.pdl import launch_options, wait_then_release
 
 # Measured on an H200 at the study shape (49,152 rows of 768): the forward's rows per program and warps; the
 # backward's (rows per tile, tiles per program, warps, pipeline stages of the tile loop's loads).

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridctl.core import gdn_fused
+from hybridctl.core.kernels import gdn_fused
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Subword tokenizers from the `tokenizers` library behind data.py's Tokenizer interface.
+"""Subword tokenizers from the `tokenizers` library behind tokenizer.py's Tokenizer interface.
 
     tokenizer = "HuggingFaceTB/SmolLM-135M"   a hub tokenizer (the repo's tokenizer.json)
     tokenizer = "path/to/tokenizer.json"      a local file, or a folder that holds one
@@ -19,9 +19,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from hybridctl.core import hub
+from hybridctl.core.data import hub
 from hybridctl.core.config import DataConfig
 from hybridctl.core.errors import DataError
+from hybridctl.core.data.corpora import corpus_key, training_documents
+from hybridctl.core.data.tokens import cache_root, write_error
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
 ADDED_EOS = "<|endoftext|>"
@@ -112,12 +114,10 @@ def first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
 
 
 def bpe_path(data_cfg: DataConfig, vocab_size: int) -> Path:
-    """Cached next to the token cache, keyed by the corpus (as data.corpus_key sees it) and the settings."""
-    from hybridctl.core import data
-
-    key = {"corpus": data.corpus_key(data_cfg), "vocab_size": vocab_size, "chars": BPE_TRAIN_CHARS, "format": 1}
+    """Cached next to the token cache, keyed by the corpus (as corpora.corpus_key sees it) and the settings."""
+    key = {"corpus": corpus_key(data_cfg), "vocab_size": vocab_size, "chars": BPE_TRAIN_CHARS, "format": 1}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return data.cache_root(data_cfg) / "tokenizers" / f"bpe{vocab_size}-{digest}" / "tokenizer.json"
+    return cache_root(data_cfg) / "tokenizers" / f"bpe{vocab_size}-{digest}" / "tokenizer.json"
 
 
 def as_os_error(error: Exception) -> OSError:
@@ -137,9 +137,7 @@ def bpe_tokenizer(spec: str, data_cfg: DataConfig, texts: Iterable[str] | None) 
     vocab_size = int(size)
     path = bpe_path(data_cfg, vocab_size)
     if not path.is_file():
-        from hybridctl.core import data
-
-        texts = data.training_documents(data_cfg) if texts is None else texts
+        texts = training_documents(data_cfg) if texts is None else texts
         tokenizer = train_bpe(first_chars(texts, BPE_TRAIN_CHARS), vocab_size)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
@@ -148,7 +146,7 @@ def bpe_tokenizer(spec: str, data_cfg: DataConfig, texts: Iterable[str] | None) 
             os.replace(tmp, path)
         except Exception as e:
             tmp.unlink(missing_ok=True)
-            raise data.write_error(as_os_error(e), path.parent, "tokenizer cache") from None
+            raise write_error(as_os_error(e), path.parent, "tokenizer cache") from None
     return from_file(path, spec)  # the saved file, so a fresh and a cached tokenizer are the same object
 
 

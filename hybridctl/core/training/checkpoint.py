@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hybridctl.core.config import config_diff
+from hybridctl.core.presets import config_diff
 from hybridctl.core.errors import CheckpointError
 
 MODEL_FILE = "model.safetensors"

@@ -1,0 +1,462 @@
+"""Sweeps: LR and architecture sweeps planned, written down and run, resumably.
+
+A sweep is a folder `runs/ablations/<sweep>/` holding one ordinary run folder per planned run and
+`sweep.json` (kind, plan, steps, status per run). Running the same sweep again skips finished runs, resumes
+unfinished ones from their newest checkpoint and restarts runs that never reached one; a different plan under
+the same name is refused unless forced, so results of two plans never mix in one folder. While a process runs
+the sweep it holds `sweep.lock` (an flock, like a run's run.lock), and a second one is refused before it writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.config import Config, load_config
+from hybridctl.core.presets import parse_override
+from hybridctl.core.data.token_cache import cache_key, load_token_data
+from hybridctl.core.errors import ConfigError, HybridctlError, RunError, TrainingError
+from hybridctl.core.lab.render import fmt_lr
+from hybridctl.core.training.runs import (SWEEP_FILE, SWEEP_LOCK, RunDir, check_run_name, is_run_dir,
+                                 write_json_atomic)
+from hybridctl.core.training.trainer import train
+
+
+SWEEPS_DIR = "ablations"
+
+
+ARC_FILE = Path("bench") / "arc.json"
+
+
+DEFAULT_LRS = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3]
+
+
+DEFAULT_STEPS = {"lr": 200, "arch": 300}
+
+
+STUDY_A = [
+    "deltanet", "hybrid_8", "hybrid_sparse", "hybrid_25", "hybrid_late", "hybrid_42", "hybrid_alternating",
+    "hybrid_58", "hybrid_67", "hybrid_75", "hybrid_83", "hybrid_92", "transformer",
+]
+
+
+STUDY_C = [
+    "sandwich", "linear_first", "alternating_fl", "full_first",
+    "dsa_sandwich", "dsa_linear_first", "dsa_alternating", "dsa_full_first",
+]
+
+
+ARCH_GROUPS = {"all": STUDY_A, "study_a": STUDY_A, "study_c": STUDY_C}
+
+
+def parse_lr_values(text: str) -> list[float]:
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ConfigError(f"--values: '{item}' is not a number; give learning rates like 3e-4,1e-3,2e-3") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"--values: learning rates must be positive, got {item}")
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise ConfigError("--values is empty; give learning rates like 3e-4,1e-3,2e-3")
+    return values
+
+
+def parse_patterns(text: str) -> list[str]:
+    """Comma-separated preset names and group names (all, study_a, study_c), expanded in order, without repeats."""
+    names: list[str] = []
+    for item in text.split(","):
+        item = item.strip()
+        for name in ARCH_GROUPS.get(item, [item] if item else []):
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ConfigError(f"--patterns is empty; give preset names or a group ({', '.join(ARCH_GROUPS)})")
+    return names
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    preset: str
+    overrides: list[str]
+    value: Any  # the swept value: an LR, or the preset name
+    cfg: Config = field(repr=False, compare=False)
+
+    @property
+    def tokens(self) -> int:
+        t = self.cfg.train
+        return t.steps * t.batch_size * t.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "preset": self.preset, "overrides": self.overrides, "value": self.value}
+
+
+@dataclass
+class SweepPlan:
+    kind: str  # "lr" or "arch"
+    name: str
+    steps: int
+    runs: list[PlannedRun]
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.runs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "steps": self.steps, "runs": [r.to_dict() for r in self.runs]}
+
+
+def _override_value(overrides: list[str], key: str):
+    found = None
+    for text in overrides:
+        path, value = parse_override(text)
+        if ".".join(path) == key:
+            found = value
+    return found
+
+
+def resolve_steps(kind: str, steps: int | None, overrides: list[str]) -> int:
+    """--steps wins, then a `--set train.steps=N`, then the sweep kind's default (200 for LR, 300 for arch)."""
+    if steps is None:
+        steps = _override_value(overrides, "train.steps") or DEFAULT_STEPS[kind]
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {steps!r}")
+    return steps
+
+
+def plan_lr_sweep(preset: str, values: list[float], steps: int | None = None, overrides: list[str] | None = None,
+                  name: str | None = None) -> SweepPlan:
+    overrides = list(overrides or [])
+    if _override_value(overrides, "train.lr") is not None:
+        raise ConfigError("an LR sweep sets train.lr itself; drop --set train.lr and list the rates with --values")
+    steps = resolve_steps("lr", steps, overrides)
+    stem = Path(preset).stem
+    runs = []
+    for lr in values:
+        run_overrides = overrides + [f"train.steps={steps}", f"train.lr={lr!r}"]
+        run_name = f"{stem}_lr{fmt_lr(lr)}"
+        cfg = load_config(preset, run_overrides)
+        cfg.name = run_name
+        runs.append(PlannedRun(run_name, preset, run_overrides, lr, cfg))
+    return SweepPlan("lr", name or f"lr_{stem}", steps, runs)
+
+
+def plan_arch_sweep(presets: list[str], steps: int | None = None, overrides: list[str] | None = None,
+                    name: str | None = None, label: str = "") -> SweepPlan:
+    """One run per preset, each with its own LR; same data and seed unless the presets differ there."""
+    overrides = list(overrides or [])
+    steps = resolve_steps("arch", steps, overrides)
+    runs = []
+    for preset in presets:
+        run_overrides = overrides + [f"train.steps={steps}"]
+        cfg = load_config(preset, run_overrides)  # an unknown preset raises here, before anything runs
+        run_name = Path(preset).stem
+        cfg.name = run_name
+        runs.append(PlannedRun(run_name, preset, run_overrides, run_name, cfg))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--patterns names two presets with the same file name ({', '.join(names)}); rename one")
+    return SweepPlan("arch", name or f"arch_{label or '-'.join(names)}", steps, runs)
+
+
+def sweep_path(out: Path, name: str) -> Path:
+    check_run_name(name, "sweep name")
+    return Path(out) / SWEEPS_DIR / name
+
+
+def read_sweep(path: Path) -> dict[str, Any] | None:
+    f = Path(path) / SWEEP_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise RunError(f"{f} is corrupt (not valid JSON); delete it and re-run with --force") from None
+
+
+def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """A short description of how two plans differ ('' when they are the same)."""
+    if old.get("kind") != new["kind"]:
+        return f"kind {old.get('kind')} vs {new['kind']}"
+    if old.get("steps") != new["steps"]:
+        return f"steps {old.get('steps')} vs {new['steps']}"
+    before = {r["name"]: r for r in old.get("plan", [])}
+    after = {r["name"]: r for r in new["runs"]}
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    if added or removed:
+        return ", ".join([*(f"+{n}" for n in added), *(f"-{n}" for n in removed)])
+    changed = [n for n in after if before[n] != after[n]]
+    if changed:
+        return f"settings of {', '.join(changed)} changed"
+    return ""
+
+
+@dataclass
+class RunAction:
+    """What a sweep will do with one planned run: 'done', 'diverged', 'resume' (from checkpoint) or 'start'.
+
+    run_sweep also reports a run that has just diverged, as 'diverged' with the step it stopped at; `note` says
+    how to get a diverged run trained."""
+
+    kind: str
+    checkpoint: Path | None = None
+    step: int = 0
+    note: str = ""
+
+
+def next_action(run: RunDir, planned: PlannedRun, recorded_status: str | None) -> RunAction:
+    if not run.exists():
+        return RunAction("start")
+    summary = run.read_summary()
+    if summary.get("status") == "complete" and summary.get("steps") == planned.cfg.train.steps:
+        return RunAction("done", step=summary["steps"])
+    if recorded_status == "diverged":
+        return RunAction("diverged")
+    try:
+        if run.load_config().train.steps != planned.cfg.train.steps:
+            return RunAction("start")  # changed by hand (e.g. resume --extend-steps): no longer this plan's run
+    except HybridctlError:
+        return RunAction("start")
+    for checkpoint in reversed(run.step_checkpoints()):
+        try:
+            step = ckpt.read_state(checkpoint)["step"]
+        except (HybridctlError, KeyError):
+            continue
+        if step < planned.cfg.train.steps:
+            return RunAction("resume", checkpoint, step)
+    return RunAction("start")  # no usable checkpoint: train it again from the start
+
+
+def divergence_advice(kind: str | None, run: RunDir, preset: str | None = None) -> str:
+    """How to get a diverged sweep run trained. Resuming would replay the same batches at the same LR, so it
+    takes a lower LR, and the sweep skips a run recorded as diverged until its settings or its folder change."""
+    try:
+        lr = run.load_config().train.lr
+    except HybridctlError:
+        lr = None
+    if kind == "lr" and lr is not None:
+        return (f"LR {fmt_lr(lr)} is too high: run the ablate command again with --force and --values without it "
+                "(or with a lower rate in its place); --force keeps the runs whose settings are unchanged")
+    now = f" (now {lr:g})" if lr is not None else ""
+    return (f"its LR is too high: lower train.lr in preset {preset or run.name}{now}, delete {run.path} and run "
+            "the same ablate command again; finished runs are kept")
+
+
+def sweep_conflict(plan: SweepPlan, path: Path) -> str:
+    """Why running the plan in this folder would need --force ('' when it would not)."""
+    state = read_sweep(path)
+    if state is None:
+        return f"{path} exists but is not a sweep" if _holds_files(path) else ""
+    diff = plan_difference(state, plan.to_dict())
+    return f"the sweep there was planned differently ({diff})" if diff else ""
+
+
+def preview_actions(plan: SweepPlan, path: Path) -> list[RunAction]:
+    """What running the plan would do now, reading only (for --dry-run)."""
+    if sweep_conflict(plan, path):
+        return [RunAction("start") for _ in plan.runs]
+    status = (read_sweep(path) or {}).get("status", {})
+    return [next_action(RunDir(path / r.name), r, status.get(r.name)) for r in plan.runs]
+
+
+def _holds_files(path: Path) -> bool:
+    """Whether the folder exists and holds anything but a sweep's lock."""
+    path = Path(path)
+    return path.is_dir() and any(p.name != SWEEP_LOCK for p in path.iterdir())
+
+
+class _SweepLock(RunDir):
+    """RunDir's lock (an flock the kernel drops when its owner exits, however it exits), kept in a sweep folder's
+    sweep.lock."""
+
+    lock_path = property(lambda self: self.path / SWEEP_LOCK)
+
+
+def lock_sweep(path: Path) -> RunDir:
+    """Lock the sweep folder (made if missing) for this process; release_lock() on the result frees it."""
+    lock = _SweepLock(path)
+    try:
+        lock.acquire_lock()
+    except OSError as e:
+        raise RunError(f"cannot create {path}: {e.strerror}; choose another --out folder") from None
+    except RunError:
+        owner = lock.lock_owner()
+        raise RunError(f"sweep {path} is in use by process {owner if owner and owner > 0 else 'unknown'}; wait for it to finish "
+                       "or stop it first") from None
+    return lock
+
+
+def _remove_runs(path: Path, keep: set[str]) -> None:
+    """Delete the run folders directly under a sweep folder, except those named in keep."""
+    for child in sorted(path.iterdir()):
+        if child.name not in keep and is_run_dir(child):
+            RunDir(child).acquire_lock()  # refuse to delete a run another process is writing
+            shutil.rmtree(child)
+
+
+def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str, Any]:
+    """Create or reopen the sweep folder; returns its state. A different plan is refused unless force."""
+    path = Path(path)
+    state = read_sweep(path)
+    new = plan.to_dict()
+    if state is None and _holds_files(path) and not force:
+        raise RunError(f"{path} exists but is not a sweep (no {SWEEP_FILE}); pick another --name or pass --force to replace it")
+    if state is not None:
+        diff = plan_difference(state, new)
+        if diff and not force:
+            raise RunError(
+                f"sweep {path} was planned differently ({diff}); re-run with its original options, "
+                "pick another --name, or pass --force to replace the runs that differ"
+            )
+        if diff:
+            # Forced: keep runs whose plan entry is unchanged, drop the ones that changed or left the plan.
+            keep = {r["name"] for r in new["runs"]} if state.get("steps") == new["steps"] else set()
+            old_entries = {r["name"]: r for r in state.get("plan", [])}
+            for r in new["runs"]:
+                if old_entries.get(r["name"]) != r:
+                    keep.discard(r["name"])
+            _remove_runs(path, keep)
+            state = None
+    elif force and path.is_dir():
+        _remove_runs(path, keep=set())
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {path}: {e.strerror}; choose another --out folder") from None
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    old = state or {}
+    state = {
+        "kind": plan.kind, "name": plan.name, "steps": plan.steps, "plan": new["runs"],
+        "created": old.get("created", now), "updated": now,
+        "status": {r.name: old.get("status", {}).get(r.name, "pending") for r in plan.runs},
+        "errors": old.get("errors", {}),
+    }
+    write_json_atomic(path / SWEEP_FILE, state)
+    return state
+
+
+class _EventWatcher:
+    """Passes trainer events on and remembers the last one (a run that stops right after a 'skip' event
+    with a full row of non-finite losses diverged; any other TrainingError means it was interrupted)."""
+
+    def __init__(self, callback):
+        self.callback, self.last = callback, ("", {})
+
+    def __call__(self, kind, record):
+        self.last = (kind, record)
+        if self.callback is not None:
+            self.callback(kind, record)
+
+    def diverged(self, cfg: Config) -> bool:
+        kind, record = self.last
+        return kind == "skip" and record.get("in_row", 0) >= cfg.train.max_bad_steps
+
+
+Notify = Callable[[PlannedRun, int, RunAction], None]
+
+
+def run_sweep(plan: SweepPlan, path: Path, force: bool = False, progress: Callable[[PlannedRun, int], Any] | None = None,
+              notify: Notify | None = None) -> dict[str, Any]:
+    """Train every planned run that is not finished; returns the sweep state (also in sweep.json).
+
+    `progress(planned, index)` makes the trainer callback of one run (closed afterwards if it has close());
+    `notify(planned, index, action)` hears what is about to happen to each run. A diverged run is recorded and
+    the sweep goes on; an interrupted one (Ctrl-C) stops the sweep with its finished runs intact.
+    """
+    path = Path(path)
+    lock = lock_sweep(path)  # a second process running the same sweep stops here, before it changes anything
+    try:
+        return _run_sweep(plan, path, force, progress, notify)
+    finally:
+        lock.release_lock()
+
+
+def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[PlannedRun, int], Any] | None,
+               notify: Notify | None) -> dict[str, Any]:
+    state = prepare_sweep(plan, path, force)
+    datasets: dict[str, Any] = {}
+
+    def save_state(name: str, status: str) -> None:
+        state["status"][name] = status
+        state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_json_atomic(path / SWEEP_FILE, state)
+
+    for index, planned in enumerate(plan.runs):
+        run = RunDir(path / planned.name)
+        action = next_action(run, planned, state["status"].get(planned.name))
+        if action.kind == "diverged":
+            action.note = divergence_advice(plan.kind, run, planned.preset)
+        if notify is not None:
+            notify(planned, index, action)
+        if action.kind in ("done", "diverged"):
+            save_state(planned.name, "complete" if action.kind == "done" else "diverged")
+            continue
+        callback = progress(planned, index) if progress is not None else None
+        watcher = _EventWatcher(callback)
+        cfg = copy.deepcopy(planned.cfg)
+        locked = False  # a run another process holds (the lock refused) is that process's to record
+        try:
+            if action.kind == "start":
+                run.create(cfg, force=True)
+                locked = True
+            else:
+                run.acquire_lock()
+                locked = True
+                run.remove_partial_checkpoints()
+                cfg = run.load_config()  # the resolved config the run was started with
+            save_state(planned.name, "running")
+            key = cache_key(cfg.data)
+            if key not in datasets:
+                datasets[key] = load_token_data(cfg.data)
+            train(cfg, run, resume_from=action.checkpoint, callback=watcher, data=datasets[key])
+            save_state(planned.name, "complete")
+        except TrainingError as e:
+            if watcher.diverged(cfg):
+                # The trainer's own advice (train again with --set train.lr) does not apply to a sweep's run.
+                at = watcher.last[1]
+                steps = f"{at['in_row']} steps in a row" if at["in_row"] > 1 else "1 step"
+                message = (f"loss was not finite for {steps} (last at step {at['step']}); "
+                           + divergence_advice(plan.kind, run, planned.preset))
+                state["errors"][planned.name] = message
+                save_state(planned.name, "diverged")
+                if notify is not None:
+                    notify(planned, index, RunAction("diverged", step=at["step"], note=message))
+                continue
+            save_state(planned.name, "interrupted")
+            stopped = TrainingError(
+                f"sweep {plan.name} stopped in run {planned.name} ({e}); finished runs are kept, "
+                "run the same ablate command again to resume the sweep"
+            )
+            stopped.exit_code = e.exit_code  # 130 / 143 after Ctrl-C / SIGTERM, as train and resume exit
+            raise stopped from None
+        except KeyboardInterrupt:
+            # A second Ctrl-C, or one outside the training loop (loading data): still say how to go on.
+            save_state(planned.name, "interrupted")
+            stopped = TrainingError(
+                f"sweep {plan.name} interrupted in run {planned.name}; finished runs are kept, "
+                "run the same ablate command again to resume the sweep"
+            )
+            stopped.exit_code = 130
+            raise stopped from None
+        except BaseException:
+            if locked:
+                save_state(planned.name, "interrupted")
+            raise
+        finally:
+            if callback is not None and hasattr(callback, "close"):
+                callback.close()
+            run.release_lock()
+    return state
