@@ -1,5 +1,5 @@
 """The residual add + RMSNorm on a CUDA GPU: forward + backward time, compiled PyTorch against the project's
-kernels (hybridctl/core/add_norm.py).
+kernels (hybridctl/core/kernels/add_norm.py).
 
     python benchmarks/add_norm.py [--tokens 49152] [--d-model 768] [--sweep] [--json FILE]
 

@@ -7,7 +7,7 @@ For each kernel (forward: the WY factor's triangular inverse `kkt_solve`, the ch
 `fwd_o`; backward: the q/k/w/g gradients `dqkwg`, the WY factors' backward `wy_bwd`) and each config: its GPU time per call (profiler, kernels only) and the
 relative L2 error of each output against fla's own wrapper, which autotunes over its own configs. Inputs are a
 real forward of the op at the given shape. Configs that beat the wrapper with no error go into `HOPPER_CONFIGS`
-in hybridctl/core/gdn_fused.py.
+in hybridctl/core/kernels/gdn_fused.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def inputs(args) -> dict[str, torch.Tensor]:
     """The saved tensors of one forward of the op, and the incoming gradients of the backward's fla kernels."""
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
 
-    from hybridctl.core.kernels.gdn_kernels import qkv_views, state_grad
+    from hybridctl.core.kernels.short_conv import qkv_views
+    from hybridctl.core.kernels.gdn_kernels import state_grad
 
     torch.manual_seed(0)
     d_model = args.heads * args.head_dim

@@ -11,7 +11,7 @@ Times (CUDA events, median of repeats, bf16 autocast):
 - the gated RMSNorm: fla's against this project's kernel;
 - the recurrence's backward through its chunk states: fla's two kernels against this project's one;
 - with --sweep, the GPU time of each of the project's kernels (profiler, kernels only) at the tiles of the
-  *_SWEEP lists below, to choose the defaults in gdn_kernels.py.
+  *_SWEEP lists below, to choose the defaults in gdn_kernels.py and short_conv.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import torch
 from triton.testing import do_bench
 
-from hybridctl.core.kernels import gdn_kernels
+from hybridctl.core.kernels import gdn_kernels, short_conv
 from hybridctl.core.model.gated_delta import GatedDeltaNet, fla_gated_rms_norm, fla_short_conv, layer_path
 from profile_step import kernel_ms, profiled_kernel_times  # benchmarks/ is on the path when this script runs
 
@@ -85,11 +85,11 @@ def part_times(args, sweep: bool) -> dict[str, float]:
     d_parts = d_proj.split([H * K, H * K, H * V, H * V], dim=-1)
     dk2 = torch.randn_like(grads[1])  # k's gradient comes in two parts, as in the op
 
-    def ours(backward=True, forward=True, fwd_tiles=gdn_kernels.CONV_FWD_TILES, **bwd_tiles):
+    def ours(backward=True, forward=True, fwd_tiles=short_conv.CONV_FWD_TILES, **bwd_tiles):
         if forward:
-            gdn_kernels.short_conv_fwd(proj, weight, H * K, H * V, K, tiles=fwd_tiles)
+            short_conv.short_conv_fwd(proj, weight, H * K, H * V, K, tiles=fwd_tiles)
         if backward:
-            gdn_kernels.short_conv_bwd(proj, weight, *grads, d_proj[..., : 2 * H * K + H * V], H * K, H * V, K,
+            short_conv.short_conv_bwd(proj, weight, *grads, d_proj[..., : 2 * H * K + H * V], H * K, H * V, K,
                                        dk2=dk2, **bwd_tiles)
 
     out["conv fwd: fla (no L2 norm)"] = ms(fla_conv)

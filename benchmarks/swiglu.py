@@ -1,5 +1,5 @@
 """SwiGLU's activation on a CUDA GPU: forward + backward time of silu(gate) * up, compiled PyTorch against the
-project's kernels (hybridctl/core/swiglu.py).
+project's kernels (hybridctl/core/kernels/swiglu.py).
 
     python benchmarks/swiglu.py [--tokens 49152] [--d-ff 2048] [--sweep] [--json FILE]
 

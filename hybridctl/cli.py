@@ -2,7 +2,7 @@
 the entry-point group `hybridctl.commands` (value: a Typer app, or a function to register as a command).
 
 Errors the user can fix (HybridctlError) print one line and exit non-zero; `--debug` shows the traceback. Under
-torchrun an error is printed by one process only (see core/distributed.py).
+torchrun an error is printed by one process only (see core/training/processes.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 import click
 import typer
 
-from hybridctl.core.training import distributed
+from hybridctl.core.training import processes
 from hybridctl.core.errors import HybridctlError, Terminated
 
 ENTRY_POINT_GROUP = "hybridctl.commands"
@@ -142,7 +142,7 @@ def _main(argv: list[str] | None) -> int:
         print("error: aborted", file=sys.stderr)
         return 130
     except Terminated as e:
-        if distributed.reports(e):
+        if processes.reports(e):
             print("error: stopped by SIGTERM", file=sys.stderr)
         return 143
     except USAGE_ERRORS as e:
@@ -151,17 +151,17 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         return e.exit_code
     except HybridctlError as e:
-        if distributed.reports(e):
+        if processes.reports(e):
             if debug:
                 traceback.print_exc()
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        if distributed.reports(e):
+        if processes.reports(e):
             print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if distributed.reports(e):
+        if processes.reports(e):
             if debug:
                 traceback.print_exc()
             print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)

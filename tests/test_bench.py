@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import MICRO_SPEED, micro_config, run_cli, write_plugin
 from hybridctl.cli import main
 from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.lab import arc
 from hybridctl.core.lab import flops
 from hybridctl.core.lab import speed
@@ -63,7 +64,7 @@ def tiny_run(tmp_path_factory):
     run.create(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    ckpt.save_checkpoint(run.checkpoints_dir / ckpt.step_dir_name(2), model, None, {"step": 2})
+    ckpt.save_checkpoint(run.checkpoints_dir / checkpoint_files.step_dir_name(2), model, None, {"step": 2})
     ckpt.save_checkpoint(run.best_dir, model, None, {"step": 2})
     run.release_lock()
     data = root / "arc.jsonl"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import MICRO_SPEED, cli_args_for_micro, micro_config
 from hybridctl.cli import main
 from hybridctl.commands import train as train_command
-from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files, trainer
 from hybridctl.core.training.runs import RunDir
 from hybridctl.core.training.trainer import micro_batch_size, train
 
@@ -93,11 +93,11 @@ def test_two_processes_train_like_one(runs):
     assert_close(losses(two), losses(one))
     assert_close(val_losses(two), val_losses(one))
     for name in ("checkpoints/step_000003", "checkpoints/step_000006", "best"):
-        for tensors in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE):
+        for tensors in (checkpoint_files.MODEL_FILE, checkpoint_files.OPTIMIZER_FILE):
             a, b = (load_file(str(r.path / name / tensors)) for r in (one, two))
             assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # no module. / _orig_mod. prefixes
-    assert ckpt.read_state(two.step_checkpoints()[-1])["world_size"] == 2
-    assert ckpt.read_state(one.step_checkpoints()[-1])["world_size"] == 1
+    assert checkpoint_files.read_state(two.step_checkpoints()[-1])["world_size"] == 2
+    assert checkpoint_files.read_state(one.step_checkpoints()[-1])["world_size"] == 1
     assert json.loads(two.summary_path.read_text())["world_size"] == 2
     (out0, err0), (out1, err1) = output[0], output[1]
     assert "step      6  loss" in err0 and "Run summary" in out0
@@ -111,7 +111,7 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path, capsys):
     shutil.copytree(two.path, run.path)
     assert main(["resume", str(run.path), "--from", "step_000003", "--force"]) == 0
     assert_close(losses(run), losses(one))
-    assert ckpt.read_state(run.step_checkpoints()[-1])["world_size"] == 1
+    assert checkpoint_files.read_state(run.step_checkpoints()[-1])["world_size"] == 1
 
 
 def test_checkpoint_of_one_process_resumes_in_two(runs, tmp_path):
@@ -123,7 +123,7 @@ def test_checkpoint_of_one_process_resumes_in_two(runs, tmp_path):
     assert "from step_000003 (step 3) to step 6" in " ".join(output[0][0].split()) and output[1] == ("", "")
     assert_close(losses(run), losses(one))
     assert_close(val_losses(run), val_losses(one))
-    assert ckpt.read_state(run.step_checkpoints()[-1])["world_size"] == 2
+    assert checkpoint_files.read_state(run.step_checkpoints()[-1])["world_size"] == 2
     assert not run.lock_path.exists()
 
 
@@ -160,7 +160,7 @@ def test_sigint_stops_every_process_at_the_same_step(tmp_path):
     assert last.startswith("error: stopped by SIGINT at step ") and "Traceback" not in err0, err0
     step = int(last.split("at step ")[1].split(";")[0])
     assert 3 <= step < 5000 and out1 == err1 == ""
-    assert [p.name for p in run.step_checkpoints()] == [ckpt.step_dir_name(step)]  # saved once, at the agreed step
+    assert [p.name for p in run.step_checkpoints()] == [checkpoint_files.step_dir_name(step)]  # saved once, at the agreed step
     assert max(losses(run)) == step and not run.lock_path.exists()
 
 
@@ -287,7 +287,7 @@ def test_gpus_starts_the_same_command_under_torchrun(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(train_command, "resolve_device", lambda spec: torch.device(spec.replace("auto", "cuda")))
+    monkeypatch.setattr(trainer, "resolve_device", lambda spec: torch.device(spec.replace("auto", "cuda")))
     monkeypatch.setattr(train_command.subprocess, "Popen", Child)
     rest = ["--preset", "tiny", "--out", str(tmp_path), "--set", "train.steps=3"]
     assert main(["train", "--gpus", "2", *rest]) == 7

@@ -21,7 +21,8 @@ from hybridctl.core.lab.sweeps import STUDY_A, STUDY_C, divergence_advice, next_
 from hybridctl.core.training import runs
 from hybridctl.core.config import load_config, load_config_file
 from hybridctl.core.errors import ConfigError, RunError, TrainingError
-from hybridctl.core.lab.plots import Chart, Series, chart_size, render_chart
+from hybridctl.core.lab.charts import Chart, Series, chart_size
+from hybridctl.core.lab.plots import render_chart
 from hybridctl.core.lab.render import fmt_lr, print_chart, results_rows
 from hybridctl.core.training.runs import RunDir
 

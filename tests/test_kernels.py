@@ -15,7 +15,7 @@ import torch.nn.functional as F
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, conftest.py switches Triton to its interpreter
 pytest.importorskip("triton")
 
-from hybridctl.core.kernels import add_norm, fused_loss, gdn_kernels, rope, swiglu  # noqa: E402
+from hybridctl.core.kernels import add_norm, fused_loss, gdn_kernels, rope, short_conv, swiglu  # noqa: E402
 from hybridctl.core.model.attention import Rotary  # noqa: E402
 from hybridctl.core.model.gated_delta import GatedRMSNorm, causal_conv_silu, l2norm  # noqa: E402
 
@@ -51,16 +51,16 @@ def test_short_conv_matches_reference(width, tiles, two_sources, value_heads):
     grads = [torch.randn(B, T, n, device=DEVICE) for n in (KD, KD, VD)]
     torch.autograd.backward(refs, [g.double() for g in grads])
 
-    y = gdn_kernels.short_conv_fwd(proj, weight, KD, VD, K, **({"tiles": tiles} if tiles else {}))
+    y = short_conv.short_conv_fwd(proj, weight, KD, VD, K, **({"tiles": tiles} if tiles else {}))
     d_proj = torch.full_like(proj, SENTINEL)
     dq, dk, dv = grads
     dk2 = None
     if two_sources:
         dk, dk2 = dk * 0.25, dk * 0.75
-    dw = gdn_kernels.short_conv_bwd(proj, weight, dq, dk, dv, d_proj[..., :C], KD, VD, K, dk2=dk2,
+    dw = short_conv.short_conv_bwd(proj, weight, dq, dk, dv, d_proj[..., :C], KD, VD, K, dk2=dk2,
                                     **({"tiles": tiles} if tiles else {}))
 
-    outs = gdn_kernels.qkv_views(y, B, T, H, K, V)
+    outs = short_conv.qkv_views(y, B, T, H, K, V)
     for out, ref in zip(outs, refs):
         assert out.is_contiguous() and max_rel(out.reshape(ref.shape), ref) < 1e-5
     assert max_rel(d_proj[..., :C], x_ref.grad) < 1e-5
@@ -74,10 +74,10 @@ def test_short_conv_never_mixes_sequences():
     torch.manual_seed(1)
     x = torch.randn(2, 20, 48, device=DEVICE)
     weight = torch.randn(48, 4, device=DEVICE)
-    y = gdn_kernels.short_conv_fwd(x, weight, 16, 16, 16).view(3, 2, 20, 16)
+    y = short_conv.short_conv_fwd(x, weight, 16, 16, 16).view(3, 2, 20, 16)
     x2 = x.clone()
     x2[0, -3:] += 5.0
-    y2 = gdn_kernels.short_conv_fwd(x2, weight, 16, 16, 16).view(3, 2, 20, 16)
+    y2 = short_conv.short_conv_fwd(x2, weight, 16, 16, 16).view(3, 2, 20, 16)
     assert torch.equal(y[:, 1], y2[:, 1]) and not torch.equal(y[:, 0, -3:], y2[:, 0, -3:])
 
 
@@ -433,6 +433,7 @@ from triton.compiler import ASTSource
 from hybridctl.core.kernels import add_norm as an
 from hybridctl.core.kernels import fused_loss as fl
 from hybridctl.core.kernels import gdn_kernels as gk
+from hybridctl.core.kernels import short_conv
 from hybridctl.core.kernels import rope
 from hybridctl.core.kernels import swiglu as sw
 
@@ -448,11 +449,11 @@ def spans(t):  # (spans per program, steps per span, warps, stages) -> the kerne
 
 
 cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, warps): the defaults launch these
-    (gk._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
-     {**conv, **spans(gk.CONV_FWD_TILES)}, gk.CONV_FWD_TILES[2]),
-    (gk._short_conv_bwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dq:*bf16 dk:*bf16 dv:*bf16 dk2:*bf16 dx:*bf16 "
+    (short_conv._short_conv_fwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 y:*bf16 N:i32 T:i32 KD:i32 VD:i32 eps:fp32",
+     {**conv, **spans(short_conv.CONV_FWD_TILES)}, short_conv.CONV_FWD_TILES[2]),
+    (short_conv._short_conv_bwd_kernel, "x:*bf16 x_row_stride:i32 w:*fp32 dq:*bf16 dk:*bf16 dv:*bf16 dk2:*bf16 dx:*bf16 "
      "dx_row_stride:i32 dw_part:*fp32 T:i32 KD:i32 VD:i32 eps:fp32",
-     {**conv, **spans(gk.CONV_BWD_TILES), "HAS_DK2": True}, gk.CONV_BWD_TILES[2]),
+     {**conv, **spans(short_conv.CONV_BWD_TILES), "HAS_DK2": True}, short_conv.CONV_BWD_TILES[2]),
     (gk._gated_norm_fwd_kernel, "o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 y:*bf16 R:i32 H:i32 eps:fp32",
      {"V": 256, "BR": gk.NORM_ROWS}, gk.NORM_WARPS),
     (gk._gated_norm_bwd_kernel, "dy:*bf16 o:*bf16 gate:*bf16 gate_row_stride:i32 w:*fp32 do:*bf16 dgate:*bf16 "
@@ -476,7 +477,7 @@ cases = [  # (kernel, signature of its tensor and scalar arguments, constexprs, 
     (sw._swiglu_bwd_kernel, "dh:*bf16 gate_up:*bf16 d_gate_up:*bf16 n:i64", {"F": 2048, "BLOCK": sw.BLOCK}, sw.WARPS),
 ]
 # Every kernel of these modules that takes PDL is launched that way on Hopper, so every one is checked here.
-with_pdl = {f.fn.__name__ for module in (an, fl, gk, rope, sw) for f in vars(module).values()
+with_pdl = {f.fn.__name__ for module in (an, fl, gk, short_conv, rope, sw) for f in vars(module).values()
             if isinstance(f, triton.runtime.jit.JITFunction) and "PDL" in f.arg_names
             and f.fn.__module__ == module.__name__}
 assert with_pdl == {kernel.fn.__name__ for kernel, *_ in cases}, with_pdl

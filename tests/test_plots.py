@@ -4,7 +4,8 @@ import html
 import math
 import re
 
-from hybridctl.core.lab.plots import Chart, Series, render_chart, save_chart
+from hybridctl.core.lab.charts import Chart, Series
+from hybridctl.core.lab.plots import render_chart, save_chart
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

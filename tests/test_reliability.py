@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from conftest import REPO, StopAfter, cli_args_for_micro, micro_config
 from hybridctl.cli import main
 from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.training import trainer
 from hybridctl.core.presets import config_diff
 from hybridctl.core.config import load_config_file
@@ -91,7 +92,7 @@ def kill_mid_checkpoint(run: RunDir) -> int:
     def writing() -> int | None:
         for p in partial_writes(run):
             step = int(p.name.split(".")[1].removeprefix("step_"))
-            if step > 2 and not (p / ckpt.OPTIMIZER_FILE).exists():  # the larger half is still to come
+            if step > 2 and not (p / checkpoint_files.OPTIMIZER_FILE).exists():  # the larger half is still to come
                 return step
         return None
 
@@ -112,9 +113,9 @@ def test_kill9_during_checkpoint_write_loses_nothing(wide_run):
             break
     assert partial_writes(run), "no kill landed mid-write"
     complete = run.step_checkpoints()
-    assert [p.name for p in complete] == [ckpt.step_dir_name(killed_at - 2), ckpt.step_dir_name(killed_at - 1)]
+    assert [p.name for p in complete] == [checkpoint_files.step_dir_name(killed_at - 2), checkpoint_files.step_dir_name(killed_at - 1)]
     for p in complete:
-        ckpt.verify_checkpoint(p)
+        checkpoint_files.verify_checkpoint(p)
     cfg = load_config_file(run.config_path)
     state = ckpt.load_checkpoint(complete[-1], build_model(cfg.model))
     assert state["step"] == killed_at - 1
@@ -133,11 +134,11 @@ def test_interrupted_replacement_is_put_back(finished_micro_run, tmp_path):
     shutil.copytree(finished_micro_run, run.path)
     os.replace(run.best_dir, run.path / ".best.old-4242")
     (run.path / ".best.tmp-x1").mkdir()
-    (run.path / ".best.tmp-x1" / ckpt.MODEL_FILE).write_bytes(b"partial")
+    (run.path / ".best.tmp-x1" / checkpoint_files.MODEL_FILE).write_bytes(b"partial")
     os.replace(run.checkpoints_dir / "step_000003", run.checkpoints_dir / ".step_000003.del-4242")  # a prune cut short
     (run.path / ".summary.json.tmp-4242").write_text("{")
     run.remove_partial_checkpoints()
-    ckpt.verify_checkpoint(run.best_dir)
+    checkpoint_files.verify_checkpoint(run.best_dir)
     assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".")) == []
     assert [p.name for p in run.checkpoints_dir.iterdir()] == ["step_000006"]
 
@@ -169,15 +170,15 @@ def test_sigint_and_sigterm_save_and_resume_exactly(tmp_path):
     code, err = stop_child(child, run, 2, signal.SIGINT)
     first = stopped_at(err, "SIGINT", run)
     assert code == 130 and 2 <= first < 20
-    assert [p.name for p in run.step_checkpoints()] == [ckpt.step_dir_name(first)]  # saved at the current step
-    assert ckpt.verify_checkpoint(run.step_checkpoints()[0])["step"] == first
+    assert [p.name for p in run.step_checkpoints()] == [checkpoint_files.step_dir_name(first)]  # saved at the current step
+    assert checkpoint_files.verify_checkpoint(run.step_checkpoints()[0])["step"] == first
     assert not run.lock_path.exists()
 
     child = hybridctl_child("resume", str(run.path))
     code, err = stop_child(child, run, first + 2, signal.SIGTERM)
     second = stopped_at(err, "SIGTERM", run)
     assert code == 143 and first < second < 20
-    assert run.step_checkpoints()[-1].name == ckpt.step_dir_name(second)
+    assert run.step_checkpoints()[-1].name == checkpoint_files.step_dir_name(second)
 
     assert main(["resume", str(run.path)]) == 0
     uninterrupted = RunDir(tmp_path / "whole")
@@ -237,8 +238,8 @@ def test_nonfinite_step_is_skipped_and_resume_stays_exact(monkeypatch, tmp_path)
     assert summary["skipped_steps"] == 1 and json.loads(full.summary_path.read_text())["skipped_steps"] == 1
     assert sorted(losses(full)) == [1, 3, 4, 5, 6]  # nothing logged for the skipped step (no fake loss of 0)
     last = full.step_checkpoints()[-1]
-    assert ckpt.read_state(last)["skipped_steps"] == 1
-    adam_steps = {k: v.item() for k, v in load_file(str(last / ckpt.OPTIMIZER_FILE)).items() if k.endswith("/step")}
+    assert checkpoint_files.read_state(last)["skipped_steps"] == 1
+    adam_steps = {k: v.item() for k, v in load_file(str(last / checkpoint_files.OPTIMIZER_FILE)).items() if k.endswith("/step")}
     assert adam_steps and set(adam_steps.values()) == {5.0}  # 6 steps, 5 updates
 
     half = RunDir(tmp_path / "half")
@@ -247,7 +248,7 @@ def test_nonfinite_step_is_skipped_and_resume_stays_exact(monkeypatch, tmp_path)
         trainer.train(cfg, half, callback=StopAfter(3))
     trainer.train(load_config_file(half.config_path), half, resume_from=half.resolve_checkpoint("latest"))
     assert losses(half) == losses(full)
-    a, b = (load_file(str(r.step_checkpoints()[-1] / ckpt.MODEL_FILE)) for r in (full, half))
+    a, b = (load_file(str(r.step_checkpoints()[-1] / checkpoint_files.MODEL_FILE)) for r in (full, half))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -262,7 +263,7 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(monkeypatch, tmp_path, capsys)
     assert err.strip().splitlines()[-1].startswith("error: loss was not finite for 3 steps in a row (last at step 5); train again with a lower train.lr")
     assert sorted(losses(RunDir(run))) == [1, 2] and not (run / "summary.json").exists()
     # The count survives a resume: step 3's checkpoint holds one bad step, so two more stop the run again at step 5.
-    assert ckpt.read_state(run / "checkpoints" / "step_000003")["bad_in_row"] == 1
+    assert checkpoint_files.read_state(run / "checkpoints" / "step_000003")["bad_in_row"] == 1
     assert main(["resume", str(run), "--from", "step_000003"]) == 1
     assert "error: loss was not finite for 3 steps in a row (last at step 5)" in capsys.readouterr().err
 
@@ -334,8 +335,8 @@ def assert_stopped_by_full_disk(err: str, run: RunDir) -> None:
     line = err.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: cannot write checkpoint \S+: No space left on device.*; earlier checkpoints are intact; "
                         rf"free some space, then continue with `hybridctl resume {re.escape(str(run.path))}`", line), line
-    ckpt.verify_checkpoint(run.checkpoints_dir / "step_000003")
-    ckpt.verify_checkpoint(run.best_dir)
+    checkpoint_files.verify_checkpoint(run.checkpoints_dir / "step_000003")
+    checkpoint_files.verify_checkpoint(run.best_dir)
     assert not any(".tmp-" in p.name for p in [*run.path.iterdir(), *run.checkpoints_dir.iterdir()])
     assert not run.lock_path.exists()
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import micro_config
-from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import load_config, load_config_file
 from hybridctl.core.model.hybrid_lm import HybridLM
 from hybridctl.core.model.moe import MoE
@@ -70,7 +70,7 @@ def test_sparse_moe_resume_is_bit_exact(sparse_moe_run, tmp_path):
     assert losses(run) == losses(sparse_moe_run)
     aux = lambda r: [(m["indexer_kl"], m["moe_balance"]) for m in r.read_metrics() if "loss" in m]
     assert aux(run) == aux(sparse_moe_run)
-    a = load_file(str(sparse_moe_run.step_checkpoints()[-1] / ckpt.MODEL_FILE))
-    b = load_file(str(run.step_checkpoints()[-1] / ckpt.MODEL_FILE))
+    a = load_file(str(sparse_moe_run.step_checkpoints()[-1] / checkpoint_files.MODEL_FILE))
+    b = load_file(str(run.step_checkpoints()[-1] / checkpoint_files.MODEL_FILE))
     assert any(k.startswith("blocks.1.mixer.indexer.") for k in a) and any(".mlp.experts.3." in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)

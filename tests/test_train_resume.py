@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import StopAfter, micro_config
-from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import load_config_file
 from hybridctl.core.lab.results import load_result
 from hybridctl.core.training.runs import RunDir
@@ -35,10 +35,10 @@ def test_run_folder_contents(full_run):
         assert summary[key] is not None, key
     assert json.loads(run.summary_path.read_text()) == summary
     assert [p.name for p in run.step_checkpoints()] == ["step_000003", "step_000006"]
-    state = ckpt.verify_checkpoint(run.step_checkpoints()[-1])
+    state = checkpoint_files.verify_checkpoint(run.step_checkpoints()[-1])
     assert state["step"] == 6 and state["config_hash"] == cfg.hash()
-    assert ckpt.is_complete(run.best_dir)
-    weights = load_file(str(run.step_checkpoints()[-1] / ckpt.MODEL_FILE))
+    assert checkpoint_files.is_complete(run.best_dir)
+    weights = load_file(str(run.step_checkpoints()[-1] / checkpoint_files.MODEL_FILE))
     assert "lm_head.weight" not in weights and "embed.weight" in weights  # tied weight stored once
 
 
@@ -53,8 +53,8 @@ def test_resume_is_bit_exact(full_run, tmp_path):
     cfg2 = load_config_file(run.config_path)
     train(cfg2, run, resume_from=run.resolve_checkpoint("latest"))
     assert losses(run) == losses(full)  # exact equality, every step
-    a = load_file(str(full.step_checkpoints()[-1] / ckpt.MODEL_FILE))
-    b = load_file(str(run.step_checkpoints()[-1] / ckpt.MODEL_FILE))
+    a = load_file(str(full.step_checkpoints()[-1] / checkpoint_files.MODEL_FILE))
+    b = load_file(str(run.step_checkpoints()[-1] / checkpoint_files.MODEL_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -104,7 +104,7 @@ def test_plain_resume_keeps_a_best_checkpoint_newer_than_latest(full_run, tmp_pa
     shutil.copytree(full.path, run.path)
     shutil.rmtree(run.step_checkpoints()[-1])  # step 6 never saved; best/ (step 6) was
     run.truncate_metrics(3)
-    assert ckpt.read_state(run.best_dir)["step"] == 6 and run.resolve_checkpoint("latest").name == "step_000003"
+    assert checkpoint_files.read_state(run.best_dir)["step"] == 6 and run.resolve_checkpoint("latest").name == "step_000003"
     seen = {}
 
     class StopAtStart:  # stands in for the progress display: looks at best/ once the checkpoint has loaded
@@ -113,7 +113,7 @@ def test_plain_resume_keeps_a_best_checkpoint_newer_than_latest(full_run, tmp_pa
 
         def __call__(self, kind, record):
             if kind == "start":
-                seen["best"] = ckpt.is_complete(run.best_dir)
+                seen["best"] = checkpoint_files.is_complete(run.best_dir)
                 raise KeyboardInterrupt
 
         def close(self):
@@ -121,7 +121,7 @@ def test_plain_resume_keeps_a_best_checkpoint_newer_than_latest(full_run, tmp_pa
 
     monkeypatch.setattr(resume_command, "TrainProgress", StopAtStart)
     assert main(["resume", str(run.path)]) != 0
-    assert seen == {"best": True} and ckpt.read_state(run.best_dir)["step"] == 6
+    assert seen == {"best": True} and checkpoint_files.read_state(run.best_dir)["step"] == 6
 
 
 def test_schedule_warmup_cosine_and_extension():

@@ -15,13 +15,12 @@ from rich.table import Table
 
 from hybridctl.cli import register_entry_points
 from hybridctl.commands.train import check_device_for_gpus, check_gpus, launch_on_gpus
-from hybridctl.core.training import distributed as dist
-from hybridctl.core.lab.arc import bench_arc
-from hybridctl.core.lab.speed import DEFAULT_VOCAB, bench_speed, check_speed_counts, default_speed_path, speed_configs, speed_plan
+from hybridctl.core.config import DEFAULT_VOCAB
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.lab.render import console, err_console, fmt_count, fmt_num, print_table
 from hybridctl.core.training.runs import ensure_new_file
-from hybridctl.core.training.trainer import resolve_device
+
+# The benchmarks (torch) are imported inside the commands that run them: `bench --help` loads no torch.
 
 ENTRY_POINT_GROUP = "hybridctl.benchmarks"
 
@@ -48,6 +47,8 @@ def arc(
     force: bool = typer.Option(False, "--force", help="Replace an existing bench/arc.json."),
 ):
     """ARC-Challenge (zero-shot, scored like lm-evaluation-harness) on a trained run; writes RUN/bench/arc.json."""
+    from hybridctl.core.lab.arc import bench_arc
+
     with progress_bar("arc") as update:
         result = bench_arc(target, checkpoint, split, data, limit, batch_size, max_len, device, force, progress=update)
     console.print(f"[bold]{result['run']}[/] @ {result['checkpoint']} (step {result['checkpoint_step']})", highlight=False)
@@ -114,6 +115,10 @@ def speed(
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Measure on N GPUs of this machine: N processes under torchrun, each with its share of every batch, under DDP."),
 ):
     """Training-step throughput (tok/s), model FLOPs utilisation and peak memory per architecture."""
+    from hybridctl.core.lab.speed import bench_speed, check_speed_counts, speed_configs, speed_plan
+    from hybridctl.core.training import distributed as dist
+    from hybridctl.core.training.trainer import resolve_device
+
     if gpus is not None:
         check_gpus(gpus, "bench speed")
     if json_path is not None:
@@ -171,6 +176,8 @@ def file_state(path: Optional[Path]) -> Optional[tuple[int, int]]:
 def reserve_speed_path(out: Path) -> Path:
     """A new OUT/bench/speed-<time>[-N].json, created empty at once (O_EXCL): two runs started in the same second
     would otherwise pick the same free name and the later one would write over the earlier one's results."""
+    from hybridctl.core.lab.speed import default_speed_path
+
     while True:
         path = default_speed_path(out)
         try:

@@ -9,13 +9,10 @@ from typing import Optional
 import typer
 
 from hybridctl.commands.train import GPUS_HELP, check_config_for_gpus, check_gpus, launch_on_gpus
-from hybridctl.core.training import distributed as dist
-from hybridctl.core.training.checkpoint import read_state, verify_checkpoint
 from hybridctl.core.errors import RunError
 from hybridctl.core.lab.render import TrainProgress, console, err_console, summary_table
+from hybridctl.core.training.checkpoint_files import read_state, verify_checkpoint
 from hybridctl.core.training.runs import RunDir
-from hybridctl.core.training.trainer import resolve_device
-from hybridctl.core.training.trainer import train as run_training
 
 
 def resume(
@@ -47,6 +44,10 @@ def resume(
             run.acquire_lock()  # refused here, in one line, while another process writes the run
             run.release_lock()
             return launch_on_gpus(gpus)
+    from hybridctl.core.training import distributed as dist  # torch: only once the run is to continue
+    from hybridctl.core.training.trainer import resolve_device
+    from hybridctl.core.training.trainer import train as run_training
+
     with dist.session(resolve_device(cfg.train.device)):
         main = dist.is_main()
         checkpoint = step = None

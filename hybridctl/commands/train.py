@@ -9,19 +9,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from hybridctl import cli
-from hybridctl.core.training import distributed as dist
-from hybridctl.core.presets import available_presets, read_toml, find_preset
 from hybridctl.core.config import load_config
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.render import TrainProgress, console, summary_table
+from hybridctl.core.presets import available_presets, find_preset, read_toml
+from hybridctl.core.training.processes import launched
 from hybridctl.core.training.runs import RunDir, check_run_name
-from hybridctl.core.training.trainer import (checkpoint_bytes, check_room_for_a_checkpoint, load_run_data, micro_batch_size,
-                                    resolve_device)
-from hybridctl.core.training.trainer import train as run_training
+
+# torch and the trainer are imported inside the functions that use them: `--help` and `--list-presets` load no torch.
 
 GPUS_HELP = "Train on N GPUs of this machine: starts N processes under torchrun, one per GPU (global batch unchanged)."
 
@@ -40,7 +38,9 @@ def without_gpus(args: list[str]) -> list[str]:
 
 
 def check_gpus(gpus: int, command: str) -> None:
-    if dist.launched():
+    import torch
+
+    if launched():
         raise ConfigError("--gpus starts torchrun itself; leave it out when running under torchrun")
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
@@ -56,6 +56,8 @@ def check_gpus(gpus: int, command: str) -> None:
 
 
 def check_device_for_gpus(cfg, gpus: int) -> None:
+    from hybridctl.core.training.trainer import resolve_device
+
     device = resolve_device(cfg.train.device)
     if device.type != "cuda" or device.index is not None:
         raise ConfigError(f"--gpus runs on GPUs {'0' if gpus == 1 else f'0..{gpus - 1}'}, but train.device is '{cfg.train.device}'; "
@@ -64,6 +66,8 @@ def check_device_for_gpus(cfg, gpus: int) -> None:
 
 def check_config_for_gpus(cfg, gpus: int) -> None:
     """What would make every process of a --gpus run fail at once, checked here in one process and one line."""
+    from hybridctl.core.training.trainer import micro_batch_size
+
     check_device_for_gpus(cfg, gpus)
     micro_batch_size(cfg, gpus)
 
@@ -128,6 +132,10 @@ def train(
         if gpus > 1:
             run.check_creatable(force)
             return launch_on_gpus(gpus)
+    from hybridctl.core.training import distributed as dist
+    from hybridctl.core.training.trainer import check_room_for_a_checkpoint, checkpoint_bytes, load_run_data, resolve_device
+    from hybridctl.core.training.trainer import train as run_training
+
     with dist.session(resolve_device(cfg.train.device)):
         main = dist.is_main()
         with dist.together():  # what would refuse the folder, before the data is built: an existing run, not a run

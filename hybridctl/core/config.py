@@ -24,6 +24,7 @@ from hybridctl.core.errors import ConfigError, suggest
 from hybridctl.core.presets import apply_overrides, load_preset_dict, read_toml, to_toml
 
 
+DEFAULT_VOCAB = 49152  # the study's tokenizer (SmolLM), used when a preset's tokenizer is not known offline
 LAYER_KINDS = {"L": "Gated DeltaNet", "F": "full attention", "D": "DeepSeek sparse attention"}
 
 

@@ -1,5 +1,7 @@
 """The residual add and the RMSNorm after it, in one pass each way on CUDA: a custom op with Triton kernels.
 
+The PyTorch reference it replaces: `RMSNorm.add_and_norm` in model/layers.py.
+
 A pre-norm block adds each sublayer's output to the residual stream and normalises the sum for the next sublayer:
 s = x + delta (in x's dtype, fp32 under autocast) and n = s / rms(s) * weight (in the matmul's dtype). The forward
 reads x and delta once and writes s and n. The backward takes the gradients of both outputs and writes the sum's
@@ -9,7 +11,7 @@ torch.compile, the cast of that gradient to bf16 is a pass of its own over the s
 fuse it into the kernel that reduces along both the rows (the input's gradient) and the columns (the weight's).
 
 It computes the same function as `x + delta` followed by `F.rms_norm` (tests run the kernels through Triton's
-interpreter on CPU against it). Importing this module needs Triton; model.py imports it only on CUDA.
+interpreter on CPU against it). Importing this module needs Triton; model/layers.py imports it only on CUDA.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Linear + cross-entropy on CUDA as one custom op whose forward also makes the gradients (train.loss = "fused").
 
+The PyTorch reference it replaces: `linear_cross_entropy` in model/hybrid_lm.py.
+
 For each chunk of tokens: logits = h @ weight.T (bf16, one matmul), then one Triton kernel per row reads the
 logits twice (an online max and sum of exponentials, then the softmax) and overwrites them with the gradient of
 the mean loss, (softmax - onehot(target)) / tokens; two more matmuls turn that into the gradients of h and of the
@@ -10,7 +12,7 @@ read again and the gradient written by its backward), the logits are written and
 chunk's logits live only inside the forward: at the study shape (49,152 tokens, a 49,152-token vocabulary) the
 plain loss holds 4.8 GB of bf16 logits from the forward to the backward.
 
-Importing this module needs Triton; model.py imports it only when the fused loss runs.
+Importing this module needs Triton; model/hybrid_lm.py imports it only when the fused loss runs.
 """
 
 from __future__ import annotations

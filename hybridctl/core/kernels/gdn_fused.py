@@ -1,7 +1,10 @@
 """The Gated DeltaNet layer's core on CUDA as one PyTorch custom op: fused projection in, normed output out.
 
+The PyTorch reference it replaces: the layer core of model/gated_delta.py (`causal_conv_silu`,
+`gated_delta_rule`, `GatedRMSNorm`).
+
     proj = [q | k | v | gate] (one matmul's output), ab = [a | b] (decay and beta logits)
-    q, k = L2norm(SiLU(conv(q))), L2norm(SiLU(conv(k)));  v = SiLU(conv(v))        (gdn_kernels)
+    q, k = L2norm(SiLU(conv(q))), L2norm(SiLU(conv(k)));  v = SiLU(conv(v))        (short_conv)
     g = chunk-local cumsum of -exp(A_log) * softplus(a + dt_bias);  beta = sigmoid(b)
     o = the gated delta rule over (q, k, v, g, beta)                                (fla's chunk kernels)
     y = RMSNorm(o) * weight * SiLU(gate)                                            (gdn_kernels)
@@ -57,7 +60,7 @@ def fla_internals_available() -> bool:
             prepare_wy_repr_bwd, prepare_wy_repr_bwd_kernel, recompute_w_u_fwd)
         from fla.ops.utils import chunk_local_cumsum  # noqa: F401
 
-        from hybridctl.core.kernels import gdn_kernels  # noqa: F401  (needs Triton)
+        from hybridctl.core.kernels import gdn_kernels, short_conv  # noqa: F401  (need Triton)
     except Exception:  # another fla layout, or no Triton
         return False
     return True
@@ -211,7 +214,8 @@ def gated_deltanet(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor,
     from fla.ops.gated_delta_rule.wy_fast import recompute_w_u_fwd
     from fla.ops.utils.constant import RCP_LN2
 
-    from hybridctl.core.kernels.gdn_kernels import gated_rms_norm_fwd, qkv_views, short_conv_fwd
+    from hybridctl.core.kernels.gdn_kernels import gated_rms_norm_fwd
+    from hybridctl.core.kernels.short_conv import qkv_views, short_conv_fwd
 
     B, T, _ = proj.shape
     H, K, V = num_heads, head_dim, head_v_dim
@@ -248,7 +252,8 @@ def gated_deltanet_backward(dy: Tensor, proj: Tensor, ab: Tensor, conv_weight: T
     """Gradients for proj, ab, conv_weight, A_log, dt_bias and norm_weight."""
     from fla.ops.utils import chunk_local_cumsum
 
-    from hybridctl.core.kernels.gdn_kernels import gate_beta_grad, gated_rms_norm_bwd, qkv_views, short_conv_bwd, state_grad
+    from hybridctl.core.kernels.gdn_kernels import gate_beta_grad, gated_rms_norm_bwd, state_grad
+    from hybridctl.core.kernels.short_conv import qkv_views, short_conv_bwd
 
     B, T, H, V = o.shape
     K = (proj.shape[-1] - 2 * H * V) // (2 * H)  # proj is [q | k | v | gate]: 2 H K + 2 H V wide
@@ -289,11 +294,3 @@ def _backward(ctx, dy, *_unused):
 
 
 gated_deltanet.register_autograd(_backward, setup_context=_setup_context)
-
-
-def gated_deltanet_mix(proj: Tensor, ab: Tensor, conv_weight: Tensor, A_log: Tensor, dt_bias: Tensor,
-                       norm_weight: Tensor, num_heads: int, head_dim: int, head_v_dim: int, norm_eps: float) -> Tensor:
-    """The op's normed output [B, T, num_heads * head_v_dim], ready for the output projection."""
-    outputs = gated_deltanet(proj, ab, conv_weight, A_log, dt_bias, norm_weight, num_heads, head_dim, head_v_dim,
-                             norm_eps)
-    return outputs[0]

@@ -1,5 +1,7 @@
 """Rotary position embedding of q and k, straight from the attention's fused projection, on CUDA as a custom op.
 
+The PyTorch reference it replaces: `Rotary` in model/attention.py.
+
 qkv = [q | k | v] is the projection's output, [B, T, 3 * H * D]. The forward writes q and k rotated and v copied,
 each [B, T, H, D] contiguous (scaled_dot_product_attention takes them transposed to [B, H, T, D]); the backward
 rotates the gradients of q and k back and writes them, with v's, into one gradient shaped like qkv. In the

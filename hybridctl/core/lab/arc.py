@@ -18,8 +18,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
+
 from hybridctl.core.data import hub
 from hybridctl.core.data.tokenizer import Tokenizer
 from hybridctl.core.errors import ConfigError, DataError

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import torch.nn as nn
+
 from hybridctl.core.config import ModelConfig
 from hybridctl.core.model.hybrid_lm import HybridLM, uses_moe
 

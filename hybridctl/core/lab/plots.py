@@ -1,8 +1,7 @@
-"""Terminal charts drawn with plotext (5.x or 6.x).
+"""Terminal charts drawn with plotext (5.x or 6.x), imported only when a chart is drawn.
 
-A Chart is plain data (series of x/y points); `render_chart` turns it into text of a given size, and
-`save_chart` writes it beside a report as plain text and as HTML. Tables of the same data for output that is
-not a terminal live in render.py.
+`render_chart` turns a Chart (charts.py) into text of a given size, and `save_chart` writes it beside a report as
+plain text and as HTML. Tables of the same data for output that is not a terminal live in render.py.
 """
 
 from __future__ import annotations
@@ -10,43 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-
 import plotext as plt
 
-MAX_WIDTH = 120  # wider plots are harder to read, not clearer
-DEFAULT_WIDTH = 80  # when the terminal's width is unknown
-
-
-@dataclass
-class Series:
-    label: str
-    xs: list[float]
-    ys: list[float]
-
-
-@dataclass
-class Chart:
-    name: str  # file stem when saved
-    title: str
-    xlabel: str
-    ylabel: str
-    series: list[Series] = field(default_factory=list)
-    xlog: bool = False
-    points: bool = False  # mark every point (sparse data such as one value per run)
-    lines: bool = True  # join the points
-    xticks: list[tuple[float, str]] = field(default_factory=list)  # custom tick labels, e.g. LRs as 1e-3
-
-    def is_empty(self) -> bool:
-        return not any(s.xs for s in self.series)
-
-
-def chart_size(console_width: int | None) -> tuple[int, int]:
-    """Width follows the console (capped), 80 columns when unknown; height in proportion."""
-    width = min(console_width or DEFAULT_WIDTH, MAX_WIDTH)
-    width = max(width, 40)
-    return width, max(12, min(24, width // 4))
+from hybridctl.core.lab.charts import Chart, DEFAULT_WIDTH, chart_size
 
 
 def _finite(xs, ys, xlog: bool) -> tuple[list[float], list[float]]:
@@ -57,6 +23,7 @@ def _finite(xs, ys, xlog: bool) -> tuple[list[float], list[float]]:
 
 PLAIN_MARKERS = ["•", "x", "+", "o", "*", "#", "@", "%", "=", "~"]  # tell series apart without colour
 SERIES_COLORS = [12, 10, 9, 14, 13, 11]  # terminal colour codes; a series' line and points share one
+
 
 # plotext 6 moved 5's module functions (clear_figure, plotsize, plot, scatter, xticks, ...) onto a figure object
 # (plt.figure.clear, .plot_size, .signal + .draw, .ruler("x").ticks, ...) and made build() return a matrix, not

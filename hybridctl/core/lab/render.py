@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from hybridctl.core.lab.plots import chart_size, render_chart, save_chart
+from hybridctl.core.lab.charts import chart_size
 
 console = Console()
 err_console = Console(stderr=True)
@@ -170,7 +170,7 @@ def data_table(info: dict[str, Any], title: str = "Data") -> Table:
     return table
 
 # ---------------------------------------------------------------------------------------------------------
-# Experiment tables, charts and reports (data from core.experiments, charts from core.plots)
+# Experiment tables, charts and reports (data from lab/results.py and lab/report.py, charts drawn by lab/plots.py)
 
 
 def fmt_pct(fraction: float | None, digits: int = 1) -> str:
@@ -268,6 +268,8 @@ def chart_table(chart) -> Table:
 
 def print_chart(chart, out: Console = console) -> None:
     """A plotext plot on a terminal (sized to it); the same data as a table anywhere else."""
+    from hybridctl.core.lab.plots import render_chart  # plotext: loaded only to draw
+
     if chart.is_empty():
         return
     if out.is_terminal:
@@ -278,7 +280,7 @@ def print_chart(chart, out: Console = console) -> None:
 
 
 def plan_table(plan, actions) -> Table:
-    """A sweep plan (core.experiments.SweepPlan) with what running it now would do to each run."""
+    """A sweep plan (lab/sweeps.py's SweepPlan) with what running it now would do to each run."""
     words = {"start": "train", "done": "finished: skip", "diverged": "diverged: skip"}
     rows = []
     for planned, action in zip(plan.runs, actions):
@@ -307,6 +309,8 @@ def print_report(report, out: Console = console) -> None:
 
 def report_markdown(report, plot_files: dict[str, list[str]] | None = None, width: int = 80) -> str:
     """The report as Markdown: tables, and each chart as text in a code block with links to its saved files."""
+    from hybridctl.core.lab.plots import render_chart
+
     plot_files = plot_files or {}
     parts = [f"# {report.title}\n"]
     for section in report.sections:
@@ -334,6 +338,8 @@ def report_plots_dir(md_path: Path) -> Path:
 
 def write_report(report, md_path: Path) -> list[Path]:
     """Write the Markdown report and its plots (text and HTML) into <stem>_plots/ beside it; returns the plot files."""
+    from hybridctl.core.lab.plots import save_chart
+
     md_path = Path(md_path)
     plots_dir = report_plots_dir(md_path)
     files: dict[str, list[str]] = {}

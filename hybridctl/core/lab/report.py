@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from hybridctl.core.lab.plots import Chart, Series
+
+from hybridctl.core.lab.charts import Chart, Series
 from hybridctl.core.lab.render import fmt_count, fmt_lr
 from hybridctl.core.lab.results import METRICS, Ranked, RunResult, comparability_warning, metric_coverage, rank_results, sweep_divergence_advice
 

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from hybridctl.core.training import checkpoint as ckpt
+
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.data import synthetic
 from hybridctl.core.config import DataConfig
 from hybridctl.core.errors import ConfigError, HybridctlError, RunError, suggest
@@ -139,9 +140,9 @@ def load_result(run: RunDir) -> RunResult:
     else:
         last = rows[-1] if rows else {}
         values.update(steps=last.get("step", 0), tokens=last.get("tokens", 0))
-        if saved and ckpt.step_of_dir(saved[-1]) > values["steps"]:
+        if saved and checkpoint_files.step_of_dir(saved[-1]) > values["steps"]:
             try:  # a stop (Ctrl-C, SIGTERM) saves a checkpoint at its step without logging a line
-                state = ckpt.read_state(saved[-1])
+                state = checkpoint_files.read_state(saved[-1])
                 values.update(steps=state["step"], tokens=state.get("tokens", values["tokens"]))
             except HybridctlError:
                 pass  # damaged: resume passes over it too

@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
 import torch
+
 from hybridctl.core.training import distributed as dist
-from hybridctl.core.config import Config, load_config
+from hybridctl.core.config import DEFAULT_VOCAB, Config, load_config
 from hybridctl.core.data.tokenizer import get_tokenizer
 from hybridctl.core.errors import ConfigError, HybridctlError
 from hybridctl.core.model.hybrid_lm import HybridLM, build_model, pick_loss
@@ -42,7 +44,6 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-DEFAULT_VOCAB = 49152  # the study's tokenizer (SmolLM), used when a preset's tokenizer is not known offline
 
 
 def speed_configs(presets: list[str], patterns: list[str], overrides: list[str], vocab: int | None = None) -> list[Config]:

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from hybridctl.core.training import checkpoint as ckpt
+
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import Config, load_config
 from hybridctl.core.presets import parse_override
 from hybridctl.core.data.token_cache import cache_key, load_token_data
@@ -25,21 +26,12 @@ from hybridctl.core.errors import ConfigError, HybridctlError, RunError, Trainin
 from hybridctl.core.lab.render import fmt_lr
 from hybridctl.core.training.runs import (SWEEP_FILE, SWEEP_LOCK, RunDir, check_run_name, is_run_dir,
                                  write_json_atomic)
-from hybridctl.core.training.trainer import train
 
 
 SWEEPS_DIR = "ablations"
-
-
 ARC_FILE = Path("bench") / "arc.json"
-
-
 DEFAULT_LRS = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3]
-
-
 DEFAULT_STEPS = {"lr": 200, "arch": 300}
-
-
 STUDY_A = [
     "deltanet", "hybrid_8", "hybrid_sparse", "hybrid_25", "hybrid_late", "hybrid_42", "hybrid_alternating",
     "hybrid_58", "hybrid_67", "hybrid_75", "hybrid_83", "hybrid_92", "transformer",
@@ -232,7 +224,7 @@ def next_action(run: RunDir, planned: PlannedRun, recorded_status: str | None) -
         return RunAction("start")
     for checkpoint in reversed(run.step_checkpoints()):
         try:
-            step = ckpt.read_state(checkpoint)["step"]
+            step = checkpoint_files.read_state(checkpoint)["step"]
         except (HybridctlError, KeyError):
             continue
         if step < planned.cfg.train.steps:
@@ -386,6 +378,8 @@ def run_sweep(plan: SweepPlan, path: Path, force: bool = False, progress: Callab
 
 def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[PlannedRun, int], Any] | None,
                notify: Notify | None) -> dict[str, Any]:
+    from hybridctl.core.training.trainer import train  # torch: loaded only when a sweep trains
+
     state = prepare_sweep(plan, path, force)
     datasets: dict[str, Any] = {}
 

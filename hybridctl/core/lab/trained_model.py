@@ -8,8 +8,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 import torch
+
 from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import Config
 from hybridctl.core.data.tokenizer import Tokenizer, get_tokenizer
 from hybridctl.core.errors import RunError
@@ -36,9 +39,9 @@ def locate_checkpoint(path: Path, which: str | None = None) -> tuple[RunDir, Pat
     run = RunDir(path)
     if run.exists():
         if which is None:
-            which = "best" if ckpt.is_complete(run.best_dir) else "latest"
+            which = "best" if checkpoint_files.is_complete(run.best_dir) else "latest"
         return run, run.resolve_checkpoint(which)
-    if ckpt.is_complete(path):
+    if checkpoint_files.is_complete(path):
         if which is not None:
             raise RunError(f"{path} is a checkpoint folder; pass --checkpoint only with a run folder")
         run = RunDir(path.parent.parent if path.parent.name == "checkpoints" else path.parent)

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridctl.core.kernels import gdn_fused
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -167,6 +166,8 @@ def _layer_path(is_cuda: bool, head_dim: int, head_v_dim: int, conv_size: int, b
     path = _fla_or_reference(is_cuda, head_dim, backend)
     if path == "torch" or backend == "fla":
         return path
+    from hybridctl.core.kernels import gdn_fused  # registers the op that forward() calls (Triton: CUDA only)
+
     if gdn_fused.shape_supported(head_dim, head_v_dim, conv_size) and gdn_fused.fla_internals_available():
         return "fused"
     if backend == "fused":
@@ -305,8 +306,8 @@ class GatedDeltaNet(nn.Module):
         proj, ab = self.in_proj(x), self.decay_beta_logits(x)
         path = layer_path(x.is_cuda, K, V, self.conv_size, self.backend)
         if path == "fused":
-            o = gdn_fused.gated_deltanet_mix(proj, ab, self.conv_weight, self.A_log, self.dt_bias, self.o_norm.weight,
-                                             H, K, V, self.o_norm.eps)
+            o = torch.ops.hybridctl.gated_deltanet(proj, ab, self.conv_weight, self.A_log, self.dt_bias,
+                                                   self.o_norm.weight, H, K, V, self.o_norm.eps)[0]
             return self.o_proj(o)
         q, k, v, gate = proj.split([self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
         a, b = ab.split(H, dim=-1)

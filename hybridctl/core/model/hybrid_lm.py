@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from hybridctl.core.model.attention import CausalSelfAttention
 from hybridctl.core.config import ModelConfig
 from hybridctl.core.model.gated_delta import GatedDeltaNet

@@ -17,37 +17,23 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import os
 import traceback
 from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from hybridctl.core.errors import HybridctlError, Terminated
+from hybridctl.core.errors import HybridctlError
+from hybridctl.core.training import processes
+from hybridctl.core.training.processes import env_int, is_quiet, launched, mark_quiet
 
 T = TypeVar("T")
-
-_joined = False  # whether this process has joined a process group (errors before that are everyone's alike)
 
 
 class PeerFailed(HybridctlError):
     """Another process of the run failed and printed why; this one stops without repeating it."""
 
     quiet = True
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-def launched() -> bool:
-    """Started by torchrun as one of several processes (the process group may not be joined yet)."""
-    return _env_int("WORLD_SIZE", 1) > 1
-
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -63,7 +49,7 @@ def world_size() -> int:
 
 def local_rank() -> int:
     """This process's index on its machine (its GPU, on CUDA)."""
-    return _env_int("LOCAL_RANK", rank()) if active() or launched() else 0
+    return env_int("LOCAL_RANK", rank()) if active() or launched() else 0
 
 
 def is_main() -> bool:
@@ -76,18 +62,17 @@ def is_main() -> bool:
 
 def init(device: torch.device) -> None:
     """Join the process group when torchrun started several processes; nothing otherwise."""
-    global _joined
     if not launched() or dist.is_initialized():
         return
     # The other processes wait in a collective while process 0 alone tokenises data, evaluates or writes a
     # checkpoint; NCCL's default 10-minute timeout would abort them during a long one.
-    timeout = datetime.timedelta(seconds=_env_int("HYBRIDCTL_COLLECTIVE_TIMEOUT", 3600))
+    timeout = datetime.timedelta(seconds=env_int("HYBRIDCTL_COLLECTIVE_TIMEOUT", 3600))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
-    _joined = True
+    processes.mark_joined()
 
 
 def close() -> None:
@@ -200,15 +185,6 @@ def _first_failed(failed: bool) -> int | None:
     return None if first == n else first
 
 
-def mark_quiet(error: BaseException) -> BaseException:
-    error.quiet = True  # type: ignore[attr-defined]
-    return error
-
-
-def is_quiet(error: BaseException) -> bool:
-    return bool(getattr(error, "quiet", False))
-
-
 @contextlib.contextmanager
 def together() -> Iterator[None]:
     """A block that every rank finishes before any goes on, and that fails on every rank if it fails on one.
@@ -259,16 +235,3 @@ def shared(error: HybridctlError) -> HybridctlError:
     if not is_main():
         mark_quiet(error)
     return error
-
-
-def reports(error: BaseException) -> bool:
-    """Whether this process prints `error`. Errors marked quiet are printed by another rank. Before the group is
-    joined every process runs the same code on the same arguments, so the first process of each machine speaks
-    for its machine."""
-    if is_quiet(error):
-        return False
-    if isinstance(error, (KeyboardInterrupt, Terminated)) and launched():  # every process got the signal
-        return _env_int("RANK", 0) == 0
-    if launched() and not _joined:
-        return _env_int("LOCAL_RANK", 0) == 0
-    return True

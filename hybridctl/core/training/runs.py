@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import Config, config_to_toml, load_config_file
 from hybridctl.core.errors import CheckpointError, RunError
 
@@ -27,7 +27,7 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
-SWEEP_FILE = "sweep.json"  # a sweep folder's plan and status (experiments.py)
+SWEEP_FILE = "sweep.json"  # a sweep folder's plan and status (lab/sweeps.py)
 SWEEP_LOCK = "sweep.lock"
 
 
@@ -278,7 +278,7 @@ class RunDir:
     def step_checkpoints(self) -> list[Path]:
         if not self.checkpoints_dir.is_dir():
             return []
-        found = [p for p in self.checkpoints_dir.iterdir() if p.name.startswith("step_") and ckpt.is_complete(p)]
+        found = [p for p in self.checkpoints_dir.iterdir() if p.name.startswith("step_") and checkpoint_files.is_complete(p)]
         return sorted(found, key=lambda p: p.name)
 
     def resolve_checkpoint(self, which: str = "latest", on_skip: Callable[[Path, str], None] | None = None) -> Path:
@@ -287,7 +287,7 @@ class RunDir:
         'latest' is the newest step checkpoint that passes verification; each newer one that fails is reported
         to on_skip(path, reason) and passed over, so one damaged file does not cost the run."""
         if which == "best":
-            if ckpt.is_complete(self.best_dir):
+            if checkpoint_files.is_complete(self.best_dir):
                 return self.best_dir
             raise RunError(f"run {self.path} has no best checkpoint yet (none is saved before the first eval); use --from latest")
         steps = self.step_checkpoints()
@@ -297,7 +297,7 @@ class RunDir:
             damaged = []
             for path in reversed(steps):
                 try:
-                    ckpt.verify_checkpoint(path)
+                    checkpoint_files.verify_checkpoint(path)
                 except CheckpointError as e:
                     damaged.append((path, str(e)))
                     continue
@@ -305,7 +305,7 @@ class RunDir:
                     on_skip(bad, reason)
                 return path
             raise RunError(f"run {self.path} has no intact checkpoint ({', '.join(p.name for p in steps)} are damaged); start it again with `hybridctl train --force`")
-        name = which if which.startswith("step_") else (ckpt.step_dir_name(int(which)) if which.isdigit() else which)
+        name = which if which.startswith("step_") else (checkpoint_files.step_dir_name(int(which)) if which.isdigit() else which)
         for p in steps:
             if p.name == name:
                 return p
@@ -314,9 +314,9 @@ class RunDir:
 
     def checkpoints_after(self, step: int) -> list[Path]:
         """The step checkpoints, and best/, saved after `step`: what resuming from `step` abandons."""
-        later = [p for p in self.step_checkpoints() if ckpt.step_of_dir(p) > step]
+        later = [p for p in self.step_checkpoints() if checkpoint_files.step_of_dir(p) > step]
         try:
-            if ckpt.is_complete(self.best_dir) and ckpt.read_state(self.best_dir)["step"] > step:
+            if checkpoint_files.is_complete(self.best_dir) and checkpoint_files.read_state(self.best_dir)["step"] > step:
                 later.append(self.best_dir)
         except CheckpointError:
             pass  # a damaged best/ names no step; the next eval that improves replaces it
@@ -365,7 +365,7 @@ def _remove_checkpoint(path: Path) -> None:
 
 def _intact(path: Path) -> bool:
     try:
-        ckpt.verify_checkpoint(path)
+        checkpoint_files.verify_checkpoint(path)
         return True
     except CheckpointError:
         return False

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.training import distributed as dist
 from hybridctl.core.data import synthetic
 from hybridctl.core.config import Config
@@ -408,7 +409,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
                 run.reopen_summary()
                 if rollback:
                     run.drop_checkpoints_after(start_step)
-            if not ckpt.is_complete(run.best_dir):  # best/ gone with the steps after it: the next eval writes one
+            if not checkpoint_files.is_complete(run.best_dir):  # best/ gone with the steps after it: the next eval writes one
                 best_val, best_step = math.inf, -1
         if extend_steps:
             schedule.extend(start_step, t.steps)
@@ -444,7 +445,7 @@ def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_step
     def save(step: int) -> None:
         with dist.together():  # the others wait for the checkpoint (and learn if writing it failed)
             if main:
-                path = write_checkpoint(run.checkpoints_dir / ckpt.step_dir_name(step), step)
+                path = write_checkpoint(run.checkpoints_dir / checkpoint_files.step_dir_name(step), step)
                 run.prune_checkpoints(t.keep_checkpoints)
                 emit("checkpoint", {"step": step, "path": str(path)})
 
