@@ -19,6 +19,7 @@ from hybridctl.core.config import load_config
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.render import TrainProgress, console, summary_table
 from hybridctl.core.training.runs import RunDir, check_run_name
+from hybridctl.core.training.tracking import check_trackers
 from hybridctl.core.training.trainer import (checkpoint_bytes, check_room_for_a_checkpoint, load_run_data, micro_batch_size,
                                     resolve_device)
 from hybridctl.core.training.trainer import train as run_training
@@ -119,6 +120,7 @@ def train(
     if device is not None:
         overrides.append(f'train.device="{device}"')
     cfg = load_config(preset, overrides)
+    check_trackers(cfg)  # a train.log_to tracker that is not installed: refused before anything is written
     if name:
         cfg.name = name
     check_run_name(name or cfg.name)

@@ -123,6 +123,14 @@ class TrainConfig:
     # Triton kernel per chunk; "chunked" does the same in PyTorch; "plain" makes the full logits and leaves the
     # loss to torch.compile; "auto" = fused on CUDA, chunked elsewhere.
     loss: str = "auto"
+    # Experiment trackers that mirror metrics.jsonl and summary.json (core/training/tracking.py): "tensorboard"
+    # (RUN/tensorboard/), "wandb". wandb_mode: online, offline or disabled; empty = wandb's own (WANDB_MODE).
+    log_to: list[str] = field(default_factory=list)
+    wandb_mode: str = ""
+
+
+TRACKERS = ("tensorboard", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
@@ -267,6 +275,12 @@ def validate(cfg: Config) -> Config:
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",
     )
+    for tracker in t.log_to:
+        _require(tracker in TRACKERS, f"train.log_to names unknown tracker '{tracker}'{suggest(tracker, TRACKERS)}; "
+                                      f"choose from {', '.join(TRACKERS)}, e.g. log_to = [\"tensorboard\"]")
+    _require(len(set(t.log_to)) == len(t.log_to), f"train.log_to {t.log_to} names a tracker twice")
+    _require(t.wandb_mode in ("", *WANDB_MODES),
+             f"train.wandb_mode must be {', '.join(WANDB_MODES)} or empty (wandb's default), got '{t.wandb_mode}'")
     _require(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     _require(d.max_tokens >= 0, f"data.max_tokens must be >= 0 (0 = no limit), got {d.max_tokens}")
     return cfg
