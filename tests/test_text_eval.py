@@ -162,3 +162,27 @@ def test_bad_input_is_one_line_and_writes_nothing(scored_run, tmp_path, capsys, 
     after = sorted(p.name for p in (run.path / "eval").glob("*")) if (run.path / "eval").exists() else []
     assert after == before
     assert not (bare.path / "eval").exists() and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.gpu
+def test_eval_on_cuda_agrees_with_cpu(tmp_path, capsys):
+    """The CUDA path (fla kernels, bf16 autocast, as training evaluates) against the PyTorch code in fp32."""
+    cfg = micro_config(["train.seq_len=128", "model.vocab_size=257", "model.d_model=256", "model.n_heads=4",
+                        "model.gdn.num_heads=2", "model.gdn.head_dim=128", "model.gdn.chunk_size=64"])
+    run = RunDir(tmp_path / "runs" / "cuda")
+    run.create(cfg)
+    torch.manual_seed(0)
+    ckpt.save_checkpoint(run.best_dir, build_model(cfg.model), None, {"step": 1})
+    run.release_lock()
+    text = tmp_path / "long.txt"
+    text.write_text("\n\n".join(PARAGRAPHS * 20) + "\n")
+    results = {}
+    for device in ("cpu", "cuda"):
+        code, out, err = cli(capsys, "eval", run.path, "--data", text, "--device", device, "--name", device, "--json")
+        assert code == 0, err
+        results[device] = json.loads(out)
+    cpu, gpu = results["cpu"], results["cuda"]
+    assert (gpu["windows"], gpu["scored_tokens"], gpu["tokens"]) == (cpu["windows"], cpu["scored_tokens"], cpu["tokens"])
+    assert gpu["device"] != "cpu"
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-2)
+    assert gpu["acc"] == pytest.approx(cpu["acc"], abs=0.02)
