@@ -169,7 +169,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if origin is list:
         (item,) = get_args(typ)
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list like [3, 6], got {value!r}")
+            example = "[3, 6]" if item is not str else '["tensorboard"]' if where == "train.log_to" else '["a", "b"]'
+            raise ConfigError(f"{where} must be a list like {example}, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is bool:
         if isinstance(value, bool):
