@@ -13,6 +13,7 @@ from hybridctl.core.lab.sweeps import ARCH_GROUPS, DEFAULT_LRS, SweepPlan, parse
 from hybridctl.core.lab.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, print_table,
                                    results_table)
 from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.tracking import check_trackers
 
 app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value under runs/ablations/<sweep>/.",
                   no_args_is_help=True)
@@ -59,6 +60,8 @@ def arch(
 
 
 def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str) -> None:
+    for planned in plan.runs:
+        check_trackers(planned.cfg)  # a train.log_to tracker that is not installed: refused before anything is written
     path = sweep_path(out, plan.name)
     if dry_run:
         print_table(plan_table(plan, preview_actions(plan, path)))

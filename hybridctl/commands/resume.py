@@ -13,6 +13,7 @@ from hybridctl.core.errors import RunError
 from hybridctl.core.lab.render import TrainProgress, console, err_console, summary_table
 from hybridctl.core.training.checkpoint_files import read_state, verify_checkpoint
 from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.tracking import check_trackers
 
 
 def resume(
@@ -38,6 +39,7 @@ def resume(
         raise RunError(f"--extend-steps must be >= 0, got {extend_steps}")
     run = RunDir(run_path)
     cfg = run.load_config()
+    check_trackers(cfg)
     if gpus is not None:
         check_config_for_gpus(cfg, gpus)
         if gpus > 1:

@@ -18,6 +18,7 @@ from hybridctl.core.lab.render import TrainProgress, console, summary_table
 from hybridctl.core.presets import available_presets, find_preset, read_toml
 from hybridctl.core.training.processes import launched
 from hybridctl.core.training.runs import RunDir, check_run_name
+from hybridctl.core.training.tracking import check_trackers
 
 # torch and the trainer are imported inside the functions that use them: `--help` and `--list-presets` load no torch.
 
@@ -123,6 +124,7 @@ def train(
     if device is not None:
         overrides.append(f'train.device="{device}"')
     cfg = load_config(preset, overrides)
+    check_trackers(cfg)  # a train.log_to tracker that is not installed: refused before anything is written
     if name:
         cfg.name = name
     check_run_name(name or cfg.name)

@@ -124,6 +124,14 @@ class TrainConfig:
     # Triton kernel per chunk; "chunked" does the same in PyTorch; "plain" makes the full logits and leaves the
     # loss to torch.compile; "auto" = fused on CUDA, chunked elsewhere.
     loss: str = "auto"
+    # Experiment trackers that mirror metrics.jsonl and summary.json (core/training/tracking.py): "tensorboard"
+    # (RUN/tensorboard/), "wandb". wandb_mode: online, offline or disabled; empty = wandb's own (WANDB_MODE).
+    log_to: list[str] = field(default_factory=list)
+    wandb_mode: str = ""
+
+
+TRACKERS = ("tensorboard", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
@@ -162,7 +170,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if origin is list:
         (item,) = get_args(typ)
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list like [3, 6], got {value!r}")
+            example = "[3, 6]" if item is not str else '["tensorboard"]' if where == "train.log_to" else '["a", "b"]'
+            raise ConfigError(f"{where} must be a list like {example}, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is bool:
         if isinstance(value, bool):
@@ -268,6 +277,12 @@ def validate(cfg: Config) -> Config:
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",
     )
+    for tracker in t.log_to:
+        _require(tracker in TRACKERS, f"train.log_to names unknown tracker '{tracker}'{suggest(tracker, TRACKERS)}; "
+                                      f"choose from {', '.join(TRACKERS)}, e.g. log_to = [\"tensorboard\"]")
+    _require(len(set(t.log_to)) == len(t.log_to), f"train.log_to {t.log_to} names a tracker twice")
+    _require(t.wandb_mode in ("", *WANDB_MODES),
+             f"train.wandb_mode must be {', '.join(WANDB_MODES)} or empty (wandb's default), got '{t.wandb_mode}'")
     _require(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     _require(d.max_tokens >= 0, f"data.max_tokens must be >= 0 (0 = no limit), got {d.max_tokens}")
     return cfg

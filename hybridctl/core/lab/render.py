@@ -187,11 +187,13 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     show_arc = any(r.get("arc_acc") is not None for r in results)
     show_mqar = any(r.get("final_val_mqar_acc") is not None for r in results)
     show_status = any(r.status != "complete" for r in results)
+    text_evals = sorted({name for r in results for name in (r.get("text_evals") or {})})  # `hybridctl eval` results
     shown_loss = f"{view}_val_loss"
     headers = ["#", "run", "attn"] + (["lr"] if show_lr else []) + (["steps"] if show_steps else [])
     headers += ["val loss" if view == "best" else "final loss", "acc", "ppl", "time", "tok/s", "Δ vs best" if metric == shown_loss else f"Δ {metric}"]
     headers += ["ARC acc", "ARC acc_norm"] if show_arc else []
     headers += ["recall acc"] if show_mqar else []
+    headers += [f"{name} ppl" for name in text_evals]
     headers += ["status"] if show_status else []
     table = []
     for row in rows:
@@ -210,6 +212,7 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
             cells += [fmt_pct(r.get("arc_acc"), 2), fmt_pct(r.get("arc_acc_norm"), 2)]
         if show_mqar:
             cells.append(fmt_pct(r.get("final_val_mqar_acc"), 2))
+        cells += [fmt_num(((r.get("text_evals") or {}).get(name) or {}).get("ppl"), 2) for name in text_evals]
         if show_status:
             cells.append(r.status if r.status == "complete" else f"{r.status} ({r.get('steps')}/{r.get('planned_steps') or '?'})")
         table.append(cells)

@@ -160,6 +160,7 @@ def load_result(run: RunDir) -> RunResult:
     arc = _read_json(run.path / ARC_FILE)
     if arc is not None:
         values.update(arc_acc=arc.get("acc"), arc_acc_norm=arc.get("acc_norm"), arc_n=arc.get("n"))
+    values["text_evals"] = read_text_evals(run)
     if complete:
         status = "complete"
     elif run.lock_owner():
@@ -169,6 +170,16 @@ def load_result(run: RunDir) -> RunResult:
     else:
         status = "partial" if evals or saved else "empty"
     return RunResult(run, status, values, evals, logs)
+
+
+def read_text_evals(run: RunDir) -> dict[str, dict[str, Any]]:
+    """`hybridctl eval` results (RUN/eval/<name>.json, see text_eval.py) by name; unreadable files are passed over."""
+    found = {}
+    for path in sorted((run.path / "eval").glob("*.json")):
+        data = _read_json(path)
+        if data is not None and isinstance(data.get("loss"), (int, float)):
+            found[path.stem] = {key: data.get(key) for key in ("loss", "ppl", "acc", "scored_tokens", "data")}
+    return found
 
 
 def label_results(results: list[RunResult]) -> None:
