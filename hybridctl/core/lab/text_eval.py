@@ -34,7 +34,7 @@ from hybridctl.core.errors import ConfigError, DataError, RunError
 from hybridctl.core.lab.speed import device_name
 from hybridctl.core.lab.trained_model import load_trained_model, locate_checkpoint, write_json
 from hybridctl.core.model.hybrid_lm import HybridLM
-from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.training.runs import RunDir, ensure_new_file
 from hybridctl.core.training.trainer import autocast_for, micro_batch_size, resolve_device
 
@@ -139,7 +139,7 @@ def score_windows(model: HybridLM, tokens: np.ndarray, seq_len: int, device: tor
 def check_has_checkpoint(target: Path) -> None:
     """A run folder without any checkpoint: one line that says to train it (locate_checkpoint speaks of resuming)."""
     run = RunDir(target)
-    if run.exists() and not ckpt.is_complete(run.best_dir) and not run.step_checkpoints():
+    if run.exists() and not checkpoint_files.is_complete(run.best_dir) and not run.step_checkpoints():
         raise RunError(f"run {run.path} has no checkpoint yet (one is saved at the first eval or save step); "
                        f"train it further with `hybridctl resume {run.path}`, or pass another run")
 
