@@ -252,12 +252,12 @@ def test_bench_decode_cli(tmp_path, capsys):
     out_json = tmp_path / "decode.json"
     args = ["bench", "decode", "--preset", "tiny", "--set", 'model.pattern="LFDL"', "--set", "model.d_model=32",
             "--set", "model.n_heads=2", "--set", "model.gdn.num_heads=2", "--set", "model.gdn.head_dim=16",
-            "--vocab", "300", "--context", "16,40", "--batch", "1,2", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+            "--vocab", "300", "--context", "8,20", "--batch", "1,2", "--steps", "2", "--warmup", "1", "--device", "cpu"]
     code, out, err = cli(capsys, *args, "--json", str(out_json))
     assert code == 0, err
     report = json.loads(out_json.read_text())
     assert report["task"] == "decode" and report["complete"]
-    assert [(r["context"], r["batch_size"]) for r in report["results"]] == [(16, 1), (16, 2), (40, 1), (40, 2)]
+    assert [(r["context"], r["batch_size"]) for r in report["results"]] == [(8, 1), (8, 2), (20, 1), (20, 2)]
     assert all(r["cache_bytes"] == r["cache_bytes_expected"] for r in report["results"])
     assert "decode tok/s" in out
     code, _, err = cli(capsys, *args, "--json", str(out_json))

@@ -58,9 +58,10 @@ def decode(
 
 
 def fmt_bytes(n: Optional[float]) -> str:
+    """Bytes in GiB (G), or MiB (M) below a tenth of a GiB."""
     if n is None:
         return "-"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f}G" if n >= 2**30 / 10 else f"{n / 2**20:.3g}M"
 
 
 def decode_table(report: dict[str, Any]):
@@ -69,16 +70,20 @@ def decode_table(report: dict[str, Any]):
     from hybridctl.core.lab.render import fmt_count
 
     table = Table(title=f"Decoding on {report['device']} ({report['dtype']})", title_justify="left")
-    columns = ["arch", "context", "batch", "prefill s", "prefill tok/s", "decode tok/s", "ms/step", "cache", "peak mem"]
+    gpu = report["device"] != "cpu"
+    columns = ["arch", "context", "batch", "prefill\ns", "prefill\ntok/s", "decode\ntok/s", "ms/\nstep", "cache",
+               *(["peak\nmem"] if gpu else [])]
     for column in columns:
         table.add_column(column, justify="left" if column == "arch" else "right")
     for r in report["results"]:
         head = [r["name"], str(r["context"]), str(r["batch_size"])]
         if r.get("error"):
-            table.add_row(*head, f"[red]{r['error']}[/]", "-", "-", "-", fmt_bytes(r["cache_bytes_expected"]), "-")
+            table.add_row(*head, f"[red]{r['error']}[/]", "-", "-", "-", fmt_bytes(r["cache_bytes_expected"]),
+                          *(["-"] if gpu else []))
             continue
         table.add_row(*head, f"{r['prefill_seconds']:.3g}", fmt_count(r["prefill_tok_s"]), fmt_count(r["decode_tok_s"]),
-                      f"{r['step_ms']:.2f}", fmt_bytes(r["cache_bytes"]), fmt_bytes(r["peak_memory_bytes"]))
-    table.caption = ("decode tok/s: batch x steps / time, argmax fed back; cache: every KV cache and recurrent state "
-                     "tensor; peak mem: torch.cuda.max_memory_allocated")
+                      f"{r['step_ms']:.3g}", fmt_bytes(r["cache_bytes"]),
+                      *([fmt_bytes(r["peak_memory_bytes"])] if gpu else []))
+    table.caption = ("decode tok/s: batch x steps / time; cache: every KV cache and recurrent state tensor"
+                     + ("; peak mem: torch.cuda.max_memory_allocated" if gpu else ""))
     return table

@@ -75,10 +75,11 @@ def generate(
     tok_s = f", {result['tok_s']:.1f} tok/s" if result["tok_s"] else ""
     err_console.print(f"[dim]{tokens} tokens in {result['prefill_seconds'] + result['decode_seconds']:.2f} s{tok_s} "
                       f"({trained.run.name} @ {trained.checkpoint.name}, {result['device']}, {result['dtype']})[/]",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     if any(r["stop"] == "context" for r in rows):
         err_console.print(f"warning: stopped where the model has read {result['context_limit']} tokens, the length "
-                          "it was trained on (train.seq_len); pass --allow-long-context to go on", highlight=False)
+                          "it was trained on (train.seq_len); pass --allow-long-context to go on", highlight=False,
+                          soft_wrap=True)
 
 
 def stream_one(text: str, tokenizer):
