@@ -327,7 +327,8 @@ class GatedDeltaNet(nn.Module):
         step of it. Pad positions (left padding) leave both unchanged."""
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        proj, ab = self.in_proj(x), self.decay_beta_logits(x)
+        # a step's one row needs no padded weight (decay_beta_logits), which would cost two more kernels
+        proj, ab = self.in_proj(x), self.ab_proj(x) if T == 1 else self.decay_beta_logits(x)
         qkv, gate = proj.split([2 * self.key_dim + self.value_dim, self.value_dim], dim=-1)
         real = cache.real_tokens(T, x.device)
         if real is not None:
@@ -353,9 +354,12 @@ def conv_silu_with_state(x: torch.Tensor, weight: torch.Tensor, state: torch.Ten
     if state is None:
         state = x.new_zeros(x.shape[0], W - 1, x.shape[-1])
     padded = torch.cat([state.to(x.dtype), x], dim=1)
-    y = padded[:, W - 1 :] * weight[:, W - 1]
-    for i in range(W - 1):
-        y = y + padded[:, i : i + T] * weight[:, i]
+    if T == 1:  # a decoding step: one multiply and one sum over the window (fewer kernels than the loop)
+        y = (padded * weight.t()).sum(1, keepdim=True)
+    else:
+        y = padded[:, W - 1 :] * weight[:, W - 1]
+        for i in range(W - 1):
+            y = y + padded[:, i : i + T] * weight[:, i]
     return F.silu(y).to(x.dtype), padded[:, T:].clone()
 
 

@@ -196,10 +196,10 @@ class HybridLM(nn.Module):
         return new_cache(self.cfg.layer_types(), capacity, self.cfg.attention.window, pad)
 
     def forward_cached(self, idx: torch.Tensor, cache: ModelCache, all_logits: bool = False) -> torch.Tensor:
-        """Logits [B, 1, vocab] after the next tokens idx [B, T] of the sequences in `cache` (all T positions' with
-        all_logits), which takes in their states: a whole prompt in one parallel pass (chunked recurrence, causal
-        attention), then one token per call. The same function as forward over the whole sequence, but for MoE
-        layers, which drop no token here (see MoE.forward_without_drops)."""
+        """The next tokens idx [B, T] of the sequences in `cache`, which takes in their states: a whole prompt in
+        one parallel pass (chunked recurrence, causal attention), then one token per call. Returns the logits of
+        the last position [B, 1, vocab], or of all T with all_logits. The same function as forward over the whole
+        sequence, but for MoE layers, which drop no token here (see MoE.forward_without_drops)."""
         if cache.length + idx.shape[1] > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions; {cache.length + idx.shape[1]} were asked for")
         x, pending = self.embed(idx), None
