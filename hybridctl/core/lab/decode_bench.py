@@ -1,8 +1,9 @@
 """The decoding benchmark: prefill time, decoding tok/s and the memory that caches and states hold, per architecture,
 context length and batch size, on untrained weights.
 
-Each shape: a random prompt of `context` tokens per row goes through the prefill (parallel passes, chunked
-recurrence), then `warmup` untimed and `steps` timed decoding steps, each feeding back the argmax (no host sync).
+Each shape: after an untimed short prompt and step (kernel compilation), a random prompt of `context` tokens per
+row goes through the prefill (parallel passes, chunked recurrence), then `warmup` untimed and `steps` timed
+decoding steps, each feeding back the argmax (no host sync).
 Contexts may exceed the preset's train.seq_len: RoPE's tables are made for any position, and untrained weights
 have nothing to lose there, so the speed and memory are those of a model trained that long.
 """
@@ -77,6 +78,12 @@ def _timed_decode(cfg: Config, context: int, batch_size: int, device: torch.devi
     torch.manual_seed(cfg.train.seed)
     model = cast_for_inference(build_model(cfg.model).to(device), dtype).eval()
     prompt = torch.randint(0, cfg.model.vocab_size, (batch_size, context), device=device)
+    # Untimed: a short prompt in two passes and a step compile (and autotune) the kernels of every path timed below
+    warm_length = min(context, 128)
+    warm = model.new_cache(warm_length + 1)
+    logits = prefill(model, prompt[:, :warm_length], warm, 64 * batch_size)
+    model.forward_cached(logits[:, -1].argmax(-1, keepdim=True), warm)
+    del warm, logits
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cache = model.new_cache(context + warmup + steps)
