@@ -37,6 +37,7 @@ BUILTIN_COMMANDS = {
     "report": "hybridctl.commands.report:report",
     "data": "hybridctl.commands.data:app",
     "eval": "hybridctl.commands.eval:eval_command",
+    "generate": "hybridctl.commands.generate:generate",
 }
 
 

@@ -28,6 +28,7 @@ ENTRY_POINT_GROUP = "hybridctl.benchmarks"
 BUILTIN_BENCHMARKS = {
     "arc": "hybridctl.commands.bench:arc",
     "speed": "hybridctl.commands.bench:speed",
+    "decode": "hybridctl.commands.bench_decode:decode",
 }
 
 
@@ -231,7 +232,7 @@ def speed_table(report: dict[str, Any]) -> Table:
 
 
 def build_bench_app() -> typer.Typer:
-    app = typer.Typer(help="Benchmarks: arc (ARC-Challenge accuracy), speed (throughput and MFU), and plugins.",
+    app = typer.Typer(help="Benchmarks: arc (ARC-Challenge accuracy), speed (throughput and MFU), decode (generation speed and cache memory), and plugins.",
                       no_args_is_help=True)
     return register_entry_points(app, ENTRY_POINT_GROUP, BUILTIN_BENCHMARKS, kind="benchmark")
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from hybridctl.core.model.cache import KVCache
 
 
 class Rotary(nn.Module):
@@ -18,15 +21,16 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def tables(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.arange(T, device=device, dtype=torch.float32)
+    def tables(self, T: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, head_dim] for positions start .. start + T - 1."""
+        t = torch.arange(start, start + T, device=device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(device))
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, D]"""
-        cos, sin = self.tables(x.shape[-2], x.device)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: [B, H, T, D] at positions start .. start + T - 1"""
+        cos, sin = self.tables(x.shape[-2], x.device, start)
         x1, x2 = x.float().chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (x.float() * cos + rotated * sin).to(x.dtype)
@@ -46,6 +50,21 @@ class Rotary(nn.Module):
                 return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k, v = qkv.view(B, T, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
         return self(q), self(k), v
+
+    def split_qkv_at(self, qkv: torch.Tensor, n_heads: int, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """split_qkv for positions start .. start + T - 1 (decoding), as [B, T, H, D] each, the layout of a KV
+        cache."""
+        B, T, _ = qkv.shape
+        head_dim = self.inv_freq.numel() * 2
+        if qkv.is_cuda:
+            from hybridctl.core.kernels import rope  # needs Triton
+
+            if rope.supported(head_dim):
+                cos, sin = self.tables(T, qkv.device, start)
+                half = head_dim // 2
+                return rope.rotary_qkv(qkv, cos[:, :half], sin[:, :half], n_heads)
+        q, k, v = qkv.view(B, T, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
+        return self(q, start).transpose(1, 2), self(k, start).transpose(1, 2), v.transpose(1, 2)
 
 
 def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
@@ -72,3 +91,28 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """forward for the next T positions of the sequences in `cache` (a prompt, or one decoding step), which
+        keeps their keys and values."""
+        B, T, C = x.shape
+        q, k, v = self.rotary.split_qkv_at(self.qkv_proj(x), self.n_heads, cache.length)
+        keys, values, _ = cache.append(k, v)
+        y = cached_attention(q.transpose(1, 2), keys, values, cache)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache: KVCache,
+                     selected: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of q [B, H, T, D] over the keys `cache.append` returned, each query to the keys it may
+    see (or to `selected` [B, T, S] of them). Full causal attention over a whole prompt or a chunk of one takes
+    the causal kernels (flash attention on CUDA); other masks are given as tensors."""
+    T, S = q.shape[-2], keys.shape[-2]
+    if selected is not None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=selected[:, None])
+    if T > 1 and not cache.window and cache.length - S >= cache.max_pad:  # no window, no padding among the keys
+        if S == T:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, S))
+    visible = cache.visible(T, S, q.device)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=None if visible is None else visible[:, None])

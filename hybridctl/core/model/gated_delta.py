@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridctl.core.model.cache import DeltaNetState
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -320,3 +321,72 @@ class GatedDeltaNet(nn.Module):
         gate = gate.reshape(B, T, H, V)
         o = fla_gated_rms_norm(o, gate, self.o_norm) if fla else self.o_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim))
+
+    def forward_cached(self, x: torch.Tensor, cache: DeltaNetState) -> torch.Tensor:
+        """forward for the next T positions of the sequences in `cache`, which keeps the convolution's last
+        inputs and the recurrent state: a prompt runs the chunked recurrence from the state, a decoding step one
+        step of it. Pad positions (left padding) leave both unchanged."""
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        # a step's one row needs no padded weight (decay_beta_logits), which would cost two more kernels
+        proj, ab = self.in_proj(x), self.ab_proj(x) if T == 1 else self.decay_beta_logits(x)
+        qkv, gate = proj.split([2 * self.key_dim + self.value_dim, self.value_dim], dim=-1)
+        real = cache.real_tokens(T, x.device)
+        if real is not None:
+            qkv = qkv.masked_fill(~real[..., None], 0.0)
+        qkv, cache.conv = conv_silu_with_state(qkv, self.conv_weight, cache.conv)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        a, b = ab.split(H, dim=-1)
+        fla = use_fla(x, K, self.backend)
+        o, cache.recurrent = gated_delta_rule_cached(
+            q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V), a, b, self.A_log, self.dt_bias,
+            cache.recurrent, real, fla, self.chunk_size)
+        cache.length += T
+        gate = gate.reshape(B, T, H, V)
+        o = fla_gated_rms_norm(o, gate, self.o_norm) if fla else self.o_norm(o, gate)
+        return self.o_proj(o.reshape(B, T, self.value_dim))
+
+
+def conv_silu_with_state(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv_silu continued from `state` [B, W - 1, C], the inputs of the positions before x (zeros at the
+    start, as causal_conv_silu pads); returns the output and the state after x."""
+    T, W = x.shape[1], weight.shape[-1]
+    if state is None:
+        state = x.new_zeros(x.shape[0], W - 1, x.shape[-1])
+    padded = torch.cat([state.to(x.dtype), x], dim=1)
+    if T == 1:  # a decoding step: one multiply and one sum over the window (fewer kernels than the loop)
+        y = (padded * weight.t()).sum(1, keepdim=True)
+    else:
+        y = padded[:, W - 1 :] * weight[:, W - 1]
+        for i in range(W - 1):
+            y = y + padded[:, i : i + T] * weight[:, i]
+    return F.silu(y).to(x.dtype), padded[:, T:].clone()
+
+
+def gated_delta_rule_cached(q, k, v, a, b, A_log, dt_bias, state, real, fla: bool, chunk_size: int = 64):
+    """gated_delta_rule continued from `state` [B, H, K, V] (None: zeros); returns the output and the state
+    after it, in fp32. One position: one step of the recurrence (fla's fused recurrent kernel on CUDA); more: the
+    chunked form from the state. `real` [B, T] (None: all) marks the tokens that are not padding: pads get
+    beta = 0 and no decay, so the state passes them unchanged."""
+    T = q.shape[1]
+    gates_outside = not fla or real is not None
+    if gates_outside:
+        g, beta = gdn_decay(a, A_log, dt_bias), torch.sigmoid(b.float())
+        if real is not None:
+            g, beta = g.masked_fill(~real[..., None], 0.0), beta.masked_fill(~real[..., None], 0.0)
+    if fla:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+        kernel = fused_recurrent_gated_delta_rule if T == 1 else chunk_gated_delta_rule
+        gates = dict(g=g, beta=beta) if gates_outside else dict(
+            g=a, beta=b, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+        o, state = kernel(q, k, v, **gates, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        return o, state.float()
+    q, k = l2norm(q.float()), l2norm(k.float())
+    if T == 1:
+        o, state = recurrent_gated_delta_rule(q, k, v.float(), g, beta, initial_state=state, output_final_state=True)
+    else:
+        o, state = chunk_gated_delta_rule_torch(q, k, v.float(), g, beta, initial_state=state, output_final_state=True,
+                                                chunk_size=chunk_size)
+    return o.to(v.dtype), state.float()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hybridctl.core.model.attention import CausalSelfAttention
 from hybridctl.core.config import ModelConfig
+from hybridctl.core.model.cache import LayerCache, ModelCache, new_cache
 from hybridctl.core.model.gated_delta import GatedDeltaNet
 from hybridctl.core.model.layers import RMSNorm, SwiGLU
 
@@ -62,6 +63,13 @@ class Block(nn.Module):
         x, h = self.mixer_norm.add_and_norm(x, pending)
         x, h = self.mlp_norm.add_and_norm(x, self.mixer(h))
         return x, self.mlp(h)
+
+    def forward_cached(self, x: torch.Tensor, pending: torch.Tensor | None, cache: LayerCache
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward for the next positions of the sequences in `cache` (decoding); an MoE MLP drops no token."""
+        x, h = self.mixer_norm.add_and_norm(x, pending)
+        x, h = self.mlp_norm.add_and_norm(x, self.mixer.forward_cached(h, cache))
+        return x, (self.mlp.forward_without_drops(h) if hasattr(self.mlp, "forward_without_drops") else self.mlp(h))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -183,6 +191,24 @@ class HybridLM(nn.Module):
         for key, value in aux.items():
             loss = loss + self.aux_weight(key) * value
         return ModelOutput(loss, ce, logits[..., : self.vocab_size] if return_logits else None, aux)
+
+    def new_cache(self, capacity: int, pad: torch.Tensor | None = None) -> ModelCache:
+        """An empty decoding cache with room for `capacity` positions; pad [B]: each row's left padding."""
+        return new_cache(self.cfg.layer_types(), capacity, self.cfg.attention.window, pad)
+
+    def forward_cached(self, idx: torch.Tensor, cache: ModelCache, all_logits: bool = False) -> torch.Tensor:
+        """The next tokens idx [B, T] of the sequences in `cache`, which takes in their states: a whole prompt in
+        one parallel pass (chunked recurrence, causal attention), then one token per call. Returns the logits of
+        the last position [B, 1, vocab], or of all T with all_logits. The same function as forward over the whole
+        sequence, but for MoE layers, which drop no token here (see MoE.forward_without_drops)."""
+        if cache.length + idx.shape[1] > cache.capacity:
+            raise ValueError(f"the cache holds {cache.capacity} positions; {cache.length + idx.shape[1]} were asked for")
+        x, pending = self.embed(idx), None
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x, pending = block.forward_cached(x, pending, layer_cache)
+        cache.length += idx.shape[1]
+        h = self.norm.add_and_norm(x if all_logits else x[:, -1:], pending if all_logits else pending[:, -1:])[1]
+        return self.lm_head(h)[..., : self.vocab_size]
 
     def aux_weight(self, key: str) -> float:
         weights = {"indexer_kl": self.cfg.dsa.aux_loss_weight, "moe_balance": self.cfg.moe.balance_loss_weight}

@@ -118,3 +118,20 @@ class MoE(nn.Module):
             out = gather_dispatch(self.experts, x, routing)
         self.aux_losses = {"moe_balance": balance_loss(routing.probs, routing.counts)}
         return out.to(x.dtype).view(shape)
+
+    def forward_without_drops(self, x: torch.Tensor) -> torch.Tensor:
+        """forward with no capacity limit, for decoding: every token gets its top_k experts, whatever else is in
+        the batch, so a token's output does not depend on the other tokens of its step. On CUDA a step of few
+        tokens runs every expert on all of them (gates 0 where not chosen; no shape depends on the routing, so
+        the host never waits for the GPU); a prompt runs each expert on its own tokens."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        routing = self.route(x)
+        routing.keep = torch.ones_like(routing.keep)
+        if x.is_cuda and x.shape[0] <= self.DECODE_TOKENS:
+            out = slot_dispatch(self.experts, x, routing, x.shape[0])
+        else:
+            out = gather_dispatch(self.experts, x, routing)
+        return out.to(x.dtype).view(shape)
+
+    DECODE_TOKENS = 256  # up to this many tokens (a decoding step's batch) forward_without_drops runs by slots

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridctl.core.model.attention import Rotary, sliding_window_mask
+from hybridctl.core.model.attention import Rotary, cached_attention, sliding_window_mask
+from hybridctl.core.model.cache import KVCache
 from hybridctl.core.config import ModelConfig
 
 
@@ -62,6 +63,19 @@ class LightningIndexer(nn.Module):
         scores = torch.einsum("bhts,bth->bts", per_head, weights)
         return scores.masked_fill(~causal_mask(T, x.device, window), float("-inf"))
 
+    def project(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward's query [B, H, T, D], key [B, T, D] and head weights [B, T, H] for positions start ..
+        start + T - 1 (decoding: the keys go to the cache)."""
+        B, T, _ = x.shape
+        q = self.rotary(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), start)
+        k = self.rotary(self.k_norm(self.k_proj(x)).unsqueeze(1), start).squeeze(1)
+        return q, k, self.weights_proj(x).to(compute_dtype(x)) * self.scale
+
+    def cached_scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """forward's scores [B, T, S] of `project`'s queries against cached keys [B, S, D], unmasked."""
+        per_head = F.relu(q @ keys[:, None].transpose(-1, -2)).to(weights.dtype)  # [B, H, T, S]
+        return torch.einsum("bhts,bth->bts", per_head, weights)
+
 
 def visible_keys(T: int, window: int = 0) -> int:
     """The most keys any query can see."""
@@ -78,6 +92,16 @@ def topk_mask(scores: torch.Tensor, k: int, window: int = 0) -> torch.Tensor:
     chosen = scores.topk(k, dim=-1).indices  # rows with few visible keys may pick -inf slots; the mask drops them
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, chosen, True)
     return mask & visible
+
+
+def select_topk(scores: torch.Tensor, visible: torch.Tensor | None, k: int) -> torch.Tensor:
+    """topk_mask for a decoding cache's keys: [B, T, S] True for the k highest-scoring keys each query may see
+    (visible [B or 1, T, S], None: all), or all of them when it sees no more than k."""
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    chosen = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, chosen, True)
+    return mask if visible is None else mask & visible
 
 
 def indexer_kl(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -125,4 +149,19 @@ class DeepSeekSparseAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         self.aux_losses = {"indexer_kl": indexer_kl(q.detach(), k.detach(), scores, selected)} if self.training else {}
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """forward for the next T positions of the sequences in `cache`, which keeps the keys and values of the
+        attention and the indexer's keys. Each query takes the top-k keys it may see, as forward does."""
+        B, T, C = x.shape
+        start = cache.length
+        q, k, v = self.rotary.split_qkv_at(self.qkv_proj(x), self.n_heads, start)
+        index_q, index_k, index_weights = self.indexer.project(x, start)
+        keys, values, index_keys = cache.append(k, v, index_k)
+        selected = None
+        if self.topk < visible_keys(cache.length, self.window):  # some query sees more than topk keys
+            scores = self.indexer.cached_scores(index_q, index_keys, index_weights)
+            selected = select_topk(scores, cache.visible(T, keys.shape[-2], x.device), self.topk)
+        y = cached_attention(q.transpose(1, 2), keys, values, cache, selected)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
