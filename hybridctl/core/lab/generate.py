@@ -21,7 +21,7 @@ from hybridctl.core.lab.trained_model import TrainedModel, load_trained_model, l
 from hybridctl.core.model.cache import ModelCache
 from hybridctl.core.model.gated_delta import GatedDeltaNet
 from hybridctl.core.model.hybrid_lm import HybridLM
-from hybridctl.core.training import checkpoint as ckpt
+from hybridctl.core.training import checkpoint_files
 from hybridctl.core.training.runs import RunDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -214,7 +214,7 @@ def load_generator(target: Path, which: str | None, device: torch.device, dtype:
 def locate_run(target: Path, which: str | None):
     """locate_checkpoint, with a message for generation when a run has no checkpoint yet."""
     run = RunDir(Path(target))
-    if run.exists() and which is None and not run.step_checkpoints() and not ckpt.is_complete(run.best_dir):
+    if run.exists() and which is None and not run.step_checkpoints() and not checkpoint_files.is_complete(run.best_dir):
         raise RunError(f"run {run.path} has no checkpoint yet (the first is saved at train.save_every); train it "
                        "longer, or pass a run that has one")
     return locate_checkpoint(target, which)
