@@ -23,7 +23,8 @@ from hybridctl.cli import main
 from hybridctl.commands import train as train_command
 from hybridctl.core.training import checkpoint as ckpt
 from hybridctl.core.training.runs import RunDir
-from hybridctl.core.training.trainer import micro_batch_size, train
+from hybridctl.core.training.steps import micro_batch_size
+from hybridctl.core.training.trainer import train
 
 # Two micro-batches per process (batch 4 over 2 processes), so no_sync is exercised too.
 SETTINGS = ["train.grad_accum=2"]

@@ -21,7 +21,7 @@ from hybridctl.core.lab.speed import DEFAULT_VOCAB, bench_speed, check_speed_cou
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.lab.render import console, err_console, fmt_count, fmt_num, print_table
 from hybridctl.core.training.runs import ensure_new_file
-from hybridctl.core.training.trainer import resolve_device
+from hybridctl.core.training.steps import resolve_device
 
 ENTRY_POINT_GROUP = "hybridctl.benchmarks"
 

@@ -14,7 +14,7 @@ from hybridctl.core.training.checkpoint import read_state, verify_checkpoint
 from hybridctl.core.errors import RunError
 from hybridctl.core.lab.render import TrainProgress, console, err_console, summary_table
 from hybridctl.core.training.runs import RunDir
-from hybridctl.core.training.trainer import resolve_device
+from hybridctl.core.training.steps import resolve_device
 from hybridctl.core.training.trainer import train as run_training
 
 

@@ -19,8 +19,8 @@ from hybridctl.core.config import load_config
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.render import TrainProgress, console, summary_table
 from hybridctl.core.training.runs import RunDir, check_run_name
-from hybridctl.core.training.trainer import (checkpoint_bytes, check_room_for_a_checkpoint, load_run_data, micro_batch_size,
-                                    resolve_device)
+from hybridctl.core.training.preflight import checkpoint_bytes, check_room_for_a_checkpoint, load_run_data
+from hybridctl.core.training.steps import micro_batch_size, resolve_device
 from hybridctl.core.training.trainer import train as run_training
 
 GPUS_HELP = "Train on N GPUs of this machine: starts N processes under torchrun, one per GPU (global batch unchanged)."
