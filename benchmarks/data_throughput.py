@@ -24,7 +24,8 @@ from hybridctl.core.data.batches import BatchSampler
 from hybridctl.core.data.tokenizer import get_tokenizer
 from hybridctl.core.data.token_cache import load_token_data
 from hybridctl.core.lab.render import fmt_count
-from hybridctl.core.training.trainer import build_optimizer, prepare_model, seed_everything
+from hybridctl.core.training.steps import build_optimizer, seed_everything
+from hybridctl.core.training.trainer import prepare_model
 
 
 def tokenise(dataset: str, tokenizer: str, max_tokens: int, cache: str) -> dict:

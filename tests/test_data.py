@@ -23,7 +23,8 @@ from hybridctl.core.data.corpora import builtin_documents, is_val_document, trai
 from hybridctl.core.data.token_cache import load_token_data, token_cache_dir
 from hybridctl.core.errors import DataError
 from hybridctl.core.training.runs import RunDir
-from hybridctl.core.training.trainer import evaluate, train
+from hybridctl.core.training.evaluation import evaluate
+from hybridctl.core.training.trainer import train
 
 from test_train_resume import StopAfter, losses
 

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from conftest import MICRO_SPEED, cli_args_for_micro, micro_config
 from hybridctl.cli import main
 from hybridctl.commands import train as train_command
-from hybridctl.core.training import checkpoint_files, trainer
+from hybridctl.core.training import checkpoint_files, steps
 from hybridctl.core.training.runs import RunDir
-from hybridctl.core.training.trainer import micro_batch_size, train
+from hybridctl.core.training.steps import micro_batch_size
+from hybridctl.core.training.trainer import train
 
 # Two micro-batches per process (batch 4 over 2 processes), so no_sync is exercised too.
 SETTINGS = ["train.grad_accum=2"]
@@ -287,7 +288,7 @@ def test_gpus_starts_the_same_command_under_torchrun(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(trainer, "resolve_device", lambda spec: torch.device(spec.replace("auto", "cuda")))
+    monkeypatch.setattr(steps, "resolve_device", lambda spec: torch.device(spec.replace("auto", "cuda")))
     monkeypatch.setattr(train_command.subprocess, "Popen", Child)
     rest = ["--preset", "tiny", "--out", str(tmp_path), "--set", "train.steps=3"]
     assert main(["train", "--gpus", "2", *rest]) == 7

@@ -182,7 +182,7 @@ def test_compiled_training_model_matches_eager():
     on CUDA in bf16 autocast: loss and every parameter's gradient."""
     from conftest import micro_config
     from hybridctl.core.model.hybrid_lm import build_model, pick_loss
-    from hybridctl.core.training.trainer import wrap_for_training
+    from hybridctl.core.training.steps import wrap_for_training
 
     cfg = micro_config(CUDA_MICRO + ['model.pattern="LFL"', "model.n_layers=3"])
     cfg.model.vocab_size = 512
@@ -217,7 +217,7 @@ def test_cuda_model_matches_cpu_model():
 
     from conftest import micro_config
     from hybridctl.core.model.hybrid_lm import build_model, pick_loss
-    from hybridctl.core.training.trainer import wrap_for_training
+    from hybridctl.core.training.steps import wrap_for_training
 
     cfg = micro_config(CUDA_MICRO + ['model.pattern="LFL"', "model.n_layers=3"])
     cfg.model.vocab_size = 512

@@ -544,7 +544,7 @@ def test_dependent_launch_options(monkeypatch, env, capability, expected):
 
 @pytest.mark.parametrize("env,options", [({}, {"triton.enable_pdl": True}), ({"TORCHINDUCTOR_ENABLE_PDL": "0"}, None)])
 def test_compile_model_asks_inductor_for_dependent_launch(monkeypatch, env, options):
-    from hybridctl.core.training import trainer
+    from hybridctl.core.training import steps
 
     monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
     for name, value in env.items():
@@ -552,5 +552,5 @@ def test_compile_model_asks_inductor_for_dependent_launch(monkeypatch, env, opti
     calls = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
     module = torch.nn.Linear(2, 2)
-    assert trainer.compile_model(module) is module
+    assert steps.compile_model(module) is module
     assert calls == [{"options": options} if options else {}]

@@ -23,8 +23,7 @@ from safetensors.torch import load_file
 from conftest import REPO, StopAfter, cli_args_for_micro, micro_config
 from hybridctl.cli import main
 from hybridctl.core.training import checkpoint as ckpt
-from hybridctl.core.training import checkpoint_files
-from hybridctl.core.training import trainer
+from hybridctl.core.training import checkpoint_files, preflight, trainer
 from hybridctl.core.presets import config_diff
 from hybridctl.core.config import load_config_file
 from hybridctl.core.data.batches import BatchSampler
@@ -327,8 +326,8 @@ def test_too_little_space_is_caught_before_force_replaces_a_run(monkeypatch, tmp
     assert main([*train_argv(tmp_path), "--force"]) == 1
     assert "MB free on the disk of" in capsys.readouterr().err
     assert snapshot(tmp_path / "r") == before  # the old run is all there
-    need = trainer.checkpoint_bytes(micro_config(), load_token_data(micro_config().data))
-    trainer.check_room_for_a_checkpoint(need, tmp_path / "r", freed=need)  # the space of the run it replaces counts
+    need = preflight.checkpoint_bytes(micro_config(), load_token_data(micro_config().data))
+    preflight.check_room_for_a_checkpoint(need, tmp_path / "r", freed=need)  # the space of the run it replaces counts
 
 
 def assert_stopped_by_full_disk(err: str, run: RunDir) -> None:

@@ -9,7 +9,8 @@ from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import load_config_file
 from hybridctl.core.lab.results import load_result
 from hybridctl.core.training.runs import RunDir
-from hybridctl.core.training.trainer import Schedule, train
+from hybridctl.core.training.schedule import Schedule
+from hybridctl.core.training.trainer import train
 
 
 def losses(run: RunDir) -> dict[int, float]:

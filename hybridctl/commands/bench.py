@@ -118,7 +118,7 @@ def speed(
     """Training-step throughput (tok/s), model FLOPs utilisation and peak memory per architecture."""
     from hybridctl.core.lab.speed import bench_speed, check_speed_counts, speed_configs, speed_plan
     from hybridctl.core.training import distributed as dist
-    from hybridctl.core.training.trainer import resolve_device
+    from hybridctl.core.training.steps import resolve_device
 
     if gpus is not None:
         check_gpus(gpus, "bench speed")

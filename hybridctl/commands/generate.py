@@ -52,7 +52,7 @@ def generate(
     """Continue a prompt with a trained run's model (best/ by default), streaming the text as it comes."""
     from hybridctl.core.lab.generate import Sampling, generate_text, inference_dtype, load_generator, locate_run
     from hybridctl.core.lab.render import err_console
-    from hybridctl.core.training.trainer import resolve_device
+    from hybridctl.core.training.steps import resolve_device
 
     texts = read_prompts(prompt, prompt_file)
     sampling = Sampling(temperature, top_k, top_p, greedy, seed)

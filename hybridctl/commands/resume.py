@@ -47,7 +47,7 @@ def resume(
             run.release_lock()
             return launch_on_gpus(gpus)
     from hybridctl.core.training import distributed as dist  # torch: only once the run is to continue
-    from hybridctl.core.training.trainer import resolve_device
+    from hybridctl.core.training.steps import resolve_device
     from hybridctl.core.training.trainer import train as run_training
 
     with dist.session(resolve_device(cfg.train.device)):

@@ -57,7 +57,7 @@ def check_gpus(gpus: int, command: str) -> None:
 
 
 def check_device_for_gpus(cfg, gpus: int) -> None:
-    from hybridctl.core.training.trainer import resolve_device
+    from hybridctl.core.training.steps import resolve_device
 
     device = resolve_device(cfg.train.device)
     if device.type != "cuda" or device.index is not None:
@@ -67,7 +67,7 @@ def check_device_for_gpus(cfg, gpus: int) -> None:
 
 def check_config_for_gpus(cfg, gpus: int) -> None:
     """What would make every process of a --gpus run fail at once, checked here in one process and one line."""
-    from hybridctl.core.training.trainer import micro_batch_size
+    from hybridctl.core.training.steps import micro_batch_size
 
     check_device_for_gpus(cfg, gpus)
     micro_batch_size(cfg, gpus)
@@ -135,7 +135,8 @@ def train(
             run.check_creatable(force)
             return launch_on_gpus(gpus)
     from hybridctl.core.training import distributed as dist
-    from hybridctl.core.training.trainer import check_room_for_a_checkpoint, checkpoint_bytes, load_run_data, resolve_device
+    from hybridctl.core.training.preflight import check_room_for_a_checkpoint, checkpoint_bytes, load_run_data
+    from hybridctl.core.training.steps import resolve_device
     from hybridctl.core.training.trainer import train as run_training
 
     with dist.session(resolve_device(cfg.train.device)):

@@ -27,7 +27,7 @@ from hybridctl.core.data.tokenizer import Tokenizer
 from hybridctl.core.errors import ConfigError, DataError
 from hybridctl.core.model.hybrid_lm import HybridLM
 from hybridctl.core.training.runs import ensure_new_file
-from hybridctl.core.training.trainer import (autocast_for, resolve_device)
+from hybridctl.core.training.steps import autocast_for, resolve_device
 from hybridctl.core.lab.trained_model import bench_result_path, load_trained_model, locate_checkpoint, write_bench_result
 from hybridctl.core.lab.speed import device_name
 

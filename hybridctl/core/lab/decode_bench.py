@@ -25,7 +25,7 @@ from hybridctl.core.lab.speed import device_name
 from hybridctl.core.lab.trained_model import BENCH_DIR, write_json
 from hybridctl.core.model.hybrid_lm import build_model
 from hybridctl.core.training.runs import ensure_new_file
-from hybridctl.core.training.trainer import resolve_device
+from hybridctl.core.training.steps import resolve_device
 
 DEFAULT_CONTEXTS = [1024, 4096, 16384, 32768]
 DEFAULT_BATCHES = [1, 32]

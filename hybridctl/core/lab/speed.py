@@ -19,8 +19,8 @@ from hybridctl.core.data.tokenizer import get_tokenizer
 from hybridctl.core.errors import ConfigError, HybridctlError
 from hybridctl.core.model.hybrid_lm import HybridLM, build_model, pick_loss
 from hybridctl.core.training.runs import ensure_new_file
-from hybridctl.core.training.trainer import (autocast_for, build_optimizer, compile_model, forward_backward, micro_batch_size,
-                                    optimizer_step, resolve_device, wrap_for_training)
+from hybridctl.core.training.steps import (autocast_for, build_optimizer, compile_model, forward_backward, micro_batch_size,
+                                          optimizer_step, resolve_device, wrap_for_training)
 from hybridctl.core.lab.trained_model import BENCH_DIR, write_json
 from hybridctl.core.lab.flops import flops_per_token, peak_bf16_tflops
 

@@ -36,7 +36,7 @@ from hybridctl.core.lab.trained_model import load_trained_model, locate_checkpoi
 from hybridctl.core.model.hybrid_lm import HybridLM
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.training.runs import RunDir, ensure_new_file
-from hybridctl.core.training.trainer import autocast_for, micro_batch_size, resolve_device
+from hybridctl.core.training.steps import autocast_for, micro_batch_size, resolve_device
 
 EVAL_DIR = "eval"
 HEAD_CHUNK = 8192  # tokens per output-layer call: the logits of a whole batch over a large vocabulary need not fit
