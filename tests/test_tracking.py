@@ -30,13 +30,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def train_tracked(cfg, run, resume_from=None, resume_step=None, inner=None):
-    sinks = tracking.make_sinks(cfg, run, resume_step)
-    callback = tracking.TrackingCallback(sinks, inner)
+def train_tracked(cfg, run, resume_from=None, inner=None):
+    """The trainer makes the sinks of train.log_to itself (for a resumed run, from its checkpoint's step on)."""
     try:
-        return train(cfg, run, resume_from=resume_from, callback=callback)
+        return train(cfg, run, resume_from=resume_from, callback=inner)
     finally:
-        callback.close()
         run.release_lock()
 
 
@@ -107,7 +105,7 @@ def test_resumed_run_shows_each_step_once(tmp_path):
     assert [step for step, _ in before["train/loss"]] == [1, 2, 3, 4, 5]
     checkpoint = run.resolve_checkpoint("latest")
     run.acquire_lock()
-    train_tracked(run.load_config(), run, resume_from=checkpoint, resume_step=3)
+    train_tracked(run.load_config(), run, resume_from=checkpoint)
     got = read_events(run)
     assert_same(got, expected_events(run))
     assert [step for step, _ in got["train/tok_s"]] == [1, 2, 3, 4, 5, 6]

@@ -3,8 +3,8 @@
     Metrics.record(kind, record)   a "log" or "eval" record: every sink (metrics.jsonl, ...), then the callback
     Metrics.event(kind, record)    progress alone ("start", "skip", "checkpoint", "end"): the callback
 
-A sink is anything with `log(record)` and `close()`. metrics.jsonl is one (MetricsFile); an experiment tracker
-(TensorBoard, wandb) would be another, added to the list in `Metrics.for_run`. Under torchrun rank 0 alone
+A sink is anything with `log(record)` and `close()`. metrics.jsonl is one (MetricsFile); the experiment trackers
+of train.log_to (tracking.py: TensorBoard, wandb) are others, which the Trainer adds on rank 0. Under torchrun rank 0 alone
 records: the other processes get a Metrics with no sink and no callback.
 """
 

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from hybridctl.core.config import Config, config_to_toml
 from hybridctl.core.errors import ConfigError
@@ -181,25 +181,3 @@ def make_sinks(cfg: Config, run: RunDir, resume_step: int | None = None) -> list
 def close_sinks(sinks: list[Sink]) -> None:
     for sink in sinks:
         sink.close()
-
-
-class TrackingCallback:
-    """The trainer's progress callback with the sinks behind it: its log, eval and end events carry the records it
-    writes to metrics.jsonl and summary.json, which go to every sink before `inner` (the progress display) sees
-    them."""
-
-    EVENT_KINDS = {"log": "train", "eval": "eval", "end": "summary"}
-
-    def __init__(self, sinks: list[Sink], inner: Callable[[str, dict[str, Any]], None] | None = None):
-        self.sinks, self.inner = sinks, inner
-
-    def __call__(self, event: str, record: dict[str, Any]) -> None:
-        kind = self.EVENT_KINDS.get(event)
-        if kind is not None:
-            for sink in self.sinks:
-                sink.log(record, kind)
-        if self.inner is not None:
-            self.inner(event, record)
-
-    def close(self) -> None:
-        close_sinks(self.sinks)

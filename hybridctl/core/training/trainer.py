@@ -54,6 +54,7 @@ from hybridctl.core.training.state import TrainState
 from hybridctl.core.training.steps import (autocast_for, build_optimizer, forward_backward, micro_batch_size,
                                            optimizer_step, resolve_device, seed_everything, wrap_for_training)
 from hybridctl.core.training.summary import build_summary
+from hybridctl.core.training.tracking import make_sinks
 
 MAX_PENDING_STEPS = 100  # read the steps' finiteness flags at least this often, even with a long log interval
 
@@ -114,6 +115,7 @@ class Trainer:
         self.cfg, self.run = cfg, run
         self.world, self.main = dist.world_size(), dist.is_main()
         self.metrics = Metrics.for_run(run, callback)
+        self.trackers: list = []  # train.log_to's sinks (rank 0), also in self.metrics.sinks
         with dist.together():  # a bad config ends every process, and is printed once
             self.device = resolve_device(t.device)
             self.micro = micro_batch_size(cfg, self.world)
@@ -136,6 +138,9 @@ class Trainer:
             self.n_params = self.model.num_params()
             if self.main:
                 check_room_for_a_checkpoint(ckpt.estimated_bytes(self.model), run.path)
+                # train.log_to's trackers mirror every record; a resumed run's drop what came after its checkpoint
+                self.trackers = make_sinks(cfg, run, self.state.step if resume_from is not None else None)
+                self.metrics.sinks += self.trackers
         self.model.loss_impl = pick_loss(t.loss, self.device.type)
         self.train_model, self.no_sync = wrap_for_training(self.model, self.device, ddp=self.world > 1,
                                                            compiled=t.compile and self.device.type == "cuda")
@@ -330,6 +335,8 @@ class Trainer:
         with dist.together():
             if self.main:
                 self.run.write_summary(summary)
+        for tracker in self.trackers:  # summary.json's numbers too (metrics.jsonl holds no summary)
+            tracker.log(summary, "summary")
         self.metrics.event("end", summary)
         return summary
 
