@@ -36,6 +36,7 @@ BUILTIN_COMMANDS = {
     "bench": "hybridctl.commands.bench:app",
     "report": "hybridctl.commands.report:report",
     "data": "hybridctl.commands.data:app",
+    "export": "hybridctl.commands.export:export",
 }
 
 
