@@ -146,6 +146,9 @@ def test_config_json_that_hybridctl_cannot_compute_is_refused(change, words):
     (['model.pattern="LD"'], "sparse attention"),
     (["model.moe.n_experts=4"], "mixture-of-experts"),
     (["model.d_model=64", "model.n_heads=1"], None),  # head dim 64: fine
+    (["model.gdn.head_dim=256", "model.gdn.expand_v=2.0"], None),  # fla's default heads: 256 x 512
+    (["model.gdn.head_dim=320", "model.gdn.expand_v=1.0"], "model.gdn.head_dim 320"),
+    (["model.d_model=640", "model.n_heads=2"], "attention head dim 320"),
 ])
 def test_what_fla_cannot_express_is_refused(overrides, words):
     cfg = micro_config(overrides).model

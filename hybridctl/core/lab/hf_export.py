@@ -50,7 +50,7 @@ MAPPED_FIELDS = {
 # Settings of parts that an exportable model does not have (no D layer, no MoE layer): any value is fine.
 UNUSED_WHEN_ABSENT = ("dsa.", "moe.")
 
-FLA_MAX_HEAD_DIM = 256  # fla's rotary kernel and its chunked delta-rule kernels take heads of at most 256
+FLA_MAX_HEAD_DIM = 256  # fla's rotary kernel (attention heads) and chunked delta rule (key heads) stop there
 
 
 def flat_fields(obj, prefix: str = "") -> dict[str, Any]:
@@ -88,9 +88,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     if "F" in kinds and cfg.d_model // cfg.n_heads > FLA_MAX_HEAD_DIM:
         raise ConfigError(f"attention head dim {cfg.d_model // cfg.n_heads} (model.d_model / model.n_heads) is above "
                           f"{FLA_MAX_HEAD_DIM}, the largest fla's rotary kernel takes")
-    if "L" in kinds and max(cfg.gdn.head_dim, int(cfg.gdn.head_dim * cfg.gdn.expand_v)) > FLA_MAX_HEAD_DIM:
-        raise ConfigError(f"Gated DeltaNet heads of {cfg.gdn.head_dim} (keys) x {int(cfg.gdn.head_dim * cfg.gdn.expand_v)} "
-                          f"(values): fla's kernels take at most {FLA_MAX_HEAD_DIM} for each")
+    if "L" in kinds and cfg.gdn.head_dim > FLA_MAX_HEAD_DIM:
+        raise ConfigError(f"model.gdn.head_dim {cfg.gdn.head_dim} is above {FLA_MAX_HEAD_DIM}, the largest key head "
+                          "fla's chunked Gated DeltaNet kernel takes")
 
 
 # ---------------------------------------------------------------------------------------------------------
