@@ -38,6 +38,7 @@ BUILTIN_COMMANDS = {
     "data": "hybridctl.commands.data:app",
     "eval": "hybridctl.commands.eval:eval_command",
     "generate": "hybridctl.commands.generate:generate",
+    "export": "hybridctl.commands.export:export",
 }
 
 
