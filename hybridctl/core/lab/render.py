@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -290,66 +289,3 @@ def plan_table(plan, actions) -> Table:
     title = f"Sweep {plan.name} ({plan.kind}): {len(plan.runs)} runs, {plan.steps} steps each"
     table = text_table(["run", "layers", "lr", "steps", "tokens", "action"], rows, title, no_wrap_column=0)
     return table
-
-
-def print_report(report, out: Console = console) -> None:
-    out.rule(f"[bold]{report.title}")
-    for section in report.sections:
-        out.print()
-        out.print(section.heading, style="bold underline")
-        for paragraph in section.paragraphs:
-            out.print(paragraph, markup=False, highlight=False)
-        if section.ranking is not None:
-            print_table(results_table(section.ranking, report.metric), out)
-        if section.table is not None:
-            print_table(text_table(*section.table), out)
-        for chart in section.charts:
-            print_chart(chart, out)
-
-
-def report_markdown(report, plot_files: dict[str, list[str]] | None = None, width: int = 80) -> str:
-    """The report as Markdown: tables, and each chart as text in a code block with links to its saved files."""
-    from hybridctl.core.lab.plots import render_chart
-
-    plot_files = plot_files or {}
-    parts = [f"# {report.title}\n"]
-    for section in report.sections:
-        parts.append(f"## {section.heading}\n")
-        if section.paragraphs:
-            parts.append("\n".join(p if p.startswith("- ") else p + "\n" for p in section.paragraphs))
-        if section.ranking is not None:
-            parts.append(markdown_table(*results_rows(section.ranking, report.metric)))
-        if section.table is not None:
-            parts.append(markdown_table(*section.table))
-        for chart in section.charts:
-            if chart.is_empty():
-                continue
-            parts.append(f"```text\n{render_chart(chart, width, color=False)}\n```\n")
-            links = ", ".join(f"[{Path(f).suffix[1:]}]({f})" for f in plot_files.get(chart.name, []))
-            if links:
-                parts.append(f"Plot files: {links}\n")
-    return "\n".join(parts)
-
-
-def report_plots_dir(md_path: Path) -> Path:
-    """Where write_report puts the plots of a report: <stem>_plots/ beside it."""
-    return Path(md_path).with_name(f"{Path(md_path).stem}_plots")
-
-
-def write_report(report, md_path: Path) -> list[Path]:
-    """Write the Markdown report and its plots (text and HTML) into <stem>_plots/ beside it; returns the plot files."""
-    from hybridctl.core.lab.plots import save_chart
-
-    md_path = Path(md_path)
-    plots_dir = report_plots_dir(md_path)
-    files: dict[str, list[str]] = {}
-    written: list[Path] = []
-    for section in report.sections:
-        for chart in section.charts:
-            if not chart.is_empty():
-                paths = save_chart(chart, plots_dir)
-                written += paths
-                files[chart.name] = [p.relative_to(md_path.parent).as_posix() for p in paths]
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(report_markdown(report, files))
-    return written
