@@ -378,6 +378,8 @@ def test_arch_sweep_each_preset_with_its_own_lr(tmp_path):
     best, _ = best_by_summary(path)
     assert f"best architecture: {best} " in result.stdout
     assert "attention layers (%)" in result.stdout
+    # the ranking shows each architecture's layer pattern beside its attention share
+    assert re.search(r"pure_linear\s+LL\s+0\.0%", result.stdout) and re.search(r"half_attention\s+LF\s+50\.0%", result.stdout)
 
 
 def test_arch_dry_run_of_study_a(tmp_path):
@@ -484,7 +486,7 @@ def test_report_markdown_and_plots(sweep, tmp_path):
     assert "## Throughput vs quality" not in text  # one architecture: speeds differ only by measurement noise
     best_lr = best.split("_lr")[1]  # two rates: the best is at an edge of the grid either way
     edge = "largest tried; try above" if best_lr == LRS[-1] else "smallest tried; try below"
-    assert f"Sweep warning: best LR {best_lr} is the {edge} {best_lr}." in text
+    assert text.count(f"best LR {best_lr} is the {edge} {best_lr}") == 1
     assert f"Best LR: {best.split('_lr')[1]} " in text
     links = re.findall(r"\]\((findings_plots/[^)]+)\)", text)
     assert {"findings_plots/loss_vs_lr.txt", "findings_plots/val_loss_vs_steps.html"} <= set(links)

@@ -244,3 +244,72 @@ def test_wide_tables_leave_out_columns_in_order_rather_than_wrap():
     assert dropped == ["lr", "attn", "std"] and kept == [h for h in headers if h not in dropped]
     assert sum(max(len(h), len(c)) for h, c in zip(kept, rows[0])) + len(kept) - 1 <= 80
     assert fit_columns(headers, [row], 200)[2] == []
+
+
+def test_arch_dry_run_with_layouts_and_seeds(tmp_path):
+    result = run_cli("ablate", "arch", "--preset", "tiny", "--patterns", "LLFL;[0,3];LLFL", "--seeds", "2", "--dry-run",
+                     "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    assert "--patterns lists LLFL more than once" in result.stderr
+    for name, layers in (("tiny_LLFL_s0", "LLFL"), ("tiny_LLFL_s1", "LLFL"), ("tiny_attn0-3_s0", "FLLF")):
+        assert re.search(rf"^{name}\s+{layers}\s", result.stdout, re.M), name
+    assert not (tmp_path / "runs").exists()
+    for args, message in ((["--patterns", "LLFL"], "name it with --preset"),
+                          (["--preset", "tiny", "--patterns", "hybrid_sparse"], "is a preset"),
+                          (["--preset", "tiny,deltanet", "--patterns", "LF"], "one base preset")):
+        refused = run_cli("ablate", "arch", *args, "--dry-run")
+        assert refused.returncode == 1 and message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sweep warnings
+
+
+def test_warnings_are_said_and_kept_and_a_run_that_never_started_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["ablate", "lr", "--preset", "tiny", "--values", "1e-3,2e-3,1e-3", "--seeds", "2", "--steps", "3",
+            "--out", str(out), *cli_args_for_micro(), "--set", f'data.dataset="{tmp_path / "missing.txt"}"']
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and "warning: --values lists 1e-3 more than once; each runs once" in err
+    assert "error: " in err and "missing.txt" in err
+    path = out / "ablations" / "lr_tiny"
+    state = read_sweep(path)
+    assert state["warnings"] == ["--values lists 1e-3 more than once; each runs once"]
+    assert sorted(p.name for p in path.iterdir()) == ["sweep.json"]  # no half-made run folder for compare to list
+    assert set(state["status"].values()) == {"pending"}
+
+
+def test_best_lr_at_the_edge_is_warned_and_kept(seeded):
+    _, path, result = seeded
+    losses = summaries_by_config(path)
+    best = min(losses, key=lambda n: statistics.fmean(losses[n])).split("_lr")[1]
+    edge = "largest tried; try above" if best == LRS[-1] else "smallest tried; try below"
+    line = f"best LR {best} is the {edge} {best}"
+    assert f"warning: {line}" in result.stderr and line in read_sweep(path)["warnings"]
+
+
+def test_compare_shows_the_lr_a_short_warmup_never_reached(seeded, tmp_path):
+    from conftest import micro_config
+    from hybridctl.core.lab.results import rank_results
+    from hybridctl.core.lab.render import results_rows
+    from hybridctl.core.training.runs import RunDir
+    from hybridctl.core.training.trainer import train
+
+    _, path, _ = seeded
+    cfg = micro_config(["train.warmup_steps=8", "train.steps=4", "train.lr=2e-3"])  # warmup outlasts the run
+    run = RunDir(tmp_path / "long_warmup")
+    run.create(cfg)
+    try:
+        train(cfg, run)
+    finally:
+        run.release_lock()
+    shutil.copytree(path / "tiny_lr1e-3_s0", tmp_path / "normal")
+    peak = max(r["lr"] for r in run.read_metrics() if "lr" in r)
+    assert peak == pytest.approx(2e-3 * 4 / 8)
+    headers, cells = results_rows(rank_results(collect_results([tmp_path])), "best_val_loss")
+    lr_col, reached_col = headers.index("lr"), headers.index("lr reached")
+    assert reached_col == lr_col + 1
+    rows = {row[1]: row for row in cells}
+    assert rows["long_warmup"][lr_col] == "2e-3" and float(rows["long_warmup"][reached_col]) == pytest.approx(peak)
+    assert rows["normal"][reached_col] == "1e-3"  # reached its configured LR

@@ -181,13 +181,16 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     nothing (one LR for all, every run complete) are left out."""
     view = loss_view(metric)
     results = [row.result for row in rows]
-    show_lr = len({r.get("lr") for r in results}) > 1
+    show_layers = len({r.get("layer_types") for r in results}) > 1  # an architecture sweep: its layouts
+    show_reached = any(lr_short_of_peak(r.get("lr"), r.get("peak_lr")) for r in results)
+    show_lr = len({r.get("lr") for r in results}) > 1 or show_reached
     show_steps = len({r.get("steps") for r in results}) > 1
     show_arc = any(r.get("arc_acc") is not None for r in results)
     show_mqar = any(r.get("final_val_mqar_acc") is not None for r in results)
     show_status = any(r.status != "complete" for r in results)
     shown_loss = f"{view}_val_loss"
-    headers = ["#", "run", "attn"] + (["lr"] if show_lr else []) + (["steps"] if show_steps else [])
+    headers = ["#", "run"] + (["layers"] if show_layers else []) + ["attn"] + (["lr"] if show_lr else [])
+    headers += (["lr reached"] if show_reached else []) + (["steps"] if show_steps else [])
     headers += ["val loss" if view == "best" else "final loss", "acc", "ppl", "time", "tok/s", "Δ vs best" if metric == shown_loss else f"Δ {metric}"]
     headers += ["ARC acc", "ARC acc_norm"] if show_arc else []
     headers += ["recall acc"] if show_mqar else []
@@ -195,9 +198,12 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     table = []
     for row in rows:
         r = row.result
-        cells = [str(row.rank) if row.rank else "-", r.label, fmt_pct(r.get("attention_fraction"))]
+        cells = [str(row.rank) if row.rank else "-", r.label] + ([r.get("layer_types") or "-"] if show_layers else [])
+        cells.append(fmt_pct(r.get("attention_fraction")))
         if show_lr:
             cells.append(fmt_lr(r.get("lr")) if r.get("lr") else "-")
+        if show_reached:
+            cells.append(fmt_lr(r.get("peak_lr")) if r.get("peak_lr") else "-")
         if show_steps:
             cells.append(fmt_num(r.get("steps")))
         cells += [
@@ -213,6 +219,12 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
             cells.append(r.status if r.status == "complete" else f"{r.status} ({r.get('steps')}/{r.get('planned_steps') or '?'})")
         table.append(cells)
     return headers, table
+
+
+def lr_short_of_peak(lr: float | None, peak: float | None) -> bool:
+    """Whether a run's schedule never reached its configured LR (warmup as long as the run, or longer): the highest
+    LR it logged is well below train.lr."""
+    return bool(lr and peak and peak < 0.95 * lr)
 
 
 def text_table(headers: list[str], rows: list[list[str]], title: str | None = None,

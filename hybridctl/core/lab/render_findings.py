@@ -7,13 +7,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hybridctl.core.lab.render import (console, fmt_lr, fmt_num, fmt_pct, markdown_table, print_chart, print_table,
-                                       results_rows, results_table, text_table)
+from hybridctl.core.lab.render import (console, fmt_lr, fmt_num, fmt_pct, lr_short_of_peak, markdown_table, print_chart,
+                                       print_table, results_rows, results_table, text_table)
 
 
 VERDICT_WORDS = {"best": "best", "not distinguishable from best": "tied", "worse": "worse", "single run": "1 run",
                  "best (single run)": "best", "best is a single run": "untested"}
-VERDICT_LEGEND = ("verdict against the best row by Welch's t-test: tied = not distinguishable (p >= 0.05),\n"
+VERDICT_LEGEND = ("verdict by Welch's t-test against the best: tied = not distinguishable (p >= 0.05),\n"
                   "worse = p < 0.05, 1 run = no spread to test; 95% CI: mean ± this; n: finished seeds")
 DROP_FIRST = ("lr reached", "steps", "lr", "attn", "std")  # left out in this order when a table is too wide
 
@@ -36,9 +36,9 @@ def group_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of configurations ranked over seeds; columns that would say nothing are left out."""
     groups = [row.group for row in rows]
     show_layers = len({g.first("layer_types") for g in groups}) > 1
-    show_lr = len({g.first("lr") for g in groups}) > 1
     show_steps = len({g.first("planned_steps") for g in groups}) > 1
-    show_reached = any(_lr_short(g.first("lr"), g.mean_of("peak_lr")) for g in groups)
+    show_reached = any(lr_short_of_peak(g.first("lr"), g.mean_of("peak_lr")) for g in groups)
+    show_lr = len({g.first("lr") for g in groups}) > 1 or show_reached
     show_status = any(g.status() != "complete" for g in groups)
     headers = ["#", "config"] + (["layers"] if show_layers else []) + ["attn"] + (["lr"] if show_lr else [])
     headers += ["lr reached"] if show_reached else []
@@ -60,11 +60,6 @@ def group_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
         cells += [g.status()] if show_status else []
         table.append(cells)
     return headers, table
-
-
-def _lr_short(lr: float | None, peak: float | None) -> bool:
-    """Whether the schedule never reached the configured LR (warmup as long as the run, or longer)."""
-    return bool(lr and peak and peak < 0.95 * lr)
 
 
 def fit_columns(headers: list[str], rows: list[list[str]], width: int) -> tuple[list[str], list[list[str]], list[str]]:

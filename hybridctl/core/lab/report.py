@@ -154,7 +154,13 @@ def _summary(results: list[RunResult], rows: list[Ranked], groups: list[GroupRow
     ranked = [g for g in groups if g.rank is not None]
     tokens = sorted({r.get("tokens") for r in results if r.get("tokens")})
     summary = Section("Summary")
-    what = f"{len(results)} run{'s' if len(results) != 1 else ''}"
+    if len(results) == 1:
+        r = results[0]
+        value = f"{metric} {r.get(metric):.4f}" if isinstance(r.get(metric), (int, float)) else f"no {metric} yet"
+        summary.paragraphs.append(f"A single run ({r.label}, {r.status}), so there is no winner and no ranking: "
+                                  f"{value}.")
+        return summary
+    what = f"{len(results)} runs"
     if len(groups) < len(results):
         what += f" ({len(groups)} configurations, each over its seeds)"
     if sweep is not None:
@@ -207,7 +213,8 @@ def _summary(results: list[RunResult], rows: list[Ranked], groups: list[GroupRow
             if advice:
                 summary.paragraphs.append(f"- {r.label}: {advice}")
     for text in (sweep or {}).get("warnings", []):
-        summary.paragraphs.append(f"Sweep warning: {text}.")
+        if not text.startswith("best LR "):  # the learning-rate section says where the best LR lies, with today's runs
+            summary.paragraphs.append(f"Sweep warning: {text}.")
     return summary
 
 
@@ -263,9 +270,15 @@ def _lr_section(groups: list[GroupRow], metric: str) -> Section | None:
     sec.paragraphs.append(f"Best LR: {fmt_lr(best.group.first('lr'))} (mean {metric} {best.stats.mean:.4f})."
                           if best.stats.n > 1 else f"Best LR: {fmt_lr(best.group.first('lr'))} ({metric} {best.stats.mean:.4f}).")
     if any(g.stats.n > 1 for g in with_lr):
-        close = [fmt_lr(g.group.first("lr")) for g in with_lr if g.verdict == SAME]
-        sec.paragraphs.append(f"Not distinguishable from it over seeds: {', '.join(close)}." if close
-                              else "Every other LR is distinguishably worse, or has a single run.")
+        others = [g for g in with_lr if g is not best]
+        close = [fmt_lr(g.group.first("lr")) for g in others if g.verdict == SAME]
+        untested = [fmt_lr(g.group.first("lr")) for g in others if g.p_value is None]
+        if close:
+            sec.paragraphs.append(f"Not distinguishable from it over seeds: {', '.join(close)}.")
+        elif not untested:
+            sec.paragraphs.append("Every other LR is worse beyond the seed-to-seed noise (Welch's t-test p < 0.05).")
+        if untested:
+            sec.paragraphs.append(f"Not tested against it (a single finished run on one side): {', '.join(untested)}.")
     else:
         close = [fmt_lr(g.group.first("lr")) for g in with_lr if g is not best and abs(g.delta_pct or 0) <= 1.0]
         sec.paragraphs.append(f"Within 1% of it: {', '.join(close)}." if close else "No other LR comes within 1% of it.")
@@ -280,6 +293,23 @@ def _lr_section(groups: list[GroupRow], metric: str) -> Section | None:
     return sec
 
 
+def single_run_table(r: RunResult, metric: str) -> tuple[list[str], list[list[str]]]:
+    """What one run reached, as key and value (the ranking metric first)."""
+    def num(key: str) -> str:
+        value = r.get(key)
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+    metrics = [metric] + [k for k in ("best_val_loss", "final_val_loss", "final_val_acc") if k != metric]
+    rows = [[key, num(key)] for key in metrics]
+    rows += [["layers", f"{r.get('layer_types') or '-'} ({_pct(r.get('attention_fraction'))} attention)"],
+             ["lr", fmt_lr(r.get("lr")) if r.get("lr") else "-"],
+             ["lr reached", fmt_lr(r.get("peak_lr")) if r.get("peak_lr") else "-"],
+             ["steps", f"{r.get('steps')} of {r.get('planned_steps') or '?'} ({r.status})"],
+             ["tokens", fmt_count(r.get("tokens"))], ["tok/s", fmt_count(r.get("tok_s"))],
+             ["seed", "-" if r.get("seed") is None else str(r.get("seed"))]]
+    return ["", r.label], rows
+
+
 def build_report(results: list[RunResult], metric: str = "best_val_loss", title: str = "",
                  sweep: dict[str, Any] | None = None) -> Report:
     coverage = metric_coverage(results, metric)
@@ -290,7 +320,7 @@ def build_report(results: list[RunResult], metric: str = "best_val_loss", title:
     if len(results) > 1:
         sections.append(Section("Ranking", groups=groups) if has_repeats(grouping) else Section("Ranking", ranking=rows))
     else:
-        sections.append(Section("Result", ranking=rows))
+        sections.append(Section("Result", table=single_run_table(results[0], metric)))
     if len([g for g in groups if g.rank is not None]) > 1:
         sections += [s for s in (_attention_section(groups, metric), _throughput_section(groups, metric),
                                  _lr_section(groups, metric) if _is_lr_sweep(results, sweep) else None) if s]
