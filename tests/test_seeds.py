@@ -14,7 +14,7 @@ from conftest import MICRO, cli_args_for_micro, run_cli
 from hybridctl.cli import main
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.groups import group_results, rank_groups
-from hybridctl.core.lab.render_findings import fit_columns, group_rows
+from hybridctl.core.lab.render_findings import VERDICT_LEGEND, fit_columns, group_rows
 from hybridctl.core.lab.report import build_report
 from hybridctl.core.lab.results import collect_results
 from hybridctl.core.lab.stats import spread, welch_p
@@ -116,9 +116,10 @@ def test_runs_that_differ_in_more_than_the_seed_stay_apart(seeded, tmp_path):
     assert single.p_value is None and single.verdict == "single run" and single.stats.std is None
 
 
-def test_compare_table_fits_80_columns(seeded):
+def test_compare_table_fits_80_columns(seeded, tmp_path):
     _, path, _ = seeded
-    result = run_cli("compare", str(path), "--no-plots", env={"COLUMNS": "80"})
+    md = tmp_path / "ranking.md"
+    result = run_cli("compare", str(path), "--no-plots", "--markdown", str(md), env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "…" not in result.stdout and max(len(line) for line in lines) <= 80
@@ -126,6 +127,9 @@ def test_compare_table_fits_80_columns(seeded):
     headers, cells = group_rows(rank_groups(group_results(collect_results([path]))), "best_val_loss")
     assert printed == cells  # every cell whole, on its row's line: nothing cut, nothing wrapped
     assert all(h in result.stdout for h in headers) and "not shown at this width" not in result.stdout
+    assert all(line in lines for line in VERDICT_LEGEND.splitlines())  # the legend is not wrapped either
+    table = [line for line in md.read_text().splitlines() if line.startswith("|")]
+    assert table[0] == "| " + " | ".join(headers) + " |" and [r.split(" | ")[1] for r in table[2:]] == [c[1] for c in cells]
 
 
 def test_more_seeds_train_only_the_new_runs(seeded, tmp_path):
@@ -313,3 +317,12 @@ def test_compare_shows_the_lr_a_short_warmup_never_reached(seeded, tmp_path):
     rows = {row[1]: row for row in cells}
     assert rows["long_warmup"][lr_col] == "2e-3" and float(rows["long_warmup"][reached_col]) == pytest.approx(peak)
     assert rows["normal"][reached_col] == "1e-3"  # reached its configured LR
+
+
+def test_grouped_compare_and_report_load_no_torch(seeded, tmp_path):
+    from test_layout import torch_modules_loaded
+
+    _, path, _ = seeded
+    for args in (["compare", str(path), "--no-plots"], ["report", str(path), "--out", str(tmp_path / "r.md")]):
+        probe = torch_modules_loaded(*args, cwd=tmp_path)
+        assert probe["code"] in (0, None) and probe["torch"] == [], probe

@@ -13,8 +13,9 @@ from hybridctl.core.lab.render import (console, fmt_lr, fmt_num, fmt_pct, lr_sho
 
 VERDICT_WORDS = {"best": "best", "not distinguishable from best": "tied", "worse": "worse", "single run": "1 run",
                  "best (single run)": "best", "best is a single run": "untested"}
-VERDICT_LEGEND = ("verdict by Welch's t-test against the best: tied = not distinguishable (p >= 0.05),\n"
-                  "worse = p < 0.05, 1 run = no spread to test; 95% CI: mean ± this; n: finished seeds")
+VERDICT_LEGEND = ("verdict (Welch's t-test against the best row): tied = not distinguishable\n"
+                  "(p >= 0.05), worse = p < 0.05, 1 run = no spread to test; 95% CI: mean ± this;\n"
+                  "n: finished seeds.")
 DROP_FIRST = ("lr reached", "steps", "lr", "attn", "std")  # left out in this order when a table is too wide
 
 
@@ -125,7 +126,7 @@ def report_markdown(report, plot_files: dict[str, list[str]] | None = None, widt
         if section.ranking is not None:
             parts.append(markdown_table(*results_rows(section.ranking, report.metric)))
         if section.groups is not None:
-            parts.append(markdown_table(*group_rows(section.groups, report.metric)) + f"\n{VERDICT_LEGEND.replace(chr(10), ' ')}.\n")
+            parts.append(markdown_table(*group_rows(section.groups, report.metric)) + f"\n{VERDICT_LEGEND.replace(chr(10), ' ')}\n")
         if section.table is not None:
             parts.append(markdown_table(*section.table))
         for chart in section.charts:
