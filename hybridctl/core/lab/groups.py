@@ -14,11 +14,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybridctl.core.errors import HybridctlError
+from hybridctl.core.errors import ConfigError, HybridctlError
 from hybridctl.core.lab.results import METRICS, SORT_KEYS, Ranked, RunResult, _finite, check_metric, result_record
 from hybridctl.core.lab.stats import ALPHA, Spread, spread, welch_p
 from hybridctl.core.lab.sweep_plans import SEED_SUFFIX
-from hybridctl.core.errors import ConfigError
 
 
 BEST, SAME, WORSE = "best", "not distinguishable from best", "worse"
