@@ -17,7 +17,7 @@ from rich.console import Console
 from conftest import MICRO, cli_args_for_micro, run_cli
 from hybridctl.core.lab.report import build_report
 from hybridctl.core.lab.results import collect_results, rank_results
-from hybridctl.core.lab.sweeps import STUDY_A, STUDY_C, divergence_advice, next_action, parse_lr_values, parse_patterns, plan_arch_sweep, plan_lr_sweep, prepare_sweep, preview_actions, read_sweep, resolve_steps, run_sweep, sweep_conflict, sweep_path
+from hybridctl.core.lab.sweeps import STUDY_A, STUDY_C, divergence_advice, next_action, parse_lr_values, parse_presets, plan_arch_sweep, plan_lr_sweep, prepare_sweep, preview_actions, read_sweep, resolve_steps, run_sweep, sweep_conflict, sweep_path
 from hybridctl.core.training import runs
 from hybridctl.core.config import load_config, load_config_file
 from hybridctl.core.errors import ConfigError, RunError, TrainingError
@@ -340,7 +340,7 @@ def test_sweep_options_are_checked():
     assert resolve_steps("lr", None, ["train.steps=7"]) == 7  # --set train.steps counts when --steps is absent
     assert resolve_steps("lr", 5, ["train.steps=7"]) == 5  # --steps wins
     assert resolve_steps("arch", None, []) == 300 and resolve_steps("lr", None, []) == 200
-    assert parse_patterns("study_c") == STUDY_C and len(parse_patterns("all,deltanet")) == 13
+    assert parse_presets("study_c") == STUDY_C and len(parse_presets("all,deltanet")) == 13
     for value in (3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 0.25):
         assert float(fmt_lr(value)) == value
     assert fmt_lr(1.5e-3) == "1.5e-3" and fmt_lr(3e-4) == "3e-4"
@@ -366,7 +366,7 @@ def test_arch_sweep_each_preset_with_its_own_lr(tmp_path):
     args = [a for s in shape for a in ("--set", s)]
     patterns = f"{presets / 'pure_linear.toml'},{presets / 'half_attention.toml'}"
     out = tmp_path / "runs"
-    result = run_cli("ablate", "arch", "--patterns", patterns, "--steps", "3", "--out", str(out), "--name", "arch", *args)
+    result = run_cli("ablate", "arch", "--preset", patterns, "--steps", "3", "--out", str(out), "--name", "arch", *args)
     assert result.returncode == 0, result.stderr
     path = out / "ablations" / "arch"
     configs = {n: load_config_file(path / n / "config.toml") for n in ("pure_linear", "half_attention")}
@@ -378,10 +378,12 @@ def test_arch_sweep_each_preset_with_its_own_lr(tmp_path):
     best, _ = best_by_summary(path)
     assert f"best architecture: {best} " in result.stdout
     assert "attention layers (%)" in result.stdout
+    # the ranking shows each architecture's layer pattern beside its attention share
+    assert re.search(r"pure_linear\s+LL\s+0\.0%", result.stdout) and re.search(r"half_attention\s+LF\s+50\.0%", result.stdout)
 
 
 def test_arch_dry_run_of_study_a(tmp_path):
-    result = run_cli("ablate", "arch", "--patterns", "all", "--dry-run", "--out", str(tmp_path / "runs"))
+    result = run_cli("ablate", "arch", "--preset", "all", "--dry-run", "--out", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "runs").exists()
     for name in STUDY_A:
@@ -390,7 +392,7 @@ def test_arch_dry_run_of_study_a(tmp_path):
     per_run = 300 * t.batch_size * t.seq_len
     assert f"({13 * per_run:,})" in result.stdout
     with pytest.raises(ConfigError, match="did you mean 'hybrid_sparse'"):
-        plan_arch_sweep(parse_patterns("deltanet,hybrid_sparce"))
+        plan_arch_sweep(parse_presets("deltanet,hybrid_sparce"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -476,9 +478,15 @@ def test_report_markdown_and_plots(sweep, tmp_path):
     best, summaries = best_by_summary(path)
     second = next(n for n in summaries if n != best)
     a, b = summaries[best]["best_val_loss"], summaries[second]["best_val_loss"]
-    assert f"Winner: {best} " in text and f"{100 * (b - a) / b:.2f}% lower than the runner-up {second}" in text
-    for heading in ("## Ranking", "## Learning-rate sensitivity", "## Throughput vs quality", "## Training curves"):
+    # one margin, the runner-up minus the winner, in the metric's units and in percent of the winner
+    assert f"Winner: {best} " in text and f"Margin over the runner-up {second} ({b:.4f}): {b - a:.4f} ({100 * (b - a) / a:.2f}% of" in text
+    assert "one seed per configuration the seed-to-seed noise is not measured" in text
+    for heading in ("## Ranking", "## Learning-rate sensitivity", "## Training curves"):
         assert heading in text
+    assert "## Throughput vs quality" not in text  # one architecture: speeds differ only by measurement noise
+    best_lr = best.split("_lr")[1]  # two rates: the best is at an edge of the grid either way
+    edge = "largest tried; try above" if best_lr == LRS[-1] else "smallest tried; try below"
+    assert text.count(f"best LR {best_lr} is the {edge} {best_lr}") == 1
     assert f"Best LR: {best.split('_lr')[1]} " in text
     links = re.findall(r"\]\((findings_plots/[^)]+)\)", text)
     assert {"findings_plots/loss_vs_lr.txt", "findings_plots/val_loss_vs_steps.html"} <= set(links)

@@ -1,4 +1,4 @@
-"""`hybridctl ablate`: sweep the learning rate or the architecture, one ordinary run per value, resumable."""
+"""`hybridctl ablate`: sweep the learning rate or the architecture, one ordinary run per value and seed, resumable."""
 
 from __future__ import annotations
 
@@ -7,26 +7,38 @@ from typing import Optional
 
 import typer
 
-from hybridctl.core.lab.report import attention_chart, lr_chart
+from hybridctl.core.errors import ConfigError
+from hybridctl.core.lab.groups import group_results, rank_groups
+from hybridctl.core.lab.report import attention_chart, lr_chart, lr_edge_warning
 from hybridctl.core.lab.results import check_metric, label_results, load_result, rank_results, ranking_warnings
-from hybridctl.core.lab.sweeps import ARCH_GROUPS, DEFAULT_LRS, SweepPlan, parse_lr_values, parse_patterns, plan_arch_sweep, plan_lr_sweep, preview_actions, run_sweep, sweep_conflict, sweep_path
-from hybridctl.core.lab.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart, print_table,
-                                   results_table)
+from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_warnings, parse_layouts, parse_lr_values,
+                                       parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, preview_actions,
+                                       run_sweep, sweep_conflict, sweep_path)
+from hybridctl.core.lab.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart,
+                                       print_table, results_table)
+from hybridctl.core.lab.render_findings import print_group_table
 from hybridctl.core.training.runs import RunDir
 from hybridctl.core.training.tracking import check_trackers
 
-app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value under runs/ablations/<sweep>/.",
+app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value (and seed) under runs/ablations/<sweep>/.",
                   no_args_is_help=True)
 
 STEPS_HELP = "Steps per run (default: 200 for lr, 300 for arch, or a --set train.steps=N)."
 OUT_HELP = "Folder that holds run folders; the sweep goes to OUT/ablations/<sweep>/."
 FORCE_HELP = "Run even if the sweep folder holds a different plan: runs that differ are replaced, identical ones kept."
+SEEDS_HELP = ("Train every configuration once per seed: a count N (seeds 0..N-1) or a list like 0,3,7 (sets train.seed; "
+              "runs are named <configuration>_s<seed>). More seeds later train only the new runs.")
+
+
+def warn(text: str) -> None:
+    err_console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("lr")
 def lr(
     preset: str = typer.Option("deltanet", "--preset", "-p", help="Preset name or .toml path."),
     values: str = typer.Option(",".join(fmt_lr(v) for v in DEFAULT_LRS), "--values", help="Comma-separated learning rates."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help=SEEDS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
     overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
     out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
@@ -35,27 +47,39 @@ def lr(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
-    """One run per learning rate on one preset; ranks them and plots val loss against LR."""
+    """One run per learning rate (and seed) on one preset; ranks them and plots val loss against LR."""
     check_metric(metric)
-    plan = plan_lr_sweep(preset, parse_lr_values(values), steps, overrides, name)
+    warnings: list[str] = []
+    plan = plan_lr_sweep(preset, parse_lr_values(values, warnings), steps, overrides, name, seeds=parse_seeds(seeds))
+    plan.warnings = warnings
     execute(plan, out, dry_run, force, metric)
 
 
 @app.command("arch")
 def arch(
-    patterns: str = typer.Option("all", "--patterns", help=f"Presets and groups ({', '.join(ARCH_GROUPS)}), comma-separated."),
+    presets: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Presets and groups ({', '.join(ARCH_GROUPS)}), comma-separated (default: all); one base preset with --patterns."),
+    patterns: Optional[str] = typer.Option(None, "--patterns", help="Layer layouts applied to one --preset: letters (LLFL,FFLL) or attention layers ([3,6];[2,5])."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help=SEEDS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
     overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
     out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
-    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: arch_<patterns>)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: arch_<presets> or arch_<preset>_<layouts>)."),
     metric: str = typer.Option("best_val_loss", "--metric", help="Value that ranks the runs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
-    """One run per architecture preset (same data and seed, each preset's own LR); ranks them by val loss."""
+    """One run per architecture (and seed): each preset with its own LR, or layer layouts on one base preset."""
     check_metric(metric)
-    label = patterns if patterns in ARCH_GROUPS else ""
-    plan = plan_arch_sweep(parse_patterns(patterns), steps, overrides, name, label=label)
+    warnings: list[str] = []
+    layouts = parse_layouts(patterns, warnings) if patterns is not None else None
+    if layouts and presets is None:
+        raise ConfigError("--patterns applies layer layouts to one base preset; name it with --preset, e.g. "
+                          "--preset hybrid_sparse --patterns LLFL,FFLL")
+    presets = presets or "all"
+    label = presets if presets in ARCH_GROUPS else ""
+    plan = plan_arch_sweep(parse_presets(presets, warnings), steps, overrides, name, label=label, layouts=layouts,
+                           seeds=parse_seeds(seeds))
+    plan.warnings = warnings
     execute(plan, out, dry_run, force, metric)
 
 
@@ -63,9 +87,12 @@ def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str)
     for planned in plan.runs:
         check_trackers(planned.cfg)  # a train.log_to tracker that is not installed: refused before anything is written
     path = sweep_path(out, plan.name)
+    for text in plan.warnings:
+        warn(text)
     if dry_run:
         print_table(plan_table(plan, preview_actions(plan, path)))
-        console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {len(plan.runs)} runs")
+        console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {len(plan.runs)} runs",
+                      markup=False, highlight=False)
         conflict = sweep_conflict(plan, path)
         if conflict:
             console.print(f"note: {conflict}; running this plan needs --force or another --name", markup=False,
@@ -83,22 +110,54 @@ def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str)
         err_console.print(f"{where}: {words[action.kind]}", markup=False, highlight=False, soft_wrap=True)
 
     run_sweep(plan, path, force, progress=lambda planned, i: TrainProgress(f"[{i + 1}/{total}] {planned.name}"),
-                 notify=notify)
+              notify=notify)
     results = [load_result(RunDir(path / r.name)) for r in plan.runs if RunDir(path / r.name).exists()]
     label_results(results)
     for text in ranking_warnings(results, metric, strict=False):
-        err_console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+        warn(text)
+    if plan.seeds is not None:
+        show_seeded(plan, results, metric, path)
+    else:
+        show_single(plan, results, metric, path)
+    console.print(f"sweep folder: {path} (compare it with `hybridctl compare {path}`, report with `hybridctl report {path}`)",
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+def _edge(plan: SweepPlan, best_lr: float | None, path: Path) -> None:
+    text = lr_edge_warning(best_lr, [r.value for r in plan.runs]) if plan.kind == "lr" else ""
+    if text:
+        warn(text)
+        add_warnings(path, [text])
+
+
+def show_single(plan: SweepPlan, results, metric: str, path: Path) -> None:
     rows = rank_results(results, metric)
     print_table(results_table(rows, metric, title=f"Sweep {plan.name}: ranked by {metric}"))
-    print_chart(lr_chart(rows, metric) if plan.kind == "lr" else attention_chart(rows, metric))
+    configurations = rank_groups(group_results(results), metric)  # one run each: the charts take these
+    print_chart(lr_chart(configurations, metric) if plan.kind == "lr" else attention_chart(configurations, metric))
     best = next((r for r in rows if r.rank == 1), None)
     if best is None:
         finished = any(r.status == "complete" for r in results)
         console.print(f"no run has {metric}, so there is no best value" if finished
                       else "no run finished, so there is no best value", markup=False)
-    elif plan.kind == "lr":
+        return
+    _edge(plan, best.result.get("lr"), path)
+    if plan.kind == "lr":
         console.print(f"best lr: {fmt_lr(best.result.get('lr'))} ({metric} {best.value:.4f})", markup=False)
     else:
         console.print(f"best architecture: {best.result.label} ({metric} {best.value:.4f})", markup=False)
-    console.print(f"sweep folder: {path} (compare it with `hybridctl compare {path}`, report with `hybridctl report {path}`)",
-                  markup=False, highlight=False, soft_wrap=True)
+
+
+def show_seeded(plan: SweepPlan, results, metric: str, path: Path) -> None:
+    rows = rank_groups(group_results(results), metric)
+    print_group_table(rows, metric, title=f"Sweep {plan.name}: ranked by mean {metric} over {len(plan.seeds)} seeds")
+    print_chart(lr_chart(rows, metric) if plan.kind == "lr" else attention_chart(rows, metric))
+    best = next((r for r in rows if r.rank == 1), None)
+    if best is None:
+        console.print("no configuration has a finished run with " + metric + ", so there is no best value", markup=False)
+        return
+    _edge(plan, best.group.first("lr"), path)
+    what = f"lr {fmt_lr(best.group.first('lr'))}" if plan.kind == "lr" else f"architecture {best.group.label}"
+    s = best.stats
+    spread = f" ± {s.std:.4f} (std over {s.n} seeds)" if s.std is not None else " (a single finished seed)"
+    console.print(f"best {what}: mean {metric} {s.mean:.4f}{spread}", markup=False)

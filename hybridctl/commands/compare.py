@@ -11,7 +11,9 @@ import typer
 from hybridctl.core.lab.report import curves_chart
 from hybridctl.core.lab.results import METRICS, SORT_KEYS, collect_results, rank_results, ranking_warnings, result_record
 from hybridctl.core.errors import ConfigError, RunError
+from hybridctl.core.lab.groups import group_record, group_results, has_repeats, rank_groups
 from hybridctl.core.lab.render import console, err_console, markdown_table, print_chart, print_table, results_rows, results_table
+from hybridctl.core.lab.render_findings import VERDICT_LEGEND, group_rows, print_group_table
 from hybridctl.core.training.runs import ensure_new_file
 
 
@@ -24,9 +26,13 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print the ranking as JSON to stdout instead of tables."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the ranking as JSON to this file."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the ranking as a Markdown table to this file."),
+    per_seed: bool = typer.Option(False, "--per-seed", help="One row per run, even where runs are seeds of one configuration."),
     force: bool = typer.Option(False, "--force", help="Replace existing --json-out / --markdown files."),
 ):
-    """Rank runs by validation loss (or --metric) and plot their loss curves."""
+    """Rank runs by validation loss (or --metric) and plot their loss curves.
+
+    Runs that differ only in train.seed (the seeds of one configuration, e.g. from `ablate --seeds`) make one row:
+    mean, std, n, 95% CI of the mean, difference from the best row with Welch's t-test p-value, and a verdict."""
     if x not in ("steps", "tokens"):
         raise ConfigError(f"--x must be steps or tokens, got '{x}'")
     for target in (json_out, markdown):
@@ -38,24 +44,35 @@ def compare(
                 raise RunError(f"cannot make the folder of {target}: {e.strerror}; choose another path") from None
     results = collect_results(paths or [Path("runs")])
     notes = [f"warning: {text}" for text in ranking_warnings(results, metric)]
-    rows = rank_results(results, metric, sort)
+    groups = group_results(results)
+    grouped = not per_seed and has_repeats(groups)
+    rows = rank_groups(groups, metric, sort) if grouped else rank_results(results, metric, sort)
     # On stderr, so --json output stays machine-readable; the Markdown table carries them too.
     for note in notes:
         err_console.print(note, markup=False, highlight=False, soft_wrap=True)
-    records = [result_record(row, metric) for row in rows]
+    records = [group_record(row, metric) if grouped else result_record(row, metric) for row in rows]
     if json_out is not None:
         json_out.write_text(json.dumps(records, indent=2) + "\n")
     if markdown is not None:
         lines = "".join(f"{note[0].upper()}{note[1:]}.\n\n" for note in notes)
-        markdown.write_text(f"Ranked by {metric}.\n\n{lines}" + markdown_table(*results_rows(rows, metric)))
+        if grouped:
+            table = markdown_table(*group_rows(rows, metric)) + f"\n{VERDICT_LEGEND.replace(chr(10), ' ')}\n"
+        else:
+            table = markdown_table(*results_rows(rows, metric))
+        ranked_by = f"mean {metric} over seeds" if grouped else metric
+        markdown.write_text(f"Ranked by {ranked_by}.\n\n{lines}" + table)
     if as_json:
         print(json.dumps(records, indent=2))
         return
     ranked = sum(row.rank is not None for row in rows)
-    count = f"{len(rows)} runs" if ranked == len(rows) else f"{ranked} of {len(rows)} runs"
-    print_table(results_table(rows, metric, title=f"{count} ranked by {metric}"))
+    if grouped:
+        count = f"{len(rows)} configurations" if ranked == len(rows) else f"{ranked} of {len(rows)} configurations"
+        print_group_table(rows, metric, title=f"{count} of {len(results)} runs ranked by mean {metric}")
+    else:
+        count = f"{len(rows)} runs" if ranked == len(rows) else f"{ranked} of {len(rows)} runs"
+        print_table(results_table(rows, metric, title=f"{count} ranked by {metric}"))
     if plots:
-        shown = [row.result for row in rows]
+        shown = [r for row in rows for r in row.group.results] if grouped else [row.result for row in rows]
         print_chart(curves_chart(shown, "val_loss", x))
         print_chart(curves_chart(shown, "loss", x))
     for target in (json_out, markdown):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -182,14 +181,17 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     nothing (one LR for all, every run complete) are left out."""
     view = loss_view(metric)
     results = [row.result for row in rows]
-    show_lr = len({r.get("lr") for r in results}) > 1
+    show_layers = len({r.get("layer_types") for r in results}) > 1  # an architecture sweep: its layouts
+    show_reached = any(lr_short_of_peak(r.get("lr"), r.get("peak_lr")) for r in results)
+    show_lr = len({r.get("lr") for r in results}) > 1 or show_reached
     show_steps = len({r.get("steps") for r in results}) > 1
     show_arc = any(r.get("arc_acc") is not None for r in results)
     show_mqar = any(r.get("final_val_mqar_acc") is not None for r in results)
     show_status = any(r.status != "complete" for r in results)
     text_evals = sorted({name for r in results for name in (r.get("text_evals") or {})})  # `hybridctl eval` results
     shown_loss = f"{view}_val_loss"
-    headers = ["#", "run", "attn"] + (["lr"] if show_lr else []) + (["steps"] if show_steps else [])
+    headers = ["#", "run"] + (["layers"] if show_layers else []) + ["attn"] + (["lr"] if show_lr else [])
+    headers += (["lr reached"] if show_reached else []) + (["steps"] if show_steps else [])
     headers += ["val loss" if view == "best" else "final loss", "acc", "ppl", "time", "tok/s", "Δ vs best" if metric == shown_loss else f"Δ {metric}"]
     headers += ["ARC acc", "ARC acc_norm"] if show_arc else []
     headers += ["recall acc"] if show_mqar else []
@@ -198,9 +200,12 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     table = []
     for row in rows:
         r = row.result
-        cells = [str(row.rank) if row.rank else "-", r.label, fmt_pct(r.get("attention_fraction"))]
+        cells = [str(row.rank) if row.rank else "-", r.label] + ([r.get("layer_types") or "-"] if show_layers else [])
+        cells.append(fmt_pct(r.get("attention_fraction")))
         if show_lr:
             cells.append(fmt_lr(r.get("lr")) if r.get("lr") else "-")
+        if show_reached:
+            cells.append(fmt_lr(r.get("peak_lr")) if r.get("peak_lr") else "-")
         if show_steps:
             cells.append(fmt_num(r.get("steps")))
         cells += [
@@ -217,6 +222,12 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
             cells.append(r.status if r.status == "complete" else f"{r.status} ({r.get('steps')}/{r.get('planned_steps') or '?'})")
         table.append(cells)
     return headers, table
+
+
+def lr_short_of_peak(lr: float | None, peak: float | None) -> bool:
+    """Whether a run's schedule never reached its configured LR (warmup as long as the run, or longer): the highest
+    LR it logged is well below train.lr."""
+    return bool(lr and peak and peak < 0.95 * lr)
 
 
 def text_table(headers: list[str], rows: list[list[str]], title: str | None = None,
@@ -293,66 +304,3 @@ def plan_table(plan, actions) -> Table:
     title = f"Sweep {plan.name} ({plan.kind}): {len(plan.runs)} runs, {plan.steps} steps each"
     table = text_table(["run", "layers", "lr", "steps", "tokens", "action"], rows, title, no_wrap_column=0)
     return table
-
-
-def print_report(report, out: Console = console) -> None:
-    out.rule(f"[bold]{report.title}")
-    for section in report.sections:
-        out.print()
-        out.print(section.heading, style="bold underline")
-        for paragraph in section.paragraphs:
-            out.print(paragraph, markup=False, highlight=False)
-        if section.ranking is not None:
-            print_table(results_table(section.ranking, report.metric), out)
-        if section.table is not None:
-            print_table(text_table(*section.table), out)
-        for chart in section.charts:
-            print_chart(chart, out)
-
-
-def report_markdown(report, plot_files: dict[str, list[str]] | None = None, width: int = 80) -> str:
-    """The report as Markdown: tables, and each chart as text in a code block with links to its saved files."""
-    from hybridctl.core.lab.plots import render_chart
-
-    plot_files = plot_files or {}
-    parts = [f"# {report.title}\n"]
-    for section in report.sections:
-        parts.append(f"## {section.heading}\n")
-        if section.paragraphs:
-            parts.append("\n".join(p if p.startswith("- ") else p + "\n" for p in section.paragraphs))
-        if section.ranking is not None:
-            parts.append(markdown_table(*results_rows(section.ranking, report.metric)))
-        if section.table is not None:
-            parts.append(markdown_table(*section.table))
-        for chart in section.charts:
-            if chart.is_empty():
-                continue
-            parts.append(f"```text\n{render_chart(chart, width, color=False)}\n```\n")
-            links = ", ".join(f"[{Path(f).suffix[1:]}]({f})" for f in plot_files.get(chart.name, []))
-            if links:
-                parts.append(f"Plot files: {links}\n")
-    return "\n".join(parts)
-
-
-def report_plots_dir(md_path: Path) -> Path:
-    """Where write_report puts the plots of a report: <stem>_plots/ beside it."""
-    return Path(md_path).with_name(f"{Path(md_path).stem}_plots")
-
-
-def write_report(report, md_path: Path) -> list[Path]:
-    """Write the Markdown report and its plots (text and HTML) into <stem>_plots/ beside it; returns the plot files."""
-    from hybridctl.core.lab.plots import save_chart
-
-    md_path = Path(md_path)
-    plots_dir = report_plots_dir(md_path)
-    files: dict[str, list[str]] = {}
-    written: list[Path] = []
-    for section in report.sections:
-        for chart in section.charts:
-            if not chart.is_empty():
-                paths = save_chart(chart, plots_dir)
-                written += paths
-                files[chart.name] = [p.relative_to(md_path.parent).as_posix() for p in paths]
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(report_markdown(report, files))
-    return written

@@ -117,6 +117,9 @@ def load_result(run: RunDir) -> RunResult:
         "layer_types": "".join(cfg.model.layer_types()) if cfg else summary.get("layer_types"),
         "attention_fraction": cfg.model.attention_fraction() if cfg else summary.get("attention_fraction"),
         "lr": cfg.train.lr if cfg else summary.get("lr"),
+        # the highest LR the schedule reached: below train.lr when warmup outlasts the run
+        "peak_lr": max((r["lr"] for r in logs if isinstance(r.get("lr"), (int, float))), default=None),
+        "seed": cfg.train.seed if cfg else None,
         "planned_steps": cfg.train.steps if cfg else None,
         "params": summary.get("params"),
         "dataset": cfg.data.dataset if cfg else None,
@@ -336,7 +339,7 @@ def result_record(row: Ranked, metric: str) -> dict[str, Any]:
     r = row.result
     record = {"rank": row.rank, "name": r.label, "path": str(r.run.path), "status": r.status, "metric": metric,
               "value": row.value, "delta_pct": row.delta_pct}
-    keys = ("layer_types", "attention_fraction", "lr", "params", "steps", "planned_steps", "tokens", "best_val_loss",
+    keys = ("layer_types", "attention_fraction", "lr", "peak_lr", "seed", "params", "steps", "planned_steps", "tokens", "best_val_loss",
             "best_step", "best_val_acc", "best_val_ppl", "final_val_loss", "final_val_acc", "final_val_ppl",
             "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "arc_acc", "arc_acc_norm", "arc_n",
             "dataset", "tokenizer", "vocab_size", "seq_len", "max_tokens", "val_fraction", "val_split", "eval_windows")

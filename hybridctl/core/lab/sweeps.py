@@ -1,9 +1,10 @@
 """Sweeps: LR and architecture sweeps planned, written down and run, resumably.
 
 A sweep is a folder `runs/ablations/<sweep>/` holding one ordinary run folder per planned run and
-`sweep.json` (kind, plan, steps, status per run). Running the same sweep again skips finished runs, resumes
-unfinished ones from their newest checkpoint and restarts runs that never reached one; a different plan under
-the same name is refused unless forced, so results of two plans never mix in one folder. While a process runs
+`sweep.json` (kind, plan, steps, seeds, status per run, warnings). Running the same sweep again skips finished
+runs, resumes unfinished ones from their newest checkpoint and restarts runs that never reached one; a plan that
+only adds runs (more seeds, more values) trains just those, and any other change of plan under the same name is
+refused unless forced, so results of two plans never mix in one folder. Plans are made in sweep_plans.py. While a process runs
 the sweep it holds `sweep.lock` (an flock, like a run's run.lock), and a second one is refused before it writes.
 """
 
@@ -11,157 +12,26 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from hybridctl.core.training import checkpoint_files
-from hybridctl.core.config import Config, load_config
-from hybridctl.core.presets import parse_override
+from hybridctl.core.config import Config
 from hybridctl.core.data.token_cache import cache_key, load_token_data
-from hybridctl.core.errors import ConfigError, HybridctlError, RunError, TrainingError
+from hybridctl.core.errors import HybridctlError, RunError, TrainingError
 from hybridctl.core.lab.render import fmt_lr
+from hybridctl.core.lab.sweep_plans import (  # noqa: F401  (planning lives there; these names stay importable here)
+    ARCH_GROUPS, DEFAULT_LRS, DEFAULT_STEPS, STUDY_A, STUDY_C, PlannedRun, SweepPlan, parse_layouts, parse_lr_values,
+    parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, resolve_steps)
 from hybridctl.core.training.runs import (SWEEP_FILE, SWEEP_LOCK, RunDir, check_run_name, is_run_dir,
                                  write_json_atomic)
 
 
 SWEEPS_DIR = "ablations"
 ARC_FILE = Path("bench") / "arc.json"
-DEFAULT_LRS = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3]
-DEFAULT_STEPS = {"lr": 200, "arch": 300}
-STUDY_A = [
-    "deltanet", "hybrid_8", "hybrid_sparse", "hybrid_25", "hybrid_late", "hybrid_42", "hybrid_alternating",
-    "hybrid_58", "hybrid_67", "hybrid_75", "hybrid_83", "hybrid_92", "transformer",
-]
-
-
-STUDY_C = [
-    "sandwich", "linear_first", "alternating_fl", "full_first",
-    "dsa_sandwich", "dsa_linear_first", "dsa_alternating", "dsa_full_first",
-]
-
-
-ARCH_GROUPS = {"all": STUDY_A, "study_a": STUDY_A, "study_c": STUDY_C}
-
-
-def parse_lr_values(text: str) -> list[float]:
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise ConfigError(f"--values: '{item}' is not a number; give learning rates like 3e-4,1e-3,2e-3") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"--values: learning rates must be positive, got {item}")
-        if value not in values:
-            values.append(value)
-    if not values:
-        raise ConfigError("--values is empty; give learning rates like 3e-4,1e-3,2e-3")
-    return values
-
-
-def parse_patterns(text: str) -> list[str]:
-    """Comma-separated preset names and group names (all, study_a, study_c), expanded in order, without repeats."""
-    names: list[str] = []
-    for item in text.split(","):
-        item = item.strip()
-        for name in ARCH_GROUPS.get(item, [item] if item else []):
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise ConfigError(f"--patterns is empty; give preset names or a group ({', '.join(ARCH_GROUPS)})")
-    return names
-
-
-@dataclass
-class PlannedRun:
-    name: str
-    preset: str
-    overrides: list[str]
-    value: Any  # the swept value: an LR, or the preset name
-    cfg: Config = field(repr=False, compare=False)
-
-    @property
-    def tokens(self) -> int:
-        t = self.cfg.train
-        return t.steps * t.batch_size * t.seq_len
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "preset": self.preset, "overrides": self.overrides, "value": self.value}
-
-
-@dataclass
-class SweepPlan:
-    kind: str  # "lr" or "arch"
-    name: str
-    steps: int
-    runs: list[PlannedRun]
-
-    @property
-    def tokens(self) -> int:
-        return sum(r.tokens for r in self.runs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "steps": self.steps, "runs": [r.to_dict() for r in self.runs]}
-
-
-def _override_value(overrides: list[str], key: str):
-    found = None
-    for text in overrides:
-        path, value = parse_override(text)
-        if ".".join(path) == key:
-            found = value
-    return found
-
-
-def resolve_steps(kind: str, steps: int | None, overrides: list[str]) -> int:
-    """--steps wins, then a `--set train.steps=N`, then the sweep kind's default (200 for LR, 300 for arch)."""
-    if steps is None:
-        steps = _override_value(overrides, "train.steps") or DEFAULT_STEPS[kind]
-    if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"--steps must be a positive integer, got {steps!r}")
-    return steps
-
-
-def plan_lr_sweep(preset: str, values: list[float], steps: int | None = None, overrides: list[str] | None = None,
-                  name: str | None = None) -> SweepPlan:
-    overrides = list(overrides or [])
-    if _override_value(overrides, "train.lr") is not None:
-        raise ConfigError("an LR sweep sets train.lr itself; drop --set train.lr and list the rates with --values")
-    steps = resolve_steps("lr", steps, overrides)
-    stem = Path(preset).stem
-    runs = []
-    for lr in values:
-        run_overrides = overrides + [f"train.steps={steps}", f"train.lr={lr!r}"]
-        run_name = f"{stem}_lr{fmt_lr(lr)}"
-        cfg = load_config(preset, run_overrides)
-        cfg.name = run_name
-        runs.append(PlannedRun(run_name, preset, run_overrides, lr, cfg))
-    return SweepPlan("lr", name or f"lr_{stem}", steps, runs)
-
-
-def plan_arch_sweep(presets: list[str], steps: int | None = None, overrides: list[str] | None = None,
-                    name: str | None = None, label: str = "") -> SweepPlan:
-    """One run per preset, each with its own LR; same data and seed unless the presets differ there."""
-    overrides = list(overrides or [])
-    steps = resolve_steps("arch", steps, overrides)
-    runs = []
-    for preset in presets:
-        run_overrides = overrides + [f"train.steps={steps}"]
-        cfg = load_config(preset, run_overrides)  # an unknown preset raises here, before anything runs
-        run_name = Path(preset).stem
-        cfg.name = run_name
-        runs.append(PlannedRun(run_name, preset, run_overrides, run_name, cfg))
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--patterns names two presets with the same file name ({', '.join(names)}); rename one")
-    return SweepPlan("arch", name or f"arch_{label or '-'.join(names)}", steps, runs)
 
 
 def sweep_path(out: Path, name: str) -> Path:
@@ -180,7 +50,8 @@ def read_sweep(path: Path) -> dict[str, Any] | None:
 
 
 def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """A short description of how two plans differ ('' when they are the same)."""
+    """A short description of how two plans differ ('' when they are the same, or when the new plan only adds
+    runs, such as more seeds or values: the sweep grows and its finished runs stay)."""
     if old.get("kind") != new["kind"]:
         return f"kind {old.get('kind')} vs {new['kind']}"
     if old.get("steps") != new["steps"]:
@@ -188,9 +59,12 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     before = {r["name"]: r for r in old.get("plan", [])}
     after = {r["name"]: r for r in new["runs"]}
     added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
-    if added or removed:
+    if removed and (old.get("seeds") is None) != (new.get("seeds") is None):
+        return ("it ran without --seeds, with runs named without _s<seed>" if old.get("seeds") is None
+                else f"it ran with --seeds {','.join(map(str, old['seeds']))}")
+    if removed:
         return ", ".join([*(f"+{n}" for n in added), *(f"-{n}" for n in removed)])
-    changed = [n for n in after if before[n] != after[n]]
+    changed = [n for n in before if before[n] != after[n]]
     if changed:
         return f"settings of {', '.join(changed)} changed"
     return ""
@@ -331,10 +205,11 @@ def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str,
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     old = state or {}
     state = {
-        "kind": plan.kind, "name": plan.name, "steps": plan.steps, "plan": new["runs"],
+        "kind": plan.kind, "name": plan.name, "steps": plan.steps, "seeds": plan.seeds, "plan": new["runs"],
         "created": old.get("created", now), "updated": now,
         "status": {r.name: old.get("status", {}).get(r.name, "pending") for r in plan.runs},
         "errors": old.get("errors", {}),
+        "warnings": list(plan.warnings),  # this invocation's; add_warnings appends what the results show
     }
     write_json_atomic(path / SWEEP_FILE, state)
     return state
@@ -402,6 +277,15 @@ def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[Pla
         watcher = _EventWatcher(callback)
         cfg = copy.deepcopy(planned.cfg)
         locked = False  # a run another process holds (the lock refused) is that process's to record
+
+        def stopped_status() -> str:
+            """'interrupted', or 'pending' after removing a run that stopped before its first step (a dataset that
+            cannot be read, say), as `train` does: no half-made folder for compare to list."""
+            if action.kind == "start" and locked and run.is_unstarted():
+                run.discard_if_unstarted()
+                return "pending"
+            return "interrupted"
+
         try:
             if action.kind == "start":
                 run.create(cfg, force=True)
@@ -429,7 +313,7 @@ def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[Pla
                 if notify is not None:
                     notify(planned, index, RunAction("diverged", step=at["step"], note=message))
                 continue
-            save_state(planned.name, "interrupted")
+            save_state(planned.name, stopped_status())
             stopped = TrainingError(
                 f"sweep {plan.name} stopped in run {planned.name} ({e}); finished runs are kept, "
                 "run the same ablate command again to resume the sweep"
@@ -438,7 +322,7 @@ def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[Pla
             raise stopped from None
         except KeyboardInterrupt:
             # A second Ctrl-C, or one outside the training loop (loading data): still say how to go on.
-            save_state(planned.name, "interrupted")
+            save_state(planned.name, stopped_status())
             stopped = TrainingError(
                 f"sweep {plan.name} interrupted in run {planned.name}; finished runs are kept, "
                 "run the same ablate command again to resume the sweep"
@@ -447,10 +331,24 @@ def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[Pla
             raise stopped from None
         except BaseException:
             if locked:
-                save_state(planned.name, "interrupted")
+                save_state(planned.name, stopped_status())
             raise
         finally:
             if callback is not None and hasattr(callback, "close"):
                 callback.close()
             run.release_lock()
     return state
+
+
+def add_warnings(path: Path, warnings: list[str]) -> None:
+    """Keep what the finished sweep's results warn about (e.g. a best LR at the edge of the grid) in sweep.json."""
+    state = read_sweep(path)
+    if state is None or not warnings:
+        return
+    lock = lock_sweep(path)
+    try:
+        state = read_sweep(path) or state
+        state["warnings"] = list(state.get("warnings", [])) + [w for w in warnings if w not in state.get("warnings", [])]
+        write_json_atomic(Path(path) / SWEEP_FILE, state)
+    finally:
+        lock.release_lock()
