@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from hybridctl.core.model.cache import KVCache
@@ -102,11 +103,22 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+# cuDNN's attention builds an execution plan for each new key length, which at the study shape took about as long
+# as a whole decoding step; a cache grows by one key per step, so cached attention takes the other kernels.
+GROWING_KEYS_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache: KVCache,
                      selected: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q [B, H, T, D] over the keys `cache.append` returned, each query to the keys it may
     see (or to `selected` [B, T, S] of them). Full causal attention over a whole prompt or a chunk of one takes
     the causal kernels (flash attention on CUDA); other masks are given as tensors."""
+    with sdpa_kernel(GROWING_KEYS_BACKENDS):
+        return _cached_attention(q, keys, values, cache, selected)
+
+
+def _cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache: KVCache,
+                      selected: torch.Tensor | None) -> torch.Tensor:
     T, S = q.shape[-2], keys.shape[-2]
     if selected is not None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=selected[:, None])
