@@ -1,0 +1,99 @@
+"""The user docs against the code: every `hybridctl` command in README.md and docs/*.md parses with the options the
+CLI has, its presets exist, and the files and links the docs name are there."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+import typer
+
+from conftest import REPO
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
+
+
+def doc_commands() -> list[tuple[str, list[str]]]:
+    """(file, argv after `hybridctl`) for every hybridctl command line in a code block, torchrun's included."""
+    found = []
+    for doc in DOCS:
+        for block in FENCE.findall(doc.read_text()):
+            for line in block.splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:1] == ["hybridctl"]:
+                    found.append((doc.name, words[1:]))
+                elif words[:1] == ["torchrun"] and "hybridctl" in words:
+                    found.append((doc.name, words[words.index("hybridctl") + 1:]))
+    return found
+
+
+def silenced(command, calls: list) -> None:
+    """Replace every command's action by one that records its name, keeping its options and their types (Typer's
+    commands may be its own copy of click's classes, so groups are told apart by their `commands`)."""
+    if hasattr(command, "commands"):
+        for sub in command.commands.values():
+            silenced(sub, calls)
+    else:
+        command.callback = lambda **kwargs: calls.append(command.name)
+
+
+@pytest.fixture(scope="module")
+def cli_group():
+    from hybridctl import cli
+
+    calls: list[str] = []
+    group = typer.main.get_command(cli.build_app())
+    silenced(group, calls)
+    return group, calls
+
+
+COMMANDS = doc_commands()
+
+
+def test_the_docs_have_commands_to_check():
+    assert len(COMMANDS) > 30
+    assert {name for name, _ in COMMANDS} >= {"README.md", "data.md", "gpu.md", "sweeps.md"}
+
+
+@pytest.mark.parametrize("doc,args", COMMANDS, ids=[f"{d}:{' '.join(a)}" for d, a in COMMANDS])
+def test_documented_command_parses(cli_group, doc, args, tmp_path, monkeypatch):
+    from hybridctl.core.presets import available_presets
+
+    group, calls = cli_group
+    monkeypatch.chdir(tmp_path)  # relative paths in the examples (runs/...) point nowhere real
+    calls.clear()
+    group.main(args=list(args), prog_name="hybridctl", standalone_mode=False)
+    assert len(calls) == 1, f"{doc}: `hybridctl {' '.join(args)}` reached no command"
+    assert not any(tmp_path.iterdir()), "a silenced command wrote files"
+    for i, word in enumerate(args[:-1]):
+        if word in ("--preset", "-p"):
+            for name in args[i + 1].split(","):
+                assert name in available_presets(), f"{doc}: preset {name} does not exist"
+
+
+def named_paths(text: str) -> list[str]:
+    """Repository paths a doc names in backticks, or links to."""
+    ticked = re.findall(r"`((?:hybridctl|benchmarks|docs|tests|presets)/[^`\s{}*<>]+)`", text)
+    linked = [link for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if "://" not in link]
+    return ticked + linked
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_named_files_exist(doc):
+    text = doc.read_text()
+    missing = []
+    for path in named_paths(text):
+        path = path.split(" ")[0].rstrip(".,;:")
+        if not ((REPO / path).exists() or (doc.parent / path).exists()):
+            missing.append(path)
+    assert not missing, f"{doc.name} names files that do not exist: {missing}"
+
+
+def test_speed_figures_name_their_result_files():
+    text = (REPO / "docs" / "speed.md").read_text()
+    results = {p.name for p in (REPO / "docs" / "results").rglob("*") if p.is_file()}
+    named = set(re.findall(r"`([\w.-]+\.(?:json|csv))`", text))
+    assert named, "docs/speed.md names no result files"
+    assert named <= results, f"docs/speed.md names result files that are not in docs/results: {sorted(named - results)}"
