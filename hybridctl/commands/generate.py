@@ -35,7 +35,7 @@ def read_prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str
 
 def generate(
     target: Path = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="A run folder, or a checkpoint folder inside one (best/, checkpoints/step_NNNNNN)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to continue."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file of prompts, one per line, completed as one batch (blank lines skipped)."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to add to each prompt at most (fewer at end of document)."),
     temperature: float = typer.Option(0.8, "--temperature", help="Softmax temperature; 0 is greedy."),
