@@ -1,14 +1,21 @@
 """The `hybridctl` command: a Typer app whose subcommands, built-in and third-party alike, are found through
 the entry-point group `hybridctl.commands` (value: a Typer app, or a function to register as a command).
 
-Errors the user can fix (HybridctlError) print one line and exit non-zero; `--debug` shows the traceback. Under
-torchrun an error is printed by one process only (see core/training/processes.py).
+Exit codes, the same in every command (docs/cli.md):
+  0    done (bare `hybridctl` and `--help` print the help and exit 0)
+  1    an error: bad input the message says how to fix (HybridctlError), or an unexpected failure
+  2    a usage error: an unknown option, a missing or malformed argument
+  130  interrupted (Ctrl-C); a training run saves a checkpoint first
+  143  stopped by SIGTERM (a scheduler's or `kill`'s); a training run saves a checkpoint first
+Errors print one line; `--debug` anywhere on the line (or HYBRIDCTL_DEBUG=1) adds the traceback. Under torchrun
+an error is printed by one process only (see core/training/processes.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import traceback
@@ -16,31 +23,37 @@ from importlib.metadata import entry_points
 
 import click
 import typer
+import typer.core
 
+from hybridctl import __version__
 from hybridctl.core.training import processes
 from hybridctl.core.errors import HybridctlError, Terminated
 
 ENTRY_POINT_GROUP = "hybridctl.commands"
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_SIGTERM = 1, 2, 130, 143
 
 # Newer Typer releases carry their own copy of click, whose exceptions do not derive from click's: catch both.
 EXIT_ERRORS = (click.exceptions.Exit, typer.Exit)
 ABORT_ERRORS = (click.exceptions.Abort, typer.Abort)
 USAGE_ERRORS = (click.ClickException, getattr(typer.exceptions, "TyperException", click.ClickException))
 
-# Used when the package runs from a source tree that was never installed (no entry-point metadata).
+# The built-in commands, in the order a user meets them (--help lists them so; plugins follow, by name). Also what
+# runs when the package comes from a source tree that was never installed (no entry-point metadata).
 BUILTIN_COMMANDS = {
     "train": "hybridctl.commands.train:train",
     "resume": "hybridctl.commands.resume:resume",
     "ablate": "hybridctl.commands.ablate:app",
     "compare": "hybridctl.commands.compare:compare",
-    "bench": "hybridctl.commands.bench:app",
     "report": "hybridctl.commands.report:report",
+    "bench": "hybridctl.commands.bench:app",
     "data": "hybridctl.commands.data:app",
     "eval": "hybridctl.commands.eval:eval_command",
     "generate": "hybridctl.commands.generate:generate",
     "export": "hybridctl.commands.export:export",
 }
 
+DEBUG_FLAG, DEBUG_ENV = "--debug", "HYBRIDCTL_DEBUG"
 
 # The arguments of the command being run: `train --gpus N` starts itself again with them under torchrun.
 current_args: list[str] = []
@@ -48,6 +61,32 @@ current_args: list[str] = []
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def hide_flag_types() -> None:
+    """Recent Typer releases print `<bool>` after every flag in the rich help, though a flag takes no value: show
+    none. (Older releases print nothing there; the patch is skipped where the method does not exist.)"""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "hides_flag_types", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.hides_flag_types = True
+    option.display_type_rich = display_type_rich
+
+
+def commands_in_order(builtins: dict[str, str]) -> type:
+    """A Typer group that lists the built-ins in the order of `builtins`, then plugins by name."""
+    rank = {name: i for i, name in enumerate(builtins)}
+
+    class OrderedGroup(typer.core.TyperGroup):
+        def list_commands(self, ctx):
+            return sorted(super().list_commands(ctx), key=lambda name: (rank.get(name, len(rank)), name))
+
+    return OrderedGroup
 
 
 def register(app: typer.Typer, name: str, obj, origin: str) -> bool:
@@ -69,9 +108,17 @@ def load_object(spec: str):
     return obj
 
 
+def show_version(value: bool) -> None:
+    if value:
+        print(f"hybridctl {__version__}")
+        raise typer.Exit()
+
+
 def build_app() -> typer.Typer:
+    hide_flag_types()
     app = typer.Typer(
         name="hybridctl",
+        cls=commands_in_order(BUILTIN_COMMANDS),
         help="A command-line lab for hybrid Gated DeltaNet + attention language models.",
         no_args_is_help=True,
         add_completion=False,
@@ -80,21 +127,27 @@ def build_app() -> typer.Typer:
     )
 
     @app.callback()
-    def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    def main_options(
+        debug: bool = typer.Option(False, DEBUG_FLAG, help=f"Show full tracebacks on errors (anywhere on the line; or {DEBUG_ENV}=1)."),
+        version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."),
+    ):
         """Train, resume, sweep, compare, benchmark and report hybrid language models."""
 
     return register_entry_points(app, ENTRY_POINT_GROUP, BUILTIN_COMMANDS, kind="command")
 
 
 def register_entry_points(app: typer.Typer, group: str, builtins: dict[str, str], kind: str) -> typer.Typer:
-    """Add every entry point of `group` to app; built-ins missing from the metadata come from `builtins`."""
-    seen: set[str] = set()
+    """Add the built-ins (from `builtins`, in its order), then every other entry point of `group` (by name).
+    An entry point of another package that takes a built-in's name is refused with a warning."""
+    for name, spec in builtins.items():
+        register(app, name, load_object(spec), spec)
+    seen = set(builtins)
     for ep in sorted(entry_points(group=group), key=lambda e: e.name):
         own = ep.value == builtins.get(ep.name) or getattr(getattr(ep, "dist", None), "name", None) == "hybridctl"
         if ep.name in builtins and not own:
             warn(f"plugin {kind} '{ep.name}' ({ep.value}) has the name of a built-in {kind}; skipping it (rename it in its entry point)")
             continue
-        if ep.name in seen:
+        if own or ep.name in seen:  # the package's own entry points are the built-ins (stale metadata lists more)
             continue
         try:
             obj = ep.load()
@@ -103,9 +156,6 @@ def register_entry_points(app: typer.Typer, group: str, builtins: dict[str, str]
             continue
         if register(app, ep.name, obj, ep.value):
             seen.add(ep.name)
-    for name, spec in builtins.items():
-        if name not in seen:
-            register(app, name, load_object(spec), spec)
     return app
 
 
@@ -131,10 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def split_debug(args: list[str]) -> tuple[list[str], bool]:
+    """The arguments without --debug, and whether it (or HYBRIDCTL_DEBUG=1) asked for tracebacks."""
+    rest = [a for a in args if a != DEBUG_FLAG]
+    return rest, len(rest) < len(args) or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def _main(argv: list[str] | None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    current_args[:] = args
-    debug = "--debug" in args
+    args, debug = split_debug(sys.argv[1:] if argv is None else list(argv))
+    if not args:
+        args = ["--help"]  # a bare `hybridctl` asks what there is
+    current_args[:] = ([DEBUG_FLAG] if debug else []) + args
     try:
         app = build_app()
         result = app(args=args, prog_name="hybridctl", standalone_mode=False)
@@ -143,16 +200,21 @@ def _main(argv: list[str] | None) -> int:
         return e.exit_code
     except ABORT_ERRORS:
         print("error: aborted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Terminated as e:
         if processes.reports(e):
             print("error: stopped by SIGTERM", file=sys.stderr)
-        return 143
+        return EXIT_SIGTERM
     except USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `hybridctl bench`: the help is the answer, not an error
+            message = e.format_message()  # empty where Typer's rich help has printed itself already
+            if message.strip():
+                print(message)
+            return 0
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
-        return e.exit_code
+        return EXIT_USAGE
     except HybridctlError as e:
         if processes.reports(e):
             if debug:
@@ -162,13 +224,13 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt as e:
         if processes.reports(e):
             print("error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
         if processes.reports(e):
             if debug:
                 traceback.print_exc()
             print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 def run() -> None:

@@ -137,7 +137,8 @@ def test_arc_cli_writes_results_and_keeps_them(tiny_run, capsys):
     expected = arc.score_arc(model, ByteTokenizer(), arc.read_arc_file(data), torch.device("cpu"), max_len=256)
     for key in ("n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance"):
         assert saved[key] == pytest.approx(expected[key]), key
-    assert saved["task"] == "arc_challenge" and saved["split"] == "test"
+    assert saved["task"] == data.name and saved["split"] == "test"  # a local file is named, not claimed to be ARC
+    assert re.search(rf"^{re.escape(data.name)}$", result.stdout, re.M)
     assert saved["checkpoint"] == "best" and saved["checkpoint_step"] == 2
     assert json.loads((run.path / "bench" / "arc.json").read_text()) == saved
 
@@ -158,6 +159,18 @@ def test_arc_cli_checkpoint_folder_parquet_and_limit(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr
     saved = trained_model.read_bench_result(run, "arc")
     assert saved["n"] == 2 and saved["checkpoint"] == "step_000002" and saved["limit"] == 2
+
+
+def test_arc_out_chooses_where_the_result_goes(tiny_run, tmp_path, capsys):
+    run, _, data = tiny_run
+    before = trained_model.read_bench_result(run, "arc")
+    out = tmp_path / "results" / "arc_micro.json"
+    assert main(["bench", "arc", str(run.path), "--data", str(data), "--limit", "2", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 2 and saved["task"] == data.name and f"saved {out}" in capsys.readouterr().out
+    assert trained_model.read_bench_result(run, "arc") == before  # RUN/bench/arc.json untouched
+    code, err = cli(capsys, "bench", "arc", str(run.path), "--data", str(data), "--out", str(out))
+    assert code == 1 and "--force" in err and json.loads(out.read_text()) == saved
 
 
 def test_arc_offline_without_data_is_one_line_error(tiny_run, tmp_path):
@@ -192,6 +205,7 @@ def test_arc_with_the_hub_unreachable_fails_fast_without_retries(tiny_run, tmp_p
     ("missing_data", "does not exist"),
     ("bad_json", "line 2 is not valid JSON"),
     ("bad_answer", "answerKey 'Z' is not one of the labels"),
+    ("no_answer", "line 1: no answerKey (the label of the right choice)"),
     ("bad_split", "unknown ARC split"),
     ("bad_checkpoint", "has no checkpoint 'step_000009'"),
     ("checkpoint_and_folder", "pass --checkpoint only with a run folder"),
@@ -202,11 +216,14 @@ def test_arc_cli_errors_are_one_line(tiny_run, tmp_path, capsys, case, needle):
     bad.write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({**RECORDS[1], "answerKey": "Z"}) + "\n")
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_text(json.dumps({k: v for k, v in RECORDS[1].items() if k != "answerKey"}) + "\n")
     args = {
         "not_a_run": [str(tmp_path), "--data", str(data)],
         "missing_data": [str(run.path), "--data", str(tmp_path / "nope.jsonl")],
         "bad_json": [str(run.path), "--data", str(bad)],
         "bad_answer": [str(run.path), "--data", str(wrong)],
+        "no_answer": [str(run.path), "--data", str(unanswered)],
         "bad_split": [str(run.path), "--split", "train"],
         "bad_checkpoint": [str(run.path), "--checkpoint", "step_000009", "--data", str(data)],
         "checkpoint_and_folder": [str(run.best_dir), "--checkpoint", "best", "--data", str(data)],
@@ -326,13 +343,28 @@ def test_speed_json_that_is_a_folder_is_refused_before_measuring(tmp_path, capsy
     (["--seq", "64", "--tokens-per-step", "32"], "less than one sequence"),
     (["--preset", "tiny,deltanet", "--patterns", "LL"], "one preset"),
     (["--preset", "nope_preset"], "unknown preset"),
-    (["--patterns", "LXL"], "unknown letter"),
+    (["--patterns", "LXL"], "unknown letter 'X'"),
+    (["--patterns", "tiny"], "'tiny' is not a layer layout"),
+    (["--patterns", "[3,6"], "unclosed '['"),
+    (["--patterns", "[3,x]"], "not a list of layer indices"),
+    (["--preset", "LLFL"], "pass it as --patterns LLFL"),
 ])
 def test_speed_cli_errors(capsys, args, needle):
     code, err = cli(capsys, "bench", "speed", *args)
     assert code != 0
     assert needle in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_speed_layouts_are_patterns_or_attention_indices_on_one_preset():
+    from hybridctl.core.presets import parse_layouts
+
+    layouts = parse_layouts("LLFL,[1];[0, 2],LLFL")
+    assert layouts == ["LLFL", [1], [0, 2]]
+    configs = speed.speed_configs(["tiny"], layouts, [], vocab=300)
+    assert [(c.name, "".join(c.model.layer_types())) for c in configs] == [
+        ("LLFL", "LLFL"), ("attn_1", "LFLL"), ("attn_0_2", "FLFL")]
+    assert all(c.model.d_model == 128 and c.model.vocab_size == 300 for c in configs)  # the rest is tiny's
 
 
 def test_forward_flops_match_pytorch_flop_counter():

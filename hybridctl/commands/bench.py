@@ -13,11 +13,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from hybridctl.cli import register_entry_points
+from hybridctl.cli import commands_in_order, register_entry_points
 from hybridctl.commands.train import check_device_for_gpus, check_gpus, launch_on_gpus
 from hybridctl.core.config import DEFAULT_VOCAB
 from hybridctl.core.errors import ConfigError, RunError
-from hybridctl.core.lab.render import console, err_console, fmt_count, fmt_num, print_table
+from hybridctl.core.lab.render import console, err_console, fmt_count, fmt_num, new_table, print_table, text_table
+from hybridctl.core.presets import LAYOUT_HELP, available_presets, parse_layouts
 from hybridctl.core.training.runs import ensure_new_file
 
 # The benchmarks (torch) are imported inside the commands that run them: `bench --help` loads no torch.
@@ -38,20 +39,22 @@ BUILTIN_BENCHMARKS = {
 
 def arc(
     target: Path = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="A run folder, or a checkpoint folder inside one (best/, checkpoints/step_NNNNNN)."),
-    split: str = typer.Option("test", "--split", help="test or validation (with --data: the split the file holds)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N questions."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Local JSONL or parquet in the ai2_arc schema instead of the hub."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Continuations scored per forward pass."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best, latest or step_NNNNNN (default: best if saved, else latest)."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest context in tokens (default: the run's train.seq_len)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing bench/arc.json."),
+    split: str = typer.Option("test", "--split", metavar="SPLIT", help="test or validation (with --data: the split the file holds)."),
+    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Score only the first N questions."),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="FILE", help="Local JSONL or parquet in the ai2_arc schema instead of the hub; results are labelled with its name."),
+    batch_size: int = typer.Option(32, "--batch-size", metavar="N", help="Continuations scored per forward pass."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="CHECKPOINT", help="best, latest or step_NNNNNN (default: best if saved, else latest)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", metavar="N", help="Longest context in tokens (default: the run's train.seq_len)."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Write the JSON result here (default: RUN/bench/arc.json, which compare shows)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing result file."),
 ):
     """ARC-Challenge (zero-shot, scored like lm-evaluation-harness) on a trained run; writes RUN/bench/arc.json."""
     from hybridctl.core.lab.arc import bench_arc
 
     with progress_bar("arc") as update:
-        result = bench_arc(target, checkpoint, split, data, limit, batch_size, max_len, device, force, progress=update)
+        result = bench_arc(target, checkpoint, split, data, limit, batch_size, max_len, device, force, progress=update,
+                           out=out)
     console.print(f"[bold]{result['run']}[/] @ {result['checkpoint']} (step {result['checkpoint_step']})", highlight=False)
     print_table(arc_table(result))
     console.print(f"saved {result['path']}", markup=False, highlight=False, soft_wrap=True)
@@ -73,12 +76,11 @@ def progress_bar(description: str):
 
 
 def arc_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"ARC-Challenge ({result['split']})", title_justify="left")
+    table = new_table(title=str(result["task"]), caption=f"{result['n']} questions, zero-shot")
     for column in ("metric", "value", "± stderr", "chance"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+        table.add_column(column, justify="left" if column == "metric" else "right", no_wrap=True)
     for metric in ("acc", "acc_norm"):
         table.add_row(metric, fmt_num(result[metric]), fmt_num(result[f"{metric}_stderr"]), fmt_num(result["chance"]))
-    table.caption = f"{result['n']} questions, zero-shot"
     return table
 
 
@@ -99,21 +101,21 @@ def int_list(text: Optional[str], option: str) -> list[int]:
 
 
 def speed(
-    presets: list[str] = typer.Option([], "--preset", "-p", help="Architectures: presets, comma-separated or repeated (default: deltanet,hybrid_sparse,transformer)."),
-    patterns: Optional[str] = typer.Option(None, "--patterns", help="Architectures as layer patterns on one preset, e.g. LLLL,LLFL,FFFF (n_layers follows each)."),
-    seq: Optional[str] = typer.Option(None, "--seq", help="Sequence lengths, e.g. 1024,4096,16384 (default: the preset's)."),
-    batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, e.g. 8,48 (default: the preset's)."),
-    tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="Batch = N // seq for each seq length (constant work per step)."),
-    steps: int = typer.Option(10, "--steps", help="Timed steps."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compilation, autotuning, allocator)."),
+    presets: list[str] = typer.Option([], "--preset", "-p", metavar="NAMES", help="Architectures: presets, comma-separated or repeated (default: deltanet,hybrid_sparse,transformer; with --patterns: base_study_a)."),
+    patterns: Optional[str] = typer.Option(None, "--patterns", metavar="LAYOUTS", help=f"Architectures as layer layouts on one preset: {LAYOUT_HELP}; e.g. LLLL,LLFL,FFFF or '[3,6];[5]'."),
+    seq: Optional[str] = typer.Option(None, "--seq", metavar="LENGTHS", help="Sequence lengths, e.g. 1024,4096,16384 (default: the preset's)."),
+    batch: Optional[str] = typer.Option(None, "--batch", metavar="SIZES", help="Batch sizes, e.g. 8,48 (default: the preset's)."),
+    tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", metavar="N", help="Batch = N // seq for each seq length (constant work per step)."),
+    steps: int = typer.Option(10, "--steps", metavar="N", help="Timed steps."),
+    warmup: int = typer.Option(3, "--warmup", metavar="N", help="Untimed steps first (compilation, autotuning, allocator)."),
     forward_only: bool = typer.Option(False, "--forward-only", help="Time inference forward passes instead of training steps."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key for every architecture, e.g. --set model.d_model=64."),
-    vocab: Optional[int] = typer.Option(None, "--vocab", help=f"Vocabulary size (default: the preset's when known, else {DEFAULT_VOCAB})."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the preset's train.device)."),
-    out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders; results go to OUT/bench/speed-<time>.json."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this file instead."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config key for every architecture, e.g. --set model.d_model=64."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", metavar="N", help=f"Vocabulary size (default: the preset's when known, else {DEFAULT_VOCAB})."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: the preset's train.device)."),
+    out: Path = typer.Option(Path("runs"), "--out", metavar="DIR", help="Folder that holds run folders; results go to OUT/bench/speed-<time>.json."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the results to this file instead."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="Measure on N GPUs of this machine: N processes under torchrun, each with its share of every batch, under DDP."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", metavar="N", help="Measure on N GPUs of this machine: N processes under torchrun, each with its share of every batch, under DDP."),
 ):
     """Training-step throughput (tok/s), model FLOPs utilisation and peak memory per architecture."""
     from hybridctl.core.lab.speed import bench_speed, check_speed_counts, speed_configs, speed_plan
@@ -124,13 +126,13 @@ def speed(
         check_gpus(gpus, "bench speed")
     if json_path is not None:
         ensure_new_file(json_path, force)  # a folder or a kept result: refused before anything is measured
-    names = [p.strip() for item in presets for p in item.split(",") if p.strip()]
-    pattern_list = [p.strip() for p in (patterns or "").split(",") if p.strip()]
+    names = preset_names(presets)
+    layouts = parse_layouts(patterns) if patterns is not None else []
     if not names:
-        names = ["base_study_a"] if pattern_list else ["deltanet", "hybrid_sparse", "transformer"]
+        names = ["base_study_a"] if layouts else ["deltanet", "hybrid_sparse", "transformer"]
     if device is not None:
         overrides = [*overrides, f'train.device="{device}"']
-    configs = speed_configs(names, pattern_list, overrides, vocab)
+    configs = speed_configs(names, layouts, overrides, vocab)
     seqs, batches = int_list(seq, "--seq"), int_list(batch, "--batch")
     if gpus is not None:
         for cfg in configs:
@@ -163,6 +165,16 @@ def speed(
     if main:
         print_table(speed_table(report))
         console.print(f"saved {report['path']}", markup=False, highlight=False, soft_wrap=True)
+
+
+def preset_names(values: list[str]) -> list[str]:
+    """--preset a,b --preset c -> [a, b, c]; a layer layout given there is pointed to --patterns."""
+    names = [p.strip() for item in values for p in item.split(",") if p.strip()]
+    for name in names:
+        if name not in available_presets() and (name.startswith("[") or set(name) <= set("LFD")):
+            raise ConfigError(f"--preset {name}: that is a layer layout, not a preset; pass it as --patterns {name} "
+                              "(applied to one --preset)")
+    return names
 
 
 def file_state(path: Optional[Path]) -> Optional[tuple[int, int]]:
@@ -202,24 +214,23 @@ def speed_table(report: dict[str, Any]) -> Table:
     peak = report["peak_bf16_tflops"]
     processes = report.get("processes", 1)
     where = report["device"] if processes == 1 else f"{processes} x {report['device']}"
-    table = Table(title=f"Speed ({mode}) on {where}" + (f", bf16 peak {peak:g} TFLOP/s" if peak else ""),
-                  title_justify="left")
     rows = report["results"]
     show_layers = any(r["name"] != r["layer_types"] for r in rows)  # a --patterns arch is named by its layers
-    columns = ["arch", *(["layers"] if show_layers else []), "params", "seq", "batch", "tok/s", "ms/step", "TFLOP/s",
+    headers = ["arch", *(["layers"] if show_layers else []), "params", "seq", "batch", "tok/s", "ms/step", "TFLOP/s",
                "MFU", "peak mem"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("arch", "layers") else "right")
+    cells = []
     for r in rows:
         head = [r["name"], *([r["layer_types"]] if show_layers else []), fmt_count(r.get("params")), str(r["seq_len"]),
                 str(r["batch_size"])]
         if r.get("error"):
-            table.add_row(*head, f"[red]{r['error']}[/]", "-", "-", "-", "-")
+            cells.append([*head, r["error"], "-", "-", "-", "-"])
             continue
         memory = r["peak_memory_bytes"] if r["peak_memory_bytes"] is not None else r["rss_bytes"]
         step_ms = r["step_ms"]
-        table.add_row(*head, fmt_count(r["tok_s"]), f"{step_ms:.0f}" if step_ms >= 100 else f"{step_ms:.1f}",
-                      f"{r['tflops']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", fmt_bytes(memory))
+        cells.append([*head, fmt_count(r["tok_s"]), f"{step_ms:.0f}" if step_ms >= 100 else f"{step_ms:.1f}",
+                      f"{r['tflops']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", fmt_bytes(memory)])
+    title = f"Speed ({mode}) on {where}" + (f", bf16 peak {peak:g} TFLOP/s" if peak else "")
+    table = text_table(headers, cells, title, essential={"arch", "layers", "seq", "batch", "tok/s", "MFU"})
     table.caption = (f"tok/s and TFLOP/s: the {processes} processes together; MFU and memory: per process. "
                      if processes > 1 else "") + (
         "model FLOPs: train = 3 x forward, causal attention counts (T+1)/2 keys (see README); ") + (
@@ -233,7 +244,7 @@ def speed_table(report: dict[str, Any]) -> Table:
 
 def build_bench_app() -> typer.Typer:
     app = typer.Typer(help="Benchmarks: arc (ARC-Challenge accuracy), speed (throughput and MFU), decode (generation speed and cache memory), and plugins.",
-                      no_args_is_help=True)
+                      cls=commands_in_order(BUILTIN_BENCHMARKS), no_args_is_help=True)
     return register_entry_points(app, ENTRY_POINT_GROUP, BUILTIN_BENCHMARKS, kind="benchmark")
 
 

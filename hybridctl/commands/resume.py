@@ -9,23 +9,47 @@ from typing import Optional
 import typer
 
 from hybridctl.commands.train import GPUS_HELP, check_config_for_gpus, check_gpus, launch_on_gpus
-from hybridctl.core.errors import RunError
-from hybridctl.core.lab.render import TrainProgress, console, err_console, summary_table
+from hybridctl.core.config import Config, config_from_dict
+from hybridctl.core.errors import ConfigError, RunError
+from hybridctl.core.lab.render import TrainProgress, console, err_console, print_table, summary_table
+from hybridctl.core.presets import apply_overrides, parse_override
 from hybridctl.core.training.checkpoint_files import read_state, verify_checkpoint
 from hybridctl.core.training.runs import RunDir
 from hybridctl.core.training.tracking import check_trackers
 
 
+# What `resume --set` may change: how the run is watched, saved and run, never its model, data or optimisation.
+RESUMABLE_KEYS = (
+    "train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints", "train.max_bad_steps",
+    "train.device", "train.compile", "train.loss", "train.grad_accum",
+)
+
+
+def with_resume_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """The run's config with `--set` overrides of RESUMABLE_KEYS applied; any other key is refused in one line."""
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(
+                f"resume --set cannot change {key}: a resumed run keeps its model, data and optimisation; "
+                f"resume --set takes {', '.join(k.split('.', 1)[1] for k in RESUMABLE_KEYS)} (as train.KEY), "
+                f"or start a new run with `hybridctl train --set {text}`"
+            )
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg
+
+
 def resume(
-    run_path: Path = typer.Argument(..., help="The run folder, e.g. runs/tiny."),
+    run_path: Path = typer.Argument(..., metavar="RUN", help="The run folder, e.g. runs/tiny."),
     extend_steps: int = typer.Option(
-        0, "--extend-steps",
+        0, "--extend-steps", metavar="N",
         help="Train N steps beyond the run's planned total. The LR continues from the value it had reached and "
              "follows a new cosine down to the same floor (lr * min_lr_ratio) at the new last step: no new warmup, "
              "no jump in LR.",
     ),
-    from_: str = typer.Option("latest", "--from", help="Checkpoint to continue from: latest, best, or step_000200."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help=GPUS_HELP),
+    from_: str = typer.Option("latest", "--from", metavar="CHECKPOINT", help="Checkpoint to continue from: latest, best, or step_000200."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                        help=f"Change a setting that leaves the model, data and optimisation alone, e.g. --set train.eval_every=100 (repeatable; keys: {', '.join(RESUMABLE_KEYS)})."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", metavar="N", help=GPUS_HELP),
     force: bool = typer.Option(
         False, "--force",
         help="Resume from an earlier checkpoint than the newest: deletes the checkpoints (and best/) saved after "
@@ -38,7 +62,7 @@ def resume(
     if extend_steps < 0:
         raise RunError(f"--extend-steps must be >= 0, got {extend_steps}")
     run = RunDir(run_path)
-    cfg = run.load_config()
+    cfg = with_resume_overrides(run.load_config(), list(overrides))
     check_trackers(cfg)
     if gpus is not None:
         check_config_for_gpus(cfg, gpus)
@@ -78,10 +102,10 @@ def resume(
                     step = read_state(checkpoint)["step"]
                 if extend_steps:
                     cfg.train.steps = max(cfg.train.steps, step) + extend_steps
-                    if main:
-                        run.write_config(cfg)
                 elif step >= cfg.train.steps:
                     raise RunError(f"run {run.path} already finished its {cfg.train.steps} steps; add --extend-steps N to train further")
+                if main and (extend_steps or overrides):
+                    run.write_config(cfg)  # the run goes on with these settings, and a later resume keeps them
             if main:
                 console.print(f"resuming {run.path} from {checkpoint.name} (step {step}) to step {cfg.train.steps}")
             progress = TrainProgress(run.name) if main else None
@@ -95,4 +119,4 @@ def resume(
             if main:
                 run.release_lock()
     if main:
-        console.print(summary_table(summary, title=f"Run summary: {run.path}"))
+        print_table(summary_table(summary, title=f"Run summary: {run.path}"))

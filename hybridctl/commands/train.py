@@ -12,10 +12,10 @@ from typing import Optional
 import typer
 
 from hybridctl import cli
-from hybridctl.core.config import load_config
+from hybridctl.core.config import load_config, preset_layer_types
 from hybridctl.core.errors import ConfigError
-from hybridctl.core.lab.render import TrainProgress, console, summary_table
-from hybridctl.core.presets import available_presets, find_preset, read_toml
+from hybridctl.core.lab.render import TrainProgress, err_console, print_table, summary_table, text_table
+from hybridctl.core.presets import available_presets, load_preset_dict
 from hybridctl.core.training.processes import launched
 from hybridctl.core.training.runs import RunDir, check_run_name
 from hybridctl.core.training.tracking import check_trackers
@@ -97,33 +97,53 @@ def launch_on_gpus(gpus: int) -> int:
     return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
+PRESET_HELP = "A built-in preset's name (see --list-presets) or a path to a .toml file."
+SET_HELP = "Override a config key, e.g. --set train.lr=1e-3 (repeatable)."
+
+
+def print_notes(notes: list[str]) -> None:
+    for note in notes:
+        err_console.print(f"warning: {note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def list_presets() -> None:
+    rows = []
+    for name in available_presets():
+        data = load_preset_dict(name)
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        rows.append([name, preset_layer_types(model) or "-", data.get("description", "")])
+    print_table(text_table(["preset", "layers", "description"], rows, title="Presets (hybridctl train --preset NAME)"))
+
+
 def train(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name from presets/ or a path to a .toml file."),
-    out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders."),
-    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the preset's name)."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.lr=1e-3 (repeatable)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Shorthand for --set train.seed=N."),
-    device: Optional[str] = typer.Option(None, "--device", help="Shorthand for --set train.device=cpu|cuda."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", metavar="NAME", help=PRESET_HELP),
+    out: Path = typer.Option(Path("runs"), "--out", metavar="DIR", help="Folder that holds run folders."),
+    name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="Run name (default: the preset's name)."),
+    steps: Optional[int] = typer.Option(None, "--steps", metavar="N", help="Shorthand for --set train.steps=N."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Shorthand for --set train.seed=N."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="Shorthand for --set train.device=cpu|cuda|cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder of the same name."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help=GPUS_HELP),
-    list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", metavar="N", help=GPUS_HELP),
+    list_presets_: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
 ):
     """Train a model from a preset into runs/<name>/."""
-    if list_presets:
-        for p in available_presets():
-            description = read_toml(find_preset(p)).get("description", "")
-            console.print(f"[bold]{p}[/]  {description}")
+    if list_presets_:
+        list_presets()
         return
     if gpus is not None:
         check_gpus(gpus, "train")
     if preset is None:
         raise ConfigError("no preset given; pass --preset NAME (see `hybridctl train --list-presets`)")
     overrides = list(overrides)
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
     if seed is not None:
         overrides.append(f"train.seed={seed}")
     if device is not None:
         overrides.append(f'train.device="{device}"')
-    cfg = load_config(preset, overrides)
+    notes: list[str] = []
+    cfg = load_config(preset, overrides, notes)
     check_trackers(cfg)  # a train.log_to tracker that is not installed: refused before anything is written
     if name:
         cfg.name = name
@@ -164,4 +184,4 @@ def train(
             if main:
                 run.release_lock()
     if main:
-        console.print(summary_table(summary, title=f"Run summary: {run.path}"))
+        print_table(summary_table(summary, title=f"Run summary: {run.path}"))

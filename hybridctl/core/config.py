@@ -21,7 +21,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
     pass
 
 from hybridctl.core.errors import ConfigError, suggest
-from hybridctl.core.presets import apply_overrides, load_preset_dict, read_toml, to_toml
+from hybridctl.core.presets import PLACEMENT_KEYS, apply_overrides, load_preset_dict, placement_overrides, read_toml, to_toml
 
 
 DEFAULT_VOCAB = 49152  # the study's tokenizer (SmolLM), used when a preset's tokenizer is not known offline
@@ -292,11 +292,34 @@ def config_from_dict(data: dict) -> Config:
     return validate(build_dataclass(Config, data, ""))
 
 
-def load_config(preset: str, overrides: list[str] | None = None) -> Config:
-    data = load_preset_dict(preset)
-    data = apply_overrides(data, overrides or [])
+def load_config(preset: str, overrides: list[str] | None = None, notes: list[str] | None = None) -> Config:
+    """The preset with the overrides applied, validated. When an override places the attention layers differently
+    from the preset, the description says the new layers and `notes` (if given) gets a warning line."""
+    preset_data = load_preset_dict(preset)
+    data = apply_overrides(preset_data, overrides or [])
     data.setdefault("name", Path(preset).stem)
-    return config_from_dict(data)
+    cfg = config_from_dict(data)
+    placed = placement_overrides(overrides or [])
+    preset_model = preset_data.get("model") if isinstance(preset_data.get("model"), dict) else {}
+    if placed and any(k in preset_model for k in PLACEMENT_KEYS):
+        before = preset_layer_types(preset_model)
+        after = "".join(cfg.model.layer_types())
+        if before is not None and before != after:
+            where = ", ".join(f"--set {text}" for text in placed)
+            if "description" not in {text.split("=", 1)[0].strip() for text in overrides or []}:
+                cfg.description = f"{Path(preset).stem} with layers {after} (set by {where})"
+            if notes is not None:
+                notes.append(f"{where} replaces the layers preset {Path(preset).stem} sets ({before}) with {after}")
+    return cfg
+
+
+def preset_layer_types(model: dict) -> str | None:
+    """The layer letters a preset's [model] table gives, or None if the table is not valid on its own."""
+    try:
+        built = build_dataclass(ModelConfig, model, "model")
+    except ConfigError:
+        return None
+    return "".join(built.layer_types())
 
 
 def load_config_file(path: Path) -> Config:

@@ -1,12 +1,17 @@
 """Preset files as plain TOML: finding them (by name or path, following `extends`), merging, `--set` overrides,
-and writing a config back as TOML.
+layer layouts (`--patterns`), and writing a config back as TOML.
+
+The built-in presets are package data (hybridctl/presets/*.toml), read through importlib.resources, so an
+installed wheel has them as a source checkout does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +23,17 @@ else:  # pragma: no cover - exercised only on Python 3.10
 from hybridctl.core.errors import ConfigError, suggest
 
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
+def presets_dir() -> Path:
+    """The folder of the built-in presets, inside the installed package (a plain folder: wheels install unzipped)."""
+    return Path(str(resources.files("hybridctl") / "presets"))
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
 
 
 def find_preset(name_or_path: str, relative_to: Path | None = None, extending: tuple[Path, ...] = ()) -> Path:
-    """A preset by name (presets/NAME.toml, or NAME.toml beside the extending file) or by path; relative paths
+    """A preset by name (the built-in NAME.toml, or NAME.toml beside the extending file) or by path; relative paths
     resolve against the extending file."""
     candidates = []
     is_path = name_or_path.endswith(".toml") or "/" in name_or_path
@@ -35,11 +42,11 @@ def find_preset(name_or_path: str, relative_to: Path | None = None, extending: t
         if not p.is_absolute() and relative_to is not None:
             candidates.append(relative_to / p)
         candidates.append(p)
-    else:  # a name: beside the extending file first (a folder of one's own presets), then presets/
+    else:  # a name: beside the extending file first (a folder of one's own presets), then the built-ins
         beside = relative_to / f"{name_or_path}.toml" if relative_to is not None else None
         if beside is not None and beside.resolve() not in extending:  # my/tiny.toml may extend the built-in tiny
             candidates.append(beside)
-        candidates.append(PRESETS_DIR / f"{name_or_path}.toml")
+        candidates.append(presets_dir() / f"{name_or_path}.toml")
     for c in candidates:
         if c.is_file():
             return c.resolve()
@@ -126,6 +133,83 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         else:
             node[path[-1]] = value
     return data
+
+
+def placement_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that place the attention layers (model.pattern / model.attention_layers), as given."""
+    return [text for text in overrides
+            if "=" in text and text.split("=", 1)[0].strip() in (f"model.{k}" for k in PLACEMENT_KEYS)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layer layouts: what `--patterns` names in every command (bench speed, ablate arch), applied to a base preset:
+# a pattern ("LLFL": one letter per layer) or attention layer indices ([3, 6])
+
+LAYOUT_LETTERS = "LFD"
+LAYOUT_HELP = ("one letter per layer (L Gated DeltaNet, F attention, D sparse attention) like LLFL, or attention "
+               "layer indices like [3,6] (the preset's n_layers)")
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split at commas and semicolons outside square brackets: 'LLFL,[3,6];FFLL' -> ['LLFL', '[3,6]', 'FFLL']."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        if ch in ",;" and depth == 0:
+            items.append(current)
+            current = ""
+            continue
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0 or depth > 1:
+            raise ConfigError(f"--patterns '{text}' has unbalanced brackets; write index lists like [3,6]")
+        current += ch
+    if depth:
+        raise ConfigError(f"--patterns '{text}' has an unclosed '['; write index lists like [3,6]")
+    return [item.strip() for item in [*items, current] if item.strip()]
+
+
+def parse_layout(item: str) -> str | list[int]:
+    if item.startswith("["):
+        try:
+            value = tomllib.loads(f"v = {item}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise ConfigError(f"--patterns item '{item}' is not a list of layer indices; write it like [3,6] (0-based)")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"--patterns item '{item}' repeats a layer index")
+        return sorted(value)
+    if not re.fullmatch(f"[{LAYOUT_LETTERS}]+", item):
+        if item.isalpha() and item.isupper():  # a pattern with a typo, e.g. LXL
+            bad = sorted(set(item) - set(LAYOUT_LETTERS))[0]
+            raise ConfigError(f"--patterns item '{item}' has unknown letter '{bad}'; give {LAYOUT_HELP}")
+        raise ConfigError(f"--patterns item '{item}' is not a layer layout; give {LAYOUT_HELP} (presets go to --preset)")
+    return item
+
+
+def parse_layouts(text: str) -> list[str | list[int]]:
+    """`LLFL,FFLL` -> ['LLFL', 'FFLL']; `[3,6];[5]` (or `[3,6],[5]`) -> [[3, 6], [5]]; repeats dropped."""
+    layouts: list[str | list[int]] = []
+    for item in split_top_level(text):
+        layout = parse_layout(item)
+        if layout not in layouts:
+            layouts.append(layout)
+    if not layouts:
+        raise ConfigError(f"--patterns is empty; give {LAYOUT_HELP}, comma-separated")
+    return layouts
+
+
+def layout_overrides(layout: str | list[int]) -> list[str]:
+    """The --set overrides that give a preset this layout (a pattern sets n_layers too)."""
+    if isinstance(layout, str):
+        return [f'model.pattern="{layout}"', f"model.n_layers={len(layout)}"]
+    return [f"model.attention_layers={json.dumps(layout)}"]
+
+
+def layout_label(layout: str | list[int]) -> str:
+    """A short name for a layout, safe in a folder name: 'LLFL', or 'attn_3_6' for [3, 6] ('attn_none' for [])."""
+    if isinstance(layout, str):
+        return layout
+    return "attn_" + ("_".join(map(str, layout)) or "none")
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -25,6 +24,7 @@ from hybridctl.core.config import DataConfig
 from hybridctl.core.data.corpora import carves_val, check_val_split, corpus_key, is_val_document, iter_documents, training_documents
 from hybridctl.core.data.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 from hybridctl.core.data.tokens import TokenData, cache_root, token_dtype, write_error
+from hybridctl.core.files import make_temp_dir
 from hybridctl.core.errors import DataError
 
 
@@ -188,7 +188,7 @@ def load_token_data(data_cfg: DataConfig, rebuild: bool = False, progress: Calla
     tmp = None
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        tmp = make_temp_dir(root.parent, prefix=f".{root.name}.tmp-")
         meta = build_token_cache(data_cfg, tmp, progress)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if root.exists() and (rebuild or not cache_is_complete(root)):

@@ -28,7 +28,7 @@ from hybridctl.core.errors import ConfigError, DataError
 from hybridctl.core.model.hybrid_lm import HybridLM
 from hybridctl.core.training.runs import ensure_new_file
 from hybridctl.core.training.steps import autocast_for, resolve_device
-from hybridctl.core.lab.trained_model import bench_result_path, load_trained_model, locate_checkpoint, write_bench_result
+from hybridctl.core.lab.trained_model import bench_result_path, load_trained_model, locate_checkpoint, write_json
 from hybridctl.core.lab.speed import device_name
 
 
@@ -57,7 +57,9 @@ def parse_arc_record(record: Any, where: str) -> ArcQuestion:
     texts, labels = list(choices.get("text") or []), list(choices.get("label") or [])
     if len(texts) < 2 or len(texts) != len(labels):
         raise DataError(f"{where}: choices need at least two texts and one label per text; {fix}")
-    key = str(record.get("answerKey", ""))
+    if record.get("answerKey") in (None, ""):
+        raise DataError(f"{where}: no answerKey (the label of the right choice), so it cannot be scored; {fix}")
+    key = str(record["answerKey"])
     labels = [str(label) for label in labels]
     if key not in labels:
         raise DataError(f"{where}: answerKey '{key}' is not one of the labels {labels}; {fix}")
@@ -218,15 +220,22 @@ def score_arc(model: HybridLM, tokenizer: Tokenizer, questions: list[ArcQuestion
     }
 
 
+def task_name(split: str, data: Path | None) -> str:
+    """What the questions are: ARC-Challenge's split from the hub, or the file they came from (whatever it holds)."""
+    return Path(data).name if data is not None else f"ARC-Challenge ({split})"
+
+
 def bench_arc(target: Path, which: str | None = None, split: str = "test", data: Path | None = None,
               limit: int | None = None, batch_size: int = 32, max_len: int | None = None, device: str = "auto",
-              force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Score a run's checkpoint on ARC-Challenge and write RUN/bench/arc.json; returns what was written and its
-    path. Cheap checks (paths, an existing result, the data) come before the model is loaded."""
+              force: bool = False, progress: Progress | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Score a run's checkpoint on ARC-Challenge (or a file in its schema) and write the result to `out` (default
+    RUN/bench/arc.json, which compare reads); returns what was written and its path. Cheap checks (paths, an
+    existing result, the data) come before the model is loaded."""
     if batch_size < 1 or (limit is not None and limit < 1) or (max_len is not None and max_len < 1):
         raise ConfigError("--batch-size, --limit and --max-len must be positive integers")
     run, checkpoint = locate_checkpoint(target, which)
-    ensure_new_file(bench_result_path(run, "arc"), force)
+    path = Path(out) if out is not None else bench_result_path(run, "arc")
+    ensure_new_file(path, force)
     questions = load_arc(split, data)[:limit]
     torch_device = resolve_device(device)
     trained = load_trained_model(checkpoint, device=torch_device)
@@ -234,11 +243,11 @@ def bench_arc(target: Path, which: str | None = None, split: str = "test", data:
     scores = score_arc(trained.model, trained.tokenizer, questions, torch_device, trained.cfg.train.dtype,
                        batch_size, max_len, progress)
     result = {
-        "task": scores["task"], "split": split,
+        "task": task_name(split, data), "split": split,
         **{k: scores[k] for k in ("n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance", "num_fewshot")},
         "run": run.name, "checkpoint": checkpoint.name, "checkpoint_step": trained.step,
         "data": str(data) if data else f"{ARC_HUB}:{ARC_CONFIG}", "limit": limit, "max_len": max_len,
         "device": device_name(torch_device),
     }
-    path = write_bench_result(run, "arc", result, force)
+    write_json(path, result, force)
     return {**result, "path": str(path)}

@@ -7,16 +7,13 @@ import sys
 import time
 from typing import Any
 
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from hybridctl.core.lab.charts import chart_size
-
-console = Console()
-err_console = Console(stderr=True)
+from hybridctl.core.lab.tables import console, err_console, key_value_table, markdown_table, new_table, print_table, text_table  # noqa: F401 (re-exported)
 
 
 def fmt_num(value: Any, digits: int = 4) -> str:
@@ -56,24 +53,53 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f}m"
 
 
-class TrainProgress:
-    """Callback for core.trainer.train: a live Rich bar on a terminal, plain log lines otherwise."""
+def fmt_clock(seconds: float | None) -> str:
+    """12.3 -> '0:12', 3725 -> '1:02:05': elapsed time and ETA as a clock reads them."""
+    if seconds is None:
+        return "-:--"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    def __init__(self, title: str, console: Console = err_console):
-        self.console, self.title = console, title
+
+class TrainProgress:
+    """Callback for the trainer: on a terminal a live Rich bar that advances every step (loss and LR as of the last
+    log line, tok/s, elapsed, ETA); elsewhere (a pipe, nohup, a scheduler's log) plain lines, each carrying the
+    elapsed time and the ETA. `clock` is injectable for tests."""
+
+    def __init__(self, title: str, console: Console = err_console, clock=time.monotonic):
+        self.console, self.title, self.clock = console, title, clock
         self.live = console.is_terminal
         self.progress: Progress | None = None
         self.task = None
-        self.last = time.monotonic()
+        self.start_step, self.steps, self.started, self.start_tokens = 0, 0, clock(), 0
 
     def __call__(self, kind: str, record: dict[str, Any]) -> None:
         getattr(self, f"on_{kind}", lambda r: None)(record)
 
+    def print(self, text: str, style: str | None = None) -> None:
+        (self.progress.console if self.progress else self.console).print(text, style=style, markup=False, highlight=False,
+                                                                         soft_wrap=not self.live)
+
+    def timing(self, step: int) -> tuple[float, float | None]:
+        """Seconds since this process started training, and the estimated seconds to the last step."""
+        elapsed = self.clock() - self.started
+        done = step - self.start_step
+        return elapsed, (elapsed / done * max(self.steps - step, 0) if done > 0 else None)
+
+    def clock_text(self, step: int) -> str:
+        elapsed, eta = self.timing(step)
+        return f"elapsed {fmt_clock(elapsed)}  ETA {fmt_clock(eta)}"
+
     def on_start(self, r):
+        self.start_step, self.steps, self.started = r["step"], r["steps"], self.clock()
+        self.start_tokens = r.get("tokens", 0)  # a resumed run's tokens so far
         self.console.print(
             f"[bold]{self.title}[/]: {fmt_count(r['params'])} params, layers {r['layer_types']}, "
-            f"{fmt_count(r['train_tokens'])} train tokens, device {r['device']}"
+            f"{fmt_count(r['train_tokens'])} train tokens, device {r['device']}", highlight=False, soft_wrap=not self.live
         )
+        for note in r.get("warnings") or []:
+            self.print(f"warning: {note}", style="yellow")
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -84,23 +110,30 @@ class TrainProgress:
             self.progress.start()
             self.task = self.progress.add_task("train", total=r["steps"], completed=r["step"], loss="-", lr="-", tok_s="-")
 
+    def on_step(self, r):
+        """Every step (no device sync: the loss is the last logged one); tok/s over this process's steps so far."""
+        if self.progress is not None:
+            elapsed = self.clock() - self.started
+            tokens = r.get("tokens", 0) - self.start_tokens
+            fields = {"tok_s": fmt_count(tokens / elapsed)} if elapsed > 0 and tokens > 0 else {}
+            self.progress.update(self.task, completed=r["step"], **fields)
+
     def on_log(self, r):
         if self.progress is not None:
             self.progress.update(self.task, completed=r["step"], loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}",
                                  tok_s=fmt_count(r["tok_s"]))
         else:
-            self.console.print(f"step {r['step']:>6}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {fmt_count(r['tok_s'])} tok/s")
+            self.print(f"step {r['step']:>6}/{self.steps}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
+                       f"{fmt_count(r['tok_s'])} tok/s  {self.clock_text(r['step'])}")
 
     def on_eval(self, r):
-        line = f"step {r['step']:>6}  val_loss {r['val_loss']:.4f}  val_acc {r['val_acc']:.4f}  val_ppl {r['val_ppl']:.2f}"
+        line = f"step {r['step']:>6}/{self.steps}  val_loss {r['val_loss']:.4f}  val_acc {r['val_acc']:.4f}  val_ppl {r['val_ppl']:.2f}"
         if "val_mqar_acc" in r:
             line += f"  mqar_acc {r['val_mqar_acc']:.4f}"
-        (self.progress.console if self.progress else self.console).print(line)
+        self.print(line if self.live else f"{line}  {self.clock_text(r['step'])}")
 
     def on_skip(self, r):
-        (self.progress.console if self.progress else self.console).print(
-            f"[yellow]step {r['step']}: loss not finite, update skipped ({r['in_row']} in a row)[/]"
-        )
+        self.print(f"step {r['step']}: loss not finite, update skipped ({r['in_row']} in a row)", style="yellow")
 
     def close(self):
         if self.progress is not None:
@@ -111,10 +144,7 @@ class TrainProgress:
 
 
 def summary_table(summary: dict[str, Any], title: str = "Run summary") -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column("key", style="bold")
-    table.add_column("value")
-    rows = [
+    return key_value_table([
         ("run", summary.get("name")),
         ("layers", summary.get("layer_types")),
         ("attention", f"{100 * summary.get('attention_fraction', 0):.0f}%"),
@@ -129,10 +159,8 @@ def summary_table(summary: dict[str, Any], title: str = "Run summary") -> Table:
         ("throughput", f"{fmt_count(summary.get('tok_s'))} tok/s"),
         ("wall time", fmt_duration(summary.get("wall_time_s"))),
         ("device", summary.get("device")),
-    ]
-    for key, value in rows:
-        table.add_row(key, str(value))
-    return table
+        *[("warning", text) for text in summary.get("warnings") or []],
+    ], title=title)
 
 
 def print_error(message: str) -> None:
@@ -150,11 +178,8 @@ def fmt_bytes(n: float | None) -> str:
 
 def data_table(info: dict[str, Any], title: str = "Data") -> Table:
     """What `hybridctl data prepare` made or found: one token set (load_token_data(...).info)."""
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column("key", style="bold")
-    table.add_column("value")
     status = "generated (not cached)" if info.get("generated") else ("cached" if info.get("cached") else "fresh")
-    rows = [
+    return key_value_table([
         ("dataset", info.get("dataset")),
         ("tokenizer", f"{info.get('tokenizer')} (vocab {info.get('vocab_size')}, eos id {info.get('eos_id')})"),
         ("documents", f"{info.get('train_documents')} train, {info.get('val_documents')} val"),
@@ -163,10 +188,7 @@ def data_table(info: dict[str, Any], title: str = "Data") -> Table:
         ("size", fmt_bytes(info.get("cache_bytes"))),
         ("time", fmt_duration(info.get("seconds"))),
         ("status", status),
-    ]
-    for key, value in rows:
-        table.add_row(key, str(value))
-    return table
+    ], title=title)
 
 # ---------------------------------------------------------------------------------------------------------
 # Experiment tables, charts and reports (data from lab/results.py and lab/report.py, charts drawn by lab/plots.py)
@@ -230,42 +252,9 @@ def lr_short_of_peak(lr: float | None, peak: float | None) -> bool:
     return bool(lr and peak and peak < 0.95 * lr)
 
 
-def text_table(headers: list[str], rows: list[list[str]], title: str | None = None,
-               no_wrap_column: int | None = None) -> Table:
-    """A compact table (no vertical rules, so ten columns fit in 80); numbers right-aligned."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
-    for i, h in enumerate(headers):
-        numeric = bool(rows) and all(_numeric(row[i]) or row[i] in ("-", "best") for row in rows)
-        # numbers are never cut short: when space runs out, headers and names wrap instead
-        widest = max((len(row[i]) for row in rows), default=0)
-        widest = widest if numeric else min(widest, 14)
-        table.add_column(h, justify="right" if numeric else "left", no_wrap=i == no_wrap_column, min_width=widest,
-                         overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def _numeric(cell: str) -> bool:
-    return cell[:1].isdigit() or cell[:1] in "+-." and cell[1:2].isdigit()
-
-
-def print_table(table: Table, out: Console = console) -> None:
-    """Print a table whole. Rich crops every line at the console's width, 80 on a pipe or file unless COLUMNS says
-    otherwise, which cut the last column's words short there; only a terminal needs the lines to fit."""
-    out.print(table, crop=out.is_terminal)
-
-
 def results_table(rows, metric: str, title: str | None = None) -> Table:
     headers, cells = results_rows(rows, metric)
     return text_table(headers, cells, title)
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(escape, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def chart_table(chart) -> Table:

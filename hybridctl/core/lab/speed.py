@@ -17,6 +17,7 @@ from hybridctl.core.training import distributed as dist
 from hybridctl.core.config import DEFAULT_VOCAB, Config, load_config
 from hybridctl.core.data.tokenizer import get_tokenizer
 from hybridctl.core.errors import ConfigError, HybridctlError
+from hybridctl.core.presets import layout_label, layout_overrides
 from hybridctl.core.model.hybrid_lm import HybridLM, build_model, pick_loss
 from hybridctl.core.training.runs import ensure_new_file
 from hybridctl.core.training.steps import (autocast_for, build_optimizer, compile_model, forward_backward, micro_batch_size,
@@ -46,22 +47,23 @@ def device_name(device: torch.device) -> str:
 
 
 
-def speed_configs(presets: list[str], patterns: list[str], overrides: list[str], vocab: int | None = None) -> list[Config]:
-    """One config per architecture: each preset, or one preset with each layer pattern (L / F / D letters).
+def speed_configs(presets: list[str], layouts: list[str | list[int]], overrides: list[str], vocab: int | None = None) -> list[Config]:
+    """One config per architecture: each preset, or one preset with each layer layout (a pattern of L / F / D
+    letters, or attention layer indices; core/presets.py parse_layouts).
 
     The vocabulary is `vocab` if given, else the config's model.vocab_size, else the byte tokenizer's size for
     `bytes`, else DEFAULT_VOCAB, so no tokenizer or data is loaded."""
     if vocab is not None and vocab < 2:
         raise ConfigError(f"--vocab must be at least 2, got {vocab}")
-    if patterns and len(presets) > 1:
+    if layouts and len(presets) > 1:
         raise ConfigError(f"--patterns applies to one preset, got {len(presets)} ({', '.join(presets)}); pass a single --preset")
     configs = []
     for preset in presets:
-        for pattern in patterns or [None]:
-            extra = [f'model.pattern="{pattern}"', f"model.n_layers={len(pattern)}"] if pattern else []
+        for layout in layouts or [None]:
+            extra = layout_overrides(layout) if layout is not None else []
             cfg = load_config(preset, list(overrides) + extra)
-            if pattern:
-                cfg.name = pattern
+            if layout is not None:
+                cfg.name = layout_label(layout)
             if vocab is not None:
                 cfg.model.vocab_size = vocab
             elif cfg.model.vocab_size == 0:

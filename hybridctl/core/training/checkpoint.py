@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hybridctl.core.presets import config_diff
+from hybridctl.core.files import make_temp_dir
 from hybridctl.core.errors import CheckpointError
 from hybridctl.core.training.checkpoint_files import FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, _fsync_dir, sha256_file, verify_checkpoint
 
@@ -93,7 +93,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Write a complete checkpoint at `path` atomically (replacing one already there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
     try:
         save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "hybridctl", "version": str(FORMAT_VERSION)})
         files = [MODEL_FILE]

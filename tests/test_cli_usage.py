@@ -1,0 +1,144 @@
+"""Everyday use of the command line: help and version, --debug anywhere, the order of commands, one vocabulary of
+options and arguments, exit codes, `train --steps`, `resume --set`, and a --set that replaces a preset's layers."""
+
+import json
+import re
+import shutil
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+from hybridctl import __version__
+from hybridctl.cli import BUILTIN_COMMANDS, main
+from hybridctl.core.config import load_config
+from hybridctl.core.training.runs import RunDir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def test_bare_hybridctl_prints_the_help_and_exits_0():
+    result = run_cli()
+    assert result.returncode == 0 and result.stderr == ""
+    assert "Usage: hybridctl" in result.stdout and "train" in result.stdout
+
+
+@pytest.mark.parametrize("group", ["bench", "data", "ablate"])
+def test_a_command_group_without_subcommand_prints_its_help(group, capsys):
+    assert main([group]) == 0
+    captured = capsys.readouterr()
+    assert f"Usage: hybridctl {group}" in captured.out and captured.err == ""
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"hybridctl {__version__}"
+    with open(REPO / "pyproject.toml", "rb") as f:  # the wheel's version is read from the same place
+        assert tomllib.load(f)["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hybridctl.__version__"}
+
+
+def test_commands_are_listed_in_the_order_a_user_meets_them():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    listed = re.findall(r"^│ (\w+) ", result.stdout.split("Commands")[1], re.M)
+    assert listed[: len(BUILTIN_COMMANDS)] == list(BUILTIN_COMMANDS)
+    assert list(BUILTIN_COMMANDS)[:7] == ["train", "resume", "ablate", "compare", "report", "bench", "data"]
+
+
+def test_pyproject_entry_points_are_the_builtin_commands():
+    with open(REPO / "pyproject.toml", "rb") as f:
+        eps = tomllib.load(f)["project"]["entry-points"]["hybridctl.commands"]
+    assert eps == BUILTIN_COMMANDS
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["resume", "--help"], ["bench", "speed", "--help"],
+                                  ["bench", "arc", "--help"], ["data", "prepare", "--help"]])
+def test_help_shows_no_type_noise_for_flags(args, capsys):
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "<bool>" not in out and "<list[str]>" not in out
+    if "--set" in out:
+        assert "KEY=VALUE" in out
+
+
+@pytest.mark.parametrize("args,metavar", [(["resume"], "RUN"), (["bench", "arc"], "RUN_OR_CHECKPOINT")])
+def test_arguments_are_named_in_one_vocabulary(args, metavar, capsys):
+    assert main([*args, "--help"]) == 0
+    usage = capsys.readouterr().out
+    assert re.search(rf"\b{metavar}\b", usage) and "run_path" not in usage and "target" not in usage
+
+
+@pytest.mark.parametrize("where", ["front", "middle", "end"])
+def test_debug_works_anywhere_on_the_line(where, tmp_path):
+    args = ["compare", str(tmp_path / "nothing")]
+    at = {"front": 0, "middle": 1, "end": len(args)}[where]
+    result = run_cli(*args[:at], "--debug", *args[at:])
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_debug_from_the_environment(tmp_path):
+    quiet = run_cli("compare", str(tmp_path / "nothing"))
+    loud = run_cli("compare", str(tmp_path / "nothing"), env={"HYBRIDCTL_DEBUG": "1"})
+    assert quiet.returncode == loud.returncode == 1
+    assert "Traceback" not in quiet.stderr and len(quiet.stderr.strip().splitlines()) == 1
+    assert "Traceback" in loud.stderr
+
+
+@pytest.mark.parametrize("args,code", [
+    (["train", "--bogus"], 2),             # usage: an unknown option
+    (["train", "--preset"], 2),            # usage: an option without its value
+    (["resume"], 2),                       # usage: a missing argument
+    (["nosuchcommand"], 2),
+    (["train", "--preset", "nope_preset"], 1),   # user error: the message says what to fix
+    (["compare", "/nonexistent/runs"], 1),
+])
+def test_exit_codes(args, code, capsys):
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_train_steps_is_a_shorthand(tmp_path, micro_overrides):
+    out = tmp_path / "runs"
+    sets = [a for item in micro_overrides for a in ("--set", item)]
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--name", "r", *sets, "--steps", "2"]) == 0
+    summary = json.loads((out / "r" / "summary.json").read_text())
+    assert summary["steps"] == 2 and RunDir(out / "r").load_config().train.steps == 2
+
+
+def test_resume_set_changes_what_leaves_model_and_data_alone(finished_micro_run, tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_micro_run, run.path)
+    config_before = run.config_path.read_text()
+    metrics_before = run.metrics_path.read_text()
+
+    code = main(["resume", str(run.path), "--set", "train.lr=1.0", "--extend-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "resume --set cannot change train.lr" in err and "hybridctl train --set train.lr=1.0" in err
+    assert run.config_path.read_text() == config_before and run.metrics_path.read_text() == metrics_before
+
+    assert main(["resume", str(run.path), "--extend-steps", "2", "--set", "train.eval_every=1",
+                 "--set", "train.keep_checkpoints=1"]) == 0
+    cfg = run.load_config()
+    assert (cfg.train.eval_every, cfg.train.keep_checkpoints, cfg.train.steps) == (1, 1, 8)
+    evals = [r["step"] for r in run.read_metrics() if "val_loss" in r]
+    assert evals == [3, 6, 7, 8]  # every 3 steps, then every step
+    assert [p.name for p in run.step_checkpoints()] == ["step_000008"]
+
+
+def test_set_that_replaces_a_presets_layers_says_so():
+    notes = []
+    cfg = load_config("tiny", ["model.attention_layers=[1]"], notes)
+    assert "".join(cfg.model.layer_types()) == "LFLL"
+    assert notes == ["--set model.attention_layers=[1] replaces the layers preset tiny sets (LLFL) with LFLL"]
+    assert "LFLL" in cfg.description and "LLFL" not in cfg.description
+    same = []
+    assert load_config("hybrid_sparse", ["model.attention_layers=[6, 3]"], same).description.startswith("Study A winner")
+    assert same == []  # the same layers: nothing replaced
+    untouched = []
+    assert load_config("tiny", ["train.lr=1e-3"], untouched).description.startswith("Laptop-sized") and untouched == []
