@@ -169,7 +169,7 @@ ROWS = [
     # the command line itself
     Row("unknown-command", ["frobnicate"], "No such command"),
     Row("unknown-option", ["train", "--preset", "tiny", "--bogus"], "No such option"),
-    Row("missing-argument", ["resume"], "Missing argument 'run_path'"),
+    Row("missing-argument", ["resume"], "Missing argument 'RUN'"),
     Row("bad-option-value", ["train", "--preset", "tiny", "--seed", "abc"], "Invalid value for '--seed'"),
     # commands being built
     Row("compare-empty-folder", ["compare", "{ws}/empty"], None, lambda ws: (ws / "empty").mkdir()),

@@ -101,7 +101,7 @@ def test_two_processes_train_like_one(runs):
     assert checkpoint_files.read_state(one.step_checkpoints()[-1])["world_size"] == 1
     assert json.loads(two.summary_path.read_text())["world_size"] == 2
     (out0, err0), (out1, err1) = output[0], output[1]
-    assert "step      6  loss" in err0 and "Run summary" in out0
+    assert "step      6/6  loss" in err0 and "Run summary" in out0
     assert out1 == "" and err1 == ""  # rank 1 prints nothing
 
 

@@ -77,4 +77,4 @@ def compare(
         print_chart(curves_chart(shown, "loss", x))
     for target in (json_out, markdown):
         if target is not None:
-            console.print(f"wrote {target}", markup=False, highlight=False)
+            console.print(f"wrote {target}", markup=False, highlight=False, soft_wrap=True)
