@@ -343,7 +343,7 @@ def test_a_run_without_a_checkpoint_and_other_targets(tmp_path, capsys):
     run.create(cfg)
     run.release_lock()
     cases = [
-        (["export", str(run.path), "--out", str(tmp_path / "hf")], "no checkpoint to export"),
+        (["export", str(run.path), "--out", str(tmp_path / "hf")], "has no checkpoint yet"),
         (["export", str(tmp_path), "--out", str(tmp_path / "hf")], "neither a run folder"),
         (["export", str(run.path)], "give --out DIR"),
         (["export", str(run.path), "--check"], "CUDA" if not torch.cuda.is_available() else "not an export folder"),

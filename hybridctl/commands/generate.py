@@ -50,7 +50,8 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print prompts, completions, token counts and tok/s as JSON instead of streaming text."),
 ):
     """Continue a prompt with a trained run's model (best/ by default), streaming the text as it comes."""
-    from hybridctl.core.lab.generate import Sampling, generate_text, inference_dtype, load_generator, locate_run
+    from hybridctl.core.lab.generate import Sampling, generate_text, inference_dtype, load_generator
+    from hybridctl.core.lab.trained_model import locate_checkpoint
     from hybridctl.core.lab.render import err_console
     from hybridctl.core.training.steps import resolve_device
 
@@ -61,7 +62,7 @@ def generate(
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     torch_device = resolve_device(device)
     torch_dtype = inference_dtype(dtype, torch_device)
-    locate_run(target, checkpoint)  # a missing run or checkpoint is reported before the model is read
+    locate_checkpoint(target, checkpoint)  # a missing run or checkpoint is reported before the model is read
     trained = load_generator(target, checkpoint, torch_device, torch_dtype)
     on_token = None
     if not as_json:

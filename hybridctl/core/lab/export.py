@@ -26,8 +26,6 @@ from hybridctl.core.errors import CheckpointError, ConfigError, RunError
 from hybridctl.core.lab.hf_export import check_exportable, from_hf_tensors, hf_config, model_config_from_hf, to_hf_tensors
 from hybridctl.core.lab.trained_model import locate_checkpoint
 from hybridctl.core.training import checkpoint as ckpt
-from hybridctl.core.training import checkpoint_files
-from hybridctl.core.training.runs import RunDir
 
 FORMATS = ("hf",)
 CONFIG_FILE, WEIGHTS_FILE, GENERATION_FILE = "config.json", "model.safetensors", "generation_config.json"
@@ -69,11 +67,6 @@ def check_format(fmt: str) -> None:
         raise ConfigError(f"--format '{fmt}' is unknown; choose one of: {', '.join(FORMATS)}")
 
 
-def locate_export_source(target: Path, which: str | None) -> tuple[RunDir, Path]:
-    run = RunDir(target)
-    if run.exists() and which is None and not checkpoint_files.is_complete(run.best_dir) and not run.step_checkpoints():
-        raise RunError(f"run {run.path} has no checkpoint to export (no best/, no checkpoints/step_*); train it until its first save")
-    return locate_checkpoint(Path(target), which)
 
 
 def export_run(target: Path, out: Path, force: bool = False, which: str | None = None, fmt: str = "hf") -> dict[str, Any]:
@@ -83,7 +76,7 @@ def export_run(target: Path, out: Path, force: bool = False, which: str | None =
 
     check_format(fmt)
     check_out_dir(out, force)
-    run, checkpoint = locate_export_source(target, which)
+    run, checkpoint = locate_checkpoint(Path(target), which)
     cfg = run.load_config()
     if cfg.model.vocab_size <= 0:
         raise RunError(f"{run.config_path} has no model.vocab_size (the run never started training); train it first")

@@ -16,13 +16,11 @@ from typing import Any, Callable
 import torch
 
 from hybridctl.core.config import Config
-from hybridctl.core.errors import ConfigError, RunError
+from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.trained_model import TrainedModel, load_trained_model, locate_checkpoint
 from hybridctl.core.model.cache import ModelCache
 from hybridctl.core.model.gated_delta import GatedDeltaNet
 from hybridctl.core.model.hybrid_lm import HybridLM
-from hybridctl.core.training import checkpoint_files
-from hybridctl.core.training.runs import RunDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PREFILL_TOKENS = 65536  # tokens of a batch's prompts per parallel pass: B x 32K prompts go through in chunks
@@ -205,19 +203,12 @@ def cast_for_inference(model: HybridLM, dtype: torch.dtype) -> HybridLM:
 
 def load_generator(target: Path, which: str | None, device: torch.device, dtype: torch.dtype) -> TrainedModel:
     """A trained run's model (best/ by default, as `bench arc`), in `dtype` on `device`, with its tokenizer."""
-    locate_run(target, which)
+    locate_checkpoint(target, which)
     trained = load_trained_model(target, which, device)
     cast_for_inference(trained.model, dtype)
     return trained
 
 
-def locate_run(target: Path, which: str | None):
-    """locate_checkpoint, with a message for generation when a run has no checkpoint yet."""
-    run = RunDir(Path(target))
-    if run.exists() and which is None and not run.step_checkpoints() and not checkpoint_files.is_complete(run.best_dir):
-        raise RunError(f"run {run.path} has no checkpoint yet (the first is saved at train.save_every); train it "
-                       "longer, or pass a run that has one")
-    return locate_checkpoint(target, which)
 
 
 def encode_prompts(texts: list[str], trained: TrainedModel, allow_long: bool) -> tuple[list[list[int]], int | None]:

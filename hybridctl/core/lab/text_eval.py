@@ -34,7 +34,6 @@ from hybridctl.core.errors import ConfigError, DataError, RunError
 from hybridctl.core.lab.speed import device_name
 from hybridctl.core.lab.trained_model import load_trained_model, locate_checkpoint, write_json
 from hybridctl.core.model.hybrid_lm import HybridLM
-from hybridctl.core.training import checkpoint_files
 from hybridctl.core.training.runs import RunDir, ensure_new_file
 from hybridctl.core.training.steps import autocast_for, micro_batch_size, resolve_device
 
@@ -136,12 +135,6 @@ def score_windows(model: HybridLM, tokens: np.ndarray, seq_len: int, device: tor
     return {"loss_sum": loss_sum, "correct": correct, "scored_tokens": n_windows * seq_len, "windows": n_windows}
 
 
-def check_has_checkpoint(target: Path) -> None:
-    """A run folder without any checkpoint: one line that says to train it (locate_checkpoint speaks of resuming)."""
-    run = RunDir(target)
-    if run.exists() and not checkpoint_files.is_complete(run.best_dir) and not run.step_checkpoints():
-        raise RunError(f"run {run.path} has no checkpoint yet (one is saved at the first eval or save step); "
-                       f"train it further with `hybridctl resume {run.path}`, or pass another run")
 
 
 def check_text_run(cfg: Config, run: RunDir) -> None:
@@ -162,7 +155,6 @@ def eval_text(target: Path, data: str, which: str | None = None, name: str | Non
         raise ConfigError("--batch-size must be a positive integer and --max-tokens >= 0 (0: all the text)")
     name = name if name is not None else default_name(data, config, split)
     check_name(name)
-    check_has_checkpoint(target)
     run, checkpoint = locate_checkpoint(target, which)
     out = eval_result_path(run, name)
     ensure_new_file(out, force)

@@ -39,6 +39,10 @@ def locate_checkpoint(path: Path, which: str | None = None) -> tuple[RunDir, Pat
     run = RunDir(path)
     if run.exists():
         if which is None:
+            if not checkpoint_files.is_complete(run.best_dir) and not run.step_checkpoints():
+                raise RunError(f"run {run.path} has no checkpoint yet (one is saved at each eval and every "
+                               f"train.save_every steps); train it further with `hybridctl resume {run.path}`, or "
+                               "pass another run")
             which = "best" if checkpoint_files.is_complete(run.best_dir) else "latest"
         return run, run.resolve_checkpoint(which)
     if checkpoint_files.is_complete(path):
