@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from hybridctl.core.lab.results import METRICS
 from hybridctl.core.lab.render import (console, fmt_lr, fmt_num, fmt_pct, lr_short_of_peak, markdown_table, print_chart,
                                        print_table, results_rows, results_table, text_table)
 
@@ -109,8 +110,31 @@ def print_report(report, out: Console = console) -> None:
             print_group_table(section.groups, report.metric, f"ranked by mean {report.metric} over seeds", out)
         if section.table is not None:
             print_table(text_table(*section.table), out)
+        if section.heatmap is not None:
+            print_table(heat_table(*section.heatmap, higher=METRICS.get(report.metric, False)), out)
         for chart in section.charts:
             print_chart(chart, out)
+
+
+HEAT_STYLES = ["bold green", "green", "yellow", "red", "bold red"]  # best fifth of the values first
+
+
+def heat_table(headers: list[str], rows: list[list[str]], higher: bool = False):
+    """A grid of numbers (lab/placements.heat_grid) as a table, each number shaded by its fifth: green is better."""
+    from rich.table import Table
+
+    values = sorted((float(c.rstrip("*")) for r in rows for c in r[1:] if c and c != "·"), reverse=higher)
+    table = Table(*headers, box=None, pad_edge=False)
+    for row in rows:
+        cells = [row[0]]
+        for cell in row[1:]:
+            if cell and cell != "·":
+                fifth = min(4, 5 * values.index(float(cell.rstrip("*"))) // len(values))
+                cells.append(f"[{HEAT_STYLES[fifth]}]{cell}[/]")
+            else:
+                cells.append(cell)
+        table.add_row(*cells)
+    return table
 
 
 def report_markdown(report, plot_files: dict[str, list[str]] | None = None, width: int = 80) -> str:
@@ -127,8 +151,9 @@ def report_markdown(report, plot_files: dict[str, list[str]] | None = None, widt
             parts.append(markdown_table(*results_rows(section.ranking, report.metric)))
         if section.groups is not None:
             parts.append(markdown_table(*group_rows(section.groups, report.metric)) + f"\n{VERDICT_LEGEND.replace(chr(10), ' ')}\n")
-        if section.table is not None:
-            parts.append(markdown_table(*section.table))
+        for table in (section.table, section.heatmap):
+            if table is not None:
+                parts.append(markdown_table(*table))
         for chart in section.charts:
             if chart.is_empty():
                 continue
