@@ -169,8 +169,9 @@ def report_plots_dir(md_path: Path) -> Path:
     return Path(md_path).with_name(f"{Path(md_path).stem}_plots")
 
 
-def write_report(report, md_path: Path) -> list[Path]:
-    """Write the Markdown report and its plots (text and HTML) into <stem>_plots/ beside it; returns the plot files."""
+def write_report(report, md_path: Path, figures: str | None = None) -> list[Path]:
+    """Write the Markdown report and its plots (text and HTML, and image files in the `figures` format: png, svg or
+    pdf) into <stem>_plots/ beside it; returns the plot files."""
     from hybridctl.core.lab.plots import save_chart
 
     md_path = Path(md_path)
@@ -181,6 +182,10 @@ def write_report(report, md_path: Path) -> list[Path]:
         for chart in section.charts:
             if not chart.is_empty():
                 paths = save_chart(chart, plots_dir)
+                if figures:
+                    from hybridctl.core.lab.figures import save_figure
+
+                    paths.append(save_figure(chart, plots_dir, figures))
                 written += paths
                 files[chart.name] = [p.relative_to(md_path.parent).as_posix() for p in paths]
     md_path.parent.mkdir(parents=True, exist_ok=True)
