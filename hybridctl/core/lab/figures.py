@@ -48,7 +48,9 @@ def save_figure(chart, folder: Path, fmt: str = "png") -> Path:
     else:
         for series in chart.series:
             if series.xs:
-                ax.plot(series.xs, series.ys, marker=marker, linestyle=style, label=series.label, markersize=4)
+                # a single point has no line to draw: mark it
+                ax.plot(series.xs, series.ys, marker=marker or ("o" if len(series.xs) == 1 else None), linestyle=style,
+                        label=series.label, markersize=4)
     if chart.xlog:
         ax.set_xscale("log")
     if chart.xticks:
