@@ -9,6 +9,7 @@ import typer
 
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.groups import group_results, rank_groups
+from hybridctl.core.lab.placements import parse_placements, plan_placement_sweep
 from hybridctl.core.lab.report import attention_chart, lr_chart, lr_edge_warning
 from hybridctl.core.lab.results import check_metric, label_results, load_result, rank_results, ranking_warnings
 from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_warnings, parse_layouts, parse_lr_values,
@@ -59,11 +60,14 @@ def lr(
 def arch(
     presets: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Presets and groups ({', '.join(ARCH_GROUPS)}), comma-separated (default: all); one base preset with --patterns."),
     patterns: Optional[str] = typer.Option(None, "--patterns", help="Layer layouts applied to one --preset: letters (LLFL,FFLL) or attention layers ([3,6];[2,5])."),
+    attention: Optional[int] = typer.Option(None, "--attention", help="Place this many attention (F) layers among the base --preset's layers, every way (--placements all) or a sample."),
+    placements: Optional[str] = typer.Option(None, "--placements", help="With --attention: 'all' (default) or a sample size N (plus the presets with that many attention layers, and the base's own)."),
+    placement_seed: int = typer.Option(0, "--seed", help="With --placements N: the seed of the random sample (the same seed gives the same placements)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help=SEEDS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
     overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
     out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
-    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: arch_<presets> or arch_<preset>_<layouts>)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: arch_<presets>, arch_<preset>_<layouts> or placements_<preset>_<k>of<n>_<sample>)."),
     metric: str = typer.Option("best_val_loss", "--metric", help="Value that ranks the runs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -71,6 +75,23 @@ def arch(
     """One run per architecture (and seed): each preset with its own LR, or layer layouts on one base preset."""
     check_metric(metric)
     warnings: list[str] = []
+    if placements is not None and attention is None:
+        raise ConfigError("--placements samples placements of attention layers; say how many with --attention, e.g. "
+                          "--attention 2 --placements 12")
+    if attention is not None:
+        if patterns is not None:
+            raise ConfigError("--attention places attention layers itself; drop --patterns (or drop --attention and "
+                              "list the layouts)")
+        base = parse_presets(presets, warnings) if presets else []
+        if len(base) != 1:
+            raise ConfigError("--attention places attention layers in one base preset; name it with --preset, e.g. "
+                              "--preset hybrid_sparse --attention 2")
+        count = parse_placements(placements)
+        plan = plan_placement_sweep(base[0], attention, count, placement_seed, steps, overrides, name,
+                                    seeds=parse_seeds(seeds))
+        plan.warnings = warnings
+        execute(plan, out, dry_run, force, metric)
+        return
     layouts = parse_layouts(patterns, warnings) if patterns is not None else None
     if layouts and presets is None:
         raise ConfigError("--patterns applies layer layouts to one base preset; name it with --preset, e.g. "

@@ -21,9 +21,14 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="Markdown file (.md) to write; plots go to <name>_plots/ beside it (default: PATH/report.md)."),
     metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(METRICS)}."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report file and its plots."),
+    figures: Optional[str] = typer.Option(None, "--figures", help="Also draw each chart as an image for papers: png, svg or pdf (needs matplotlib: pip install \"hybridctl[figures]\")."),
 ):
     """Winner and margin, ranking, loss vs attention share, throughput vs quality, LR sensitivity, curves."""
     check_metric(metric)
+    if figures is not None:
+        from hybridctl.core.lab.figures import check_figures
+
+        check_figures(figures)
     if out is not None and out.suffix != ".md" and not out.is_dir():  # a folder gets its own error below
         raise ConfigError(f"--out {out} is not a Markdown file; give a path ending in .md")
     out = out or (path / "report.md" if path.is_dir() else path.with_suffix(".md"))
@@ -37,6 +42,6 @@ def report(
     sweep = read_sweep(path) if path.is_dir() else None
     findings = build_report(results, metric, title=f"Findings: {path.resolve().name}", sweep=sweep)
     print_report(findings)
-    plots = write_report(findings, out)
+    plots = write_report(findings, out, figures)
     where = f" and {len(plots)} plot files in {plots[0].parent}" if plots else ""
     console.print(f"wrote {out}{where}", markup=False, highlight=False, soft_wrap=True)

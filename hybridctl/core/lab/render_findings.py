@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from hybridctl.core.lab.results import METRICS
 from hybridctl.core.lab.render import (console, fmt_lr, fmt_num, fmt_pct, lr_short_of_peak, markdown_table, print_chart,
                                        print_table, results_rows, results_table, text_table)
 
@@ -109,8 +110,31 @@ def print_report(report, out: Console = console) -> None:
             print_group_table(section.groups, report.metric, f"ranked by mean {report.metric} over seeds", out)
         if section.table is not None:
             print_table(text_table(*section.table), out)
+        if section.heatmap is not None:
+            print_table(heat_table(*section.heatmap, higher=METRICS.get(report.metric, False)), out)
         for chart in section.charts:
             print_chart(chart, out)
+
+
+HEAT_STYLES = ["bold green", "green", "yellow", "red", "bold red"]  # best fifth of the values first
+
+
+def heat_table(headers: list[str], rows: list[list[str]], higher: bool = False):
+    """A grid of numbers (lab/placements.heat_grid) as a table, each number shaded by its fifth: green is better."""
+    from rich.table import Table
+
+    values = sorted((float(c.rstrip("*")) for r in rows for c in r[1:] if c and c != "·"), reverse=higher)
+    table = Table(*headers, box=None, pad_edge=False)
+    for row in rows:
+        cells = [row[0]]
+        for cell in row[1:]:
+            if cell and cell != "·":
+                fifth = min(4, 5 * values.index(float(cell.rstrip("*"))) // len(values))
+                cells.append(f"[{HEAT_STYLES[fifth]}]{cell}[/]")
+            else:
+                cells.append(cell)
+        table.add_row(*cells)
+    return table
 
 
 def report_markdown(report, plot_files: dict[str, list[str]] | None = None, width: int = 80) -> str:
@@ -127,8 +151,9 @@ def report_markdown(report, plot_files: dict[str, list[str]] | None = None, widt
             parts.append(markdown_table(*results_rows(section.ranking, report.metric)))
         if section.groups is not None:
             parts.append(markdown_table(*group_rows(section.groups, report.metric)) + f"\n{VERDICT_LEGEND.replace(chr(10), ' ')}\n")
-        if section.table is not None:
-            parts.append(markdown_table(*section.table))
+        for table in (section.table, section.heatmap):
+            if table is not None:
+                parts.append(markdown_table(*table))
         for chart in section.charts:
             if chart.is_empty():
                 continue
@@ -144,8 +169,9 @@ def report_plots_dir(md_path: Path) -> Path:
     return Path(md_path).with_name(f"{Path(md_path).stem}_plots")
 
 
-def write_report(report, md_path: Path) -> list[Path]:
-    """Write the Markdown report and its plots (text and HTML) into <stem>_plots/ beside it; returns the plot files."""
+def write_report(report, md_path: Path, figures: str | None = None) -> list[Path]:
+    """Write the Markdown report and its plots (text and HTML, and image files in the `figures` format: png, svg or
+    pdf) into <stem>_plots/ beside it; returns the plot files."""
     from hybridctl.core.lab.plots import save_chart
 
     md_path = Path(md_path)
@@ -156,6 +182,10 @@ def write_report(report, md_path: Path) -> list[Path]:
         for chart in section.charts:
             if not chart.is_empty():
                 paths = save_chart(chart, plots_dir)
+                if figures:
+                    from hybridctl.core.lab.figures import save_figure
+
+                    paths.append(save_figure(chart, plots_dir, figures))
                 written += paths
                 files[chart.name] = [p.relative_to(md_path.parent).as_posix() for p in paths]
     md_path.parent.mkdir(parents=True, exist_ok=True)

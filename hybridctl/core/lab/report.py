@@ -12,6 +12,7 @@ from typing import Any
 
 from hybridctl.core.lab.charts import Chart, Series
 from hybridctl.core.lab.groups import SAME, GroupRow, group_results, has_repeats, rank_groups
+from hybridctl.core.lab.placements import heat_grid, layer_position_table, placement_values, ranked_placements
 from hybridctl.core.lab.render import fmt_count, fmt_lr
 from hybridctl.core.lab.render_findings import fmt_p
 from hybridctl.core.lab.results import METRICS, Ranked, RunResult, comparability_warning, metric_coverage, rank_results, sweep_divergence_advice
@@ -92,6 +93,7 @@ class Section:
     table: tuple[list[str], list[list[str]]] | None = None
     charts: list[Chart] = field(default_factory=list)
     groups: list[GroupRow] | None = None  # a ranking of configurations over seeds
+    heatmap: tuple[list[str], list[list[str]]] | None = None  # a grid of numbers, shaded on a terminal
 
 
 @dataclass
@@ -293,6 +295,32 @@ def _lr_section(groups: list[GroupRow], metric: str) -> Section | None:
     return sec
 
 
+def _placement_sections(groups: list[GroupRow], metric: str, info: dict[str, Any]) -> list[Section]:
+    """Loss by placement (a grid for two attention layers, a ranking otherwise) and by layer position."""
+    k, n = info.get("attention"), info.get("n_layers")
+    values = placement_values(groups, k) if isinstance(k, int) and isinstance(n, int) else []
+    if not values:
+        return []
+    higher = METRICS[metric]
+    best, row = values[0]
+    by_placement = Section(f"{metric} by placement of {k} attention layers among {n}")
+    by_placement.paragraphs.append(f"{len(values)} placements ranked; best: attention at layers "
+                                   f"{', '.join(map(str, best))} ({value_text(row)}).")
+    if k == 2:
+        by_placement.paragraphs.append(f"Rows: the first attention layer; columns: the second; * marks the best; "
+                                       f"· a placement not trained. {'Higher' if higher else 'Lower'} is better.")
+        by_placement.heatmap = heat_grid(values, n)
+    else:
+        by_placement.table = ranked_placements(values, metric, info.get("named") or {})
+    headers, rows, verdict = layer_position_table(values, n, higher)
+    positions = Section("Which layer positions help most", table=(headers, rows))
+    positions.paragraphs.append(f"For each layer: the mean {metric} of the placements with attention there "
+                                f"({'higher' if higher else 'lower'} is better), against the mean of all placements.")
+    if verdict:
+        positions.paragraphs.append(verdict)
+    return [by_placement, positions]
+
+
 def single_run_table(r: RunResult, metric: str) -> tuple[list[str], list[list[str]]]:
     """What one run reached, as key and value (the ranking metric first)."""
     def num(key: str) -> str:
@@ -324,6 +352,8 @@ def build_report(results: list[RunResult], metric: str = "best_val_loss", title:
     if len([g for g in groups if g.rank is not None]) > 1:
         sections += [s for s in (_attention_section(groups, metric), _throughput_section(groups, metric),
                                  _lr_section(groups, metric) if _is_lr_sweep(results, sweep) else None) if s]
+        if (sweep or {}).get("placements"):
+            sections += _placement_sections(groups, metric, sweep["placements"])
     tokens = {r.get("tokens") for r in results if r.get("tokens")}
     x = "tokens" if len(tokens) > 1 or len({r.get("planned_steps") for r in results}) > 1 else "steps"
     curves = curves_chart(results, "val_loss", x)

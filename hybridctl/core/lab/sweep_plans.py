@@ -187,14 +187,18 @@ class SweepPlan:
     runs: list[PlannedRun]
     seeds: list[int] | None = None
     warnings: list[str] = field(default_factory=list)  # said before it runs, kept in sweep.json
+    placements: dict[str, Any] | None = None  # a placement sweep (lab/placements.py): attention count, layers, sample
 
     @property
     def tokens(self) -> int:
         return sum(r.tokens for r in self.runs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "steps": self.steps, "seeds": self.seeds,
+        plan = {"kind": self.kind, "name": self.name, "steps": self.steps, "seeds": self.seeds,
                 "runs": [r.to_dict() for r in self.runs]}
+        if self.placements is not None:
+            plan["placements"] = self.placements
+        return plan
 
 
 def _override_value(overrides: list[str], key: str):

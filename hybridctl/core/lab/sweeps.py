@@ -211,6 +211,8 @@ def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str,
         "errors": old.get("errors", {}),
         "warnings": list(plan.warnings),  # this invocation's; add_warnings appends what the results show
     }
+    if plan.placements is not None:  # report reads it to analyse placements
+        state["placements"] = plan.placements
     write_json_atomic(path / SWEEP_FILE, state)
     return state
 
