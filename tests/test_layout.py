@@ -84,6 +84,12 @@ def test_wings_import_down_the_flow():
     assert not wrong, "\n".join(wrong)
 
 
+def test_no_module_is_long():
+    long = [f"{p.relative_to(PACKAGE.parent)}: {n} lines" for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 420]
+    assert not long, "split these along a seam: " + ", ".join(long)
+
+
 TORCH_PROBE = """
 import json, sys
 from hybridctl.cli import main
