@@ -102,12 +102,18 @@ def test_exit_codes(args, code, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
-def test_train_steps_is_a_shorthand(tmp_path, micro_overrides):
+def test_train_steps_is_a_shorthand_and_warnings_reach_stderr_and_summary(tmp_path, micro_overrides, capsys):
     out = tmp_path / "runs"
-    sets = [a for item in micro_overrides for a in ("--set", item)]
+    sets = [a for item in micro_overrides for a in ("--set", item)]  # they set pattern LF over tiny's LLFL
     assert main(["train", "--preset", "tiny", "--out", str(out), "--name", "r", *sets, "--steps", "2"]) == 0
     summary = json.loads((out / "r" / "summary.json").read_text())
     assert summary["steps"] == 2 and RunDir(out / "r").load_config().train.steps == 2
+    replaced = '--set model.pattern="LF" replaces the layers preset tiny sets (LLFL) with LF'
+    assert summary["warnings"][0] == replaced
+    assert "train.warmup_steps (2) is at least half of train.steps (2)" in summary["warnings"][1]
+    err = capsys.readouterr().err
+    assert [line[len("warning: "):] for line in err.splitlines() if line.startswith("warning: ")] == summary["warnings"]
+    assert RunDir(out / "r").load_config().description == 'tiny with layers LF (set by --set model.pattern="LF")'
 
 
 def test_resume_set_changes_what_leaves_model_and_data_alone(finished_micro_run, tmp_path, capsys):

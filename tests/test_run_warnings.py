@@ -86,3 +86,27 @@ def test_checkpoint_folders_follow_the_umask(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o755  # as the folders around it, not mkdtemp's 0700
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
     assert {p.name for p in path.parent.iterdir()} == {"step_000001"}  # no temporary folder left
+
+
+def test_the_trainer_reports_warnings_and_every_step(tmp_path):
+    from hybridctl.core.training.runs import RunDir
+    from hybridctl.core.training.trainer import train
+
+    from hybridctl.core.data.token_cache import load_token_data
+
+    # 6 steps of 4 windows of 32 tokens read the ~15 windows of 480 training tokens more than once
+    cfg = micro_config(["train.warmup_steps=8", "data.max_tokens=600", "data.val_fraction=0.2"])
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    events = []
+    try:
+        summary = train(cfg, run, callback=lambda kind, record: events.append((kind, record)), notes=["a note"])
+    finally:
+        run.release_lock()
+    start = next(record for kind, record in events if kind == "start")
+    assert [r["step"] for kind, r in events if kind == "step"] == [1, 2, 3, 4, 5, 6]
+    assert [r["tokens"] for kind, r in events if kind == "step"] == [128 * s for s in range(1, 7)]
+    assert start["warnings"] == summary["warnings"] == run.read_summary()["warnings"]
+    windows = train_windows(len(load_token_data(cfg.data).train), 32)
+    assert summary["warnings"] == ["a note", *run_warnings(cfg, windows)]
+    assert "never reaches" in summary["warnings"][1] and "repeats its data" in summary["warnings"][2]

@@ -21,7 +21,7 @@ from hybridctl.core.training.tracking import check_trackers
 # What `resume --set` may change: how the run is watched, saved and run, never its model, data or optimisation.
 RESUMABLE_KEYS = (
     "train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints", "train.max_bad_steps",
-    "train.device", "train.compile", "train.loss", "train.grad_accum",
+    "train.device", "train.compile", "train.loss", "train.grad_accum", "train.log_to", "train.wandb_mode",
 )
 
 

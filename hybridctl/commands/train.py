@@ -14,7 +14,7 @@ import typer
 from hybridctl import cli
 from hybridctl.core.config import load_config, preset_layer_types
 from hybridctl.core.errors import ConfigError
-from hybridctl.core.lab.render import TrainProgress, err_console, print_table, summary_table, text_table
+from hybridctl.core.lab.render import TrainProgress, print_table, summary_table, text_table
 from hybridctl.core.presets import available_presets, load_preset_dict
 from hybridctl.core.training.processes import launched
 from hybridctl.core.training.runs import RunDir, check_run_name
@@ -101,11 +101,6 @@ PRESET_HELP = "A built-in preset's name (see --list-presets) or a path to a .tom
 SET_HELP = "Override a config key, e.g. --set train.lr=1e-3 (repeatable)."
 
 
-def print_notes(notes: list[str]) -> None:
-    for note in notes:
-        err_console.print(f"warning: {note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
-
-
 def list_presets() -> None:
     rows = []
     for name in available_presets():
@@ -173,7 +168,7 @@ def train(
                 run.create(cfg, force=force)
         progress = TrainProgress(run.name) if main else None
         try:
-            summary = run_training(cfg, run, callback=progress, data=data)
+            summary = run_training(cfg, run, callback=progress, data=data, notes=notes)
         except BaseException:
             if main:
                 run.discard_if_unstarted()  # failed before step 1 (bad data, no room...): leave nothing that blocks a retry

@@ -136,9 +136,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def placement_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that place the attention layers (model.pattern / model.attention_layers), as given."""
-    return [text for text in overrides
-            if "=" in text and text.split("=", 1)[0].strip() in (f"model.{k}" for k in PLACEMENT_KEYS)]
+    """The override that places the attention layers (model.pattern or model.attention_layers), as given: the
+    last one, since each replaces the placement before it (apply_overrides); [] when there is none."""
+    placing = [text for text in overrides
+               if "=" in text and text.split("=", 1)[0].strip() in (f"model.{k}" for k in PLACEMENT_KEYS)]
+    return placing[-1:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,8 +224,11 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old, new, prefix: str = "") -> list[str]:
-    """One 'key: old vs new' string per setting that differs; each side a Config, a config dataclass or a dict."""
+    """One 'key: old vs new' string per setting that differs; each side a Config, a config dataclass or a dict.
+    The description is prose about the settings, not one of them: it is left out."""
     a, b = (flatten(dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c, prefix) for c in (old, new))
+    a.pop("description", None)
+    b.pop("description", None)
     missing = object()
     return [f"{k}: {_toml_value(a[k]) if k in a else '(unset)'} vs {_toml_value(b[k]) if k in b else '(unset)'}"
             for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)]

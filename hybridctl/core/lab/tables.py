@@ -1,6 +1,7 @@
 """Tables in one style for every command, printed so that they fit where they go.
 
-- One style: a rule under the header, no vertical rules or outer edge (ten columns fit in 80), title on the left.
+- One style: a rule under the header, columns one space apart, no outer edge (ten columns fit in 80), title on
+  the left.
 - On a terminal the table fits the window: its essential columns (no_wrap: rank, run, layers or attention share,
   metric, Δ) stay whole; the other columns fold their text, and if the table still does not fit they are left out,
   last first, and a line under the table names them.
@@ -39,7 +40,7 @@ class HouseTable(Table):
 def new_table(title: str | None = None, caption: str | None = None, show_header: bool = True) -> HouseTable:
     """An empty table in the house style."""
     return HouseTable(title=title, caption=caption, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
-                      show_edge=False, show_header=show_header, pad_edge=False, padding=(0, 1))
+                      show_edge=False, show_header=show_header, pad_edge=False, padding=0)
 
 
 def is_essential(header: str, index: int) -> bool:
@@ -92,13 +93,13 @@ def console_width(out: Console, width: int):
 
 def needed_width(table: Table, out: Console) -> int:
     """The narrowest the table can be with no cut cell: no_wrap columns at their widest cell (header included),
-    the others at their longest word, plus a divider and two spaces of padding between columns."""
+    the others at their longest word, plus the one-space divider between columns."""
     options = out.options.update_width(UNBOUNDED)
     total = 0
     for column in table.columns:
         sizes = [Measurement.get(out, options, cell) for cell in (column.header, *column.cells)]
         total += max((m.maximum if column.no_wrap else m.minimum) for m in sizes)
-    return total + 3 * (len(table.columns) - 1)
+    return total + (len(table.columns) - 1)
 
 
 def drop_columns_to_fit(table: Table, out: Console, width: int) -> list[str]:
@@ -130,7 +131,12 @@ def print_table(table: Table, out: Console = console) -> None:
     else:
         natural = out.measure(table, options=out.options.update_width(UNBOUNDED)).maximum
         with console_width(out, max(natural, 20)):
-            out.print(table, crop=False)
+            if out.color_system is None:  # plain text: lines end where their text ends, not padded to the widest
+                with out.capture() as captured:
+                    out.print(table, crop=False)
+                out.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+            else:
+                out.print(table, crop=False)
     if caption:
         out.print(caption, style="dim", soft_wrap=not out.is_terminal, highlight=False)
 

@@ -48,6 +48,7 @@ from hybridctl.core.training import distributed as dist
 from hybridctl.core.training import evaluation
 from hybridctl.core.training.metrics import Callback, Metrics
 from hybridctl.core.training.preflight import check_data_fits, check_room_for_a_checkpoint, check_vocab_fits
+from hybridctl.core.training.run_warnings import run_warnings
 from hybridctl.core.training.runs import RunDir
 from hybridctl.core.training.schedule import Schedule
 from hybridctl.core.training.state import TrainState
@@ -110,7 +111,8 @@ class Trainer:
     restored from `resume_from` when given); fit() trains to train.steps and returns the summary."""
 
     def __init__(self, cfg: Config, run: RunDir, resume_from: Path | None = None, extend_steps: int = 0,
-                 callback: Callback | None = None, data: TokenData | None = None, rollback: bool = False):
+                 callback: Callback | None = None, data: TokenData | None = None, rollback: bool = False,
+                 notes: list[str] | None = None):
         t = cfg.train
         self.cfg, self.run = cfg, run
         self.world, self.main = dist.world_size(), dist.is_main()
@@ -135,6 +137,8 @@ class Trainer:
             if extend_steps:
                 self.state.schedule.extend(self.state.step, t.steps)
             self.sampler = BatchSampler(self.data.train, t.batch_size, t.seq_len, t.seed)
+            # what the command noticed (a --set that replaced the preset's layers) and what the plan looks like
+            self.warnings = [*(notes or []), *run_warnings(cfg, self.sampler.n_windows)]
             self.n_params = self.model.num_params()
             if self.main:
                 check_room_for_a_checkpoint(ckpt.estimated_bytes(self.model), run.path)
@@ -175,7 +179,8 @@ class Trainer:
         t, state = self.cfg.train, self.state
         self.metrics.event("start", {"step": state.step, "steps": t.steps, "params": self.n_params, "device": str(self.device),
                                      "train_tokens": len(self.data.train), "val_tokens": len(self.data.val),
-                                     "layer_types": "".join(self.cfg.model.layer_types())})
+                                     "layer_types": "".join(self.cfg.model.layer_types()), "tokens": state.tokens,
+                                     "warnings": self.warnings})
         self.model.train()
         self.interval.tick = wall_start = time.perf_counter()
         try:
@@ -183,6 +188,7 @@ class Trainer:
                 while state.step < t.steps:
                     lr, grad_norm = self.train_step()
                     step = state.step
+                    self.metrics.event("step", {"step": step, "tokens": state.tokens})  # no device sync: a bar's tick
                     is_log = step % t.log_every == 0 or step == t.steps or step == self.start_step + 1
                     is_eval = step % t.eval_every == 0 or step == t.steps
                     is_save = step % t.save_every == 0 or step == t.steps
@@ -332,6 +338,7 @@ class Trainer:
         timed_tokens = (self.state.step - self.start_step - 1) * t.batch_size * t.seq_len
         summary = build_summary(self.cfg, self.run, self.state, self.n_params, self.last_eval, timed_tokens, wall,
                                 self.device, self.world)
+        summary["warnings"] = list(self.warnings)
         with dist.together():
             if self.main:
                 self.run.write_summary(summary)
@@ -342,11 +349,13 @@ class Trainer:
 
 
 def train(cfg: Config, run: RunDir, resume_from: Path | None = None, extend_steps: int = 0,
-          callback: Callback | None = None, data: TokenData | None = None, rollback: bool = False) -> dict[str, Any]:
+          callback: Callback | None = None, data: TokenData | None = None, rollback: bool = False,
+          notes: list[str] | None = None) -> dict[str, Any]:
     """Train (or resume) the run; returns the summary that is also written to summary.json. With `rollback`, the
     checkpoints and best/ saved after `resume_from` are deleted once it has loaded (resume --from ... --force).
+    `notes`: warnings of the command's own, reported at the start and kept in the summary with run_warnings'.
 
     Under torchrun every process calls this (after distributed.init, which the train and resume commands do);
     rank 0 alone writes into the run folder and calls `callback`.
     """
-    return Trainer(cfg, run, resume_from, extend_steps, callback, data, rollback).fit()
+    return Trainer(cfg, run, resume_from, extend_steps, callback, data, rollback, notes).fit()
