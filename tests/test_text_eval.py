@@ -123,7 +123,7 @@ def test_result_is_kept_without_force_and_shown_by_compare(scored_run, capsys, t
 
 
 def test_default_name_follows_the_data_spec(tmp_path):
-    assert default_name("/work/shared/data/wikitext-2/test.txt") == "wikitext-2-test"
+    assert default_name("data/wikitext-2/test.txt") == "wikitext-2-test"
     assert default_name("data/*.jsonl") == "data"
     assert default_name("notes.txt") == "notes"
     assert default_name("Salesforce/wikitext", "wikitext-2-raw-v1", "test") == "Salesforce-wikitext-wikitext-2-raw-v1-test"
