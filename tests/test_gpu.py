@@ -61,7 +61,7 @@ def test_padded_decay_beta_projection_matches_the_plain_one():
         results.append((y.float(), x.grad.clone(), layer.ab_proj.weight.grad.clone()))
     (y, dx, dw), (y_ref, dx_ref, dw_ref) = results
     errors = {"y": rel_err(y, y_ref), "dx": rel_err(dx, dx_ref), "dw": rel_err(dw, dw_ref)}
-    print(f"\npadded decay/beta projection vs plain: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print("\npadded decay/beta projection vs plain: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert y.shape == y_ref.shape and all(e < 1e-2 for e in errors.values()), errors
 
 
