@@ -63,19 +63,22 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def hide_flag_types() -> None:
-    """Recent Typer releases print `<bool>` after every flag in the rich help, though a flag takes no value: show
-    none. (Older releases print nothing there; the patch is skipped where the method does not exist.)"""
-    option = getattr(typer.core, "TyperOption", None)
-    shown = getattr(option, "display_type_rich", None)
-    if shown is None or getattr(shown, "hides_flag_types", False):
-        return
+def quiet_help_types() -> None:
+    """Recent Typer releases print a type after every parameter in the rich help: `<bool>` after flags, which take
+    no value, and `<list[Path]>` after arguments, whose name (RUN, RUN_OR_SWEEP...) says what they take. Show
+    neither. (Older releases print nothing there; the patch is skipped where the method does not exist.)"""
+    for name, quiet in (("TyperOption", lambda p: getattr(p, "is_flag", False)),
+                        ("TyperArgument", lambda p: p.metavar is not None)):
+        cls = getattr(typer.core, name, None)
+        shown = getattr(cls, "display_type_rich", None)
+        if shown is None or getattr(shown, "quiet_types", False):
+            continue
 
-    def display_type_rich(self, ctx):
-        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+        def display_type_rich(self, ctx, shown=shown, quiet=quiet):
+            return None if quiet(self) else shown(self, ctx)
 
-    display_type_rich.hides_flag_types = True
-    option.display_type_rich = display_type_rich
+        display_type_rich.quiet_types = True
+        cls.display_type_rich = display_type_rich
 
 
 def commands_in_order(builtins: dict[str, str]) -> type:
@@ -115,7 +118,7 @@ def show_version(value: bool) -> None:
 
 
 def build_app() -> typer.Typer:
-    hide_flag_types()
+    quiet_help_types()
     app = typer.Typer(
         name="hybridctl",
         cls=commands_in_order(BUILTIN_COMMANDS),

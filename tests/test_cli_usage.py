@@ -64,6 +64,37 @@ def test_help_shows_no_type_noise_for_flags(args, capsys):
         assert "KEY=VALUE" in out
 
 
+def all_commands():
+    """(path, click command) of every built-in command and subcommand."""
+    import typer
+
+    from hybridctl.cli import build_app
+
+    def walk(command, path):
+        yield path, command
+        for name in getattr(command, "commands", {}):
+            yield from walk(command.commands[name], [*path, name])
+
+    return list(walk(typer.main.get_command(build_app()), []))
+
+
+ARGUMENT_NAMES = {"RUN", "CHECKPOINT", "SWEEP", "RUN_OR_CHECKPOINT", "RUN_OR_SWEEP"}
+
+
+def test_every_argument_and_repeated_option_is_named_in_the_vocabulary():
+    odd = []
+    for path, command in all_commands():
+        for param in command.params:
+            where = f"hybridctl {' '.join(path)} {param.name}"
+            if param.param_type_name == "argument" and param.metavar not in ARGUMENT_NAMES:
+                odd.append(f"{where}: argument shown as {param.metavar or param.name}")
+            if param.param_type_name == "option" and getattr(param, "multiple", False) and not param.metavar:
+                odd.append(f"{where}: a repeatable option without a metavar shows <list[...]>")
+            if "--set" in getattr(param, "opts", []) and param.metavar != "KEY=VALUE":
+                odd.append(f"{where}: --set shown as {param.metavar}")
+    assert not odd, "\n".join(odd)
+
+
 @pytest.mark.parametrize("args,metavar", [(["resume"], "RUN"), (["bench", "arc"], "RUN_OR_CHECKPOINT")])
 def test_arguments_are_named_in_one_vocabulary(args, metavar, capsys):
     assert main([*args, "--help"]) == 0

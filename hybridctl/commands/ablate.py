@@ -37,11 +37,11 @@ def warn(text: str) -> None:
 
 @app.command("lr")
 def lr(
-    preset: str = typer.Option("deltanet", "--preset", "-p", help="Preset name or .toml path."),
+    preset: str = typer.Option("deltanet", "--preset", "-p", metavar="NAME", help="Preset name or .toml path."),
     values: str = typer.Option(",".join(fmt_lr(v) for v in DEFAULT_LRS), "--values", help="Comma-separated learning rates."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help=SEEDS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a key for every run, e.g. --set train.batch_size=16."),
     out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: lr_<preset>)."),
     metric: str = typer.Option("best_val_loss", "--metric", help="Value that ranks the runs."),
@@ -58,14 +58,14 @@ def lr(
 
 @app.command("arch")
 def arch(
-    presets: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Presets and groups ({', '.join(ARCH_GROUPS)}), comma-separated (default: all); one base preset with --patterns."),
+    presets: Optional[str] = typer.Option(None, "--preset", "-p", metavar="NAMES", help=f"Presets and groups ({', '.join(ARCH_GROUPS)}), comma-separated (default: all); one base preset with --patterns."),
     patterns: Optional[str] = typer.Option(None, "--patterns", help="Layer layouts applied to one --preset: letters (LLFL,FFLL) or attention layers ([3,6];[2,5])."),
     attention: Optional[int] = typer.Option(None, "--attention", help="Place this many attention (F) layers among the base --preset's layers, every way (--placements all) or a sample."),
     placements: Optional[str] = typer.Option(None, "--placements", help="With --attention: 'all' (default) or a sample size N (plus the presets with that many attention layers, and the base's own)."),
     placement_seed: int = typer.Option(0, "--seed", help="With --placements N: the seed of the random sample (the same seed gives the same placements)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help=SEEDS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help=STEPS_HELP),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key for every run, e.g. --set train.batch_size=16."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a key for every run, e.g. --set train.batch_size=16."),
     out: Path = typer.Option(Path("runs"), "--out", help=OUT_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default: arch_<presets>, arch_<preset>_<layouts> or placements_<preset>_<k>of<n>_<sample>)."),
     metric: str = typer.Option("best_val_loss", "--metric", help="Value that ranks the runs."),

@@ -11,7 +11,7 @@ DEFAULT_PRESETS = ["deltanet", "hybrid_sparse", "transformer"]
 
 
 def decode(
-    presets: list[str] = typer.Option([], "--preset", "-p", help="Architectures: presets, comma-separated or repeated (default: deltanet,hybrid_sparse,transformer)."),
+    presets: list[str] = typer.Option([], "--preset", "-p", metavar="NAMES", help="Architectures: presets, comma-separated or repeated (default: deltanet,hybrid_sparse,transformer)."),
     context: Optional[str] = typer.Option(None, "--context", help="Prompt lengths, e.g. 1024,4096 (default: 1024,4096,16384,32768); may pass train.seq_len."),
     batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,32 (default: 1,32)."),
     steps: int = typer.Option(32, "--steps", help="Timed decoding steps."),
@@ -19,7 +19,7 @@ def decode(
     dtype: str = typer.Option("auto", "--dtype", help="Weights and caches: fp32 or bf16 (auto: bf16 on CUDA, fp32 on CPU)."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Skip shapes whose caches would take more than this many GiB (marked in the table)."),
     prefill_tokens: Optional[int] = typer.Option(None, "--prefill-tokens", help="Prompt tokens per parallel prefill pass, over the batch (default: 65536)."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key for every architecture, e.g. --set model.d_model=64."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a key for every architecture, e.g. --set model.d_model=64."),
     vocab: Optional[int] = typer.Option(None, "--vocab", help="Vocabulary size (default: the preset's when known, else 49152)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the preset's train.device)."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders; results go to OUT/bench/decode-<time>.json."),

@@ -18,7 +18,7 @@ from hybridctl.core.training.runs import ensure_new_file
 
 
 def compare(
-    paths: Optional[list[Path]] = typer.Argument(None, help="Run folders, sweep folders or folders of runs (default: runs)."),
+    paths: Optional[list[Path]] = typer.Argument(None, metavar="RUN_OR_SWEEP", help="Run folders, sweep folders or folders of runs (default: runs)."),
     metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(METRICS)}."),
     sort: str = typer.Option("rank", "--sort", help=f"Row order: {', '.join(SORT_KEYS)}."),
     x: str = typer.Option("steps", "--x", help="x axis of the curves: steps or tokens."),

@@ -17,7 +17,7 @@ from hybridctl.core.training.runs import ensure_new_file
 
 
 def report(
-    path: Path = typer.Argument(..., help="A run folder, a sweep folder (runs/ablations/<sweep>) or a folder of runs."),
+    path: Path = typer.Argument(..., metavar="RUN_OR_SWEEP", help="A run folder, a sweep folder (runs/ablations/<sweep>) or a folder of runs."),
     out: Optional[Path] = typer.Option(None, "--out", help="Markdown file (.md) to write; plots go to <name>_plots/ beside it (default: PATH/report.md)."),
     metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(METRICS)}."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report file and its plots."),
