@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridctl.core.errors import ConfigError, HybridctlError
-from hybridctl.core.lab.results import METRICS, SORT_KEYS, Ranked, RunResult, _finite, check_metric, result_record
+from hybridctl.core.lab.results import METRICS, SORT_KEYS, Ranked, RunResult, _finite, check_metric, result_record, sort_rows
 from hybridctl.core.lab.stats import ALPHA, Spread, spread, welch_p
 from hybridctl.core.lab.sweep_plans import SEED_SUFFIX
 
@@ -137,16 +137,9 @@ def rank_groups(groups: list[Group], metric: str = "best_val_loss", sort: str = 
         row.p_value = None if row is best else welch_p(row.values, best.values)
         row.verdict = _verdict(row, best)
     ordered = ranked + rest
-    keys = {
-        "name": lambda x: x.group.label,
-        "attention": lambda x: (x.group.first("attention_fraction") is None, x.group.first("attention_fraction") or 0),
-        "lr": lambda x: (x.group.first("lr") is None, x.group.first("lr") or 0),
-        "tok_s": lambda x: (x.group.mean_of("tok_s") is None, -(x.group.mean_of("tok_s") or 0)),
-        "time": lambda x: (x.group.mean_of("train_time_s") is None, x.group.mean_of("train_time_s") or 0),
-        "params": lambda x: (x.group.first("params") is None, x.group.first("params") or 0),
-    }
-    if sort in keys:
-        ordered.sort(key=keys[sort])
+    # configurations: the mean over seeds of a measured field, the shared value of a setting
+    sort_rows(ordered, sort, label=lambda x: x.group.label,
+              field=lambda x, key: x.group.mean_of(key) if key in ("tok_s", "train_time_s") else x.group.first(key))
     return ordered
 
 

@@ -255,16 +255,7 @@ def rank_results(results: list[RunResult], metric: str = "best_val_loss", sort: 
         # how far a run that blew up lies behind the winner says nothing
         delta = 100 * (v - reference) / abs(reference) if v is not None and reference and r.status != "diverged" else None
         ranked.append(Ranked(r, i + 1 if i < len(finished) else None, v, delta))
-    keys = {
-        "name": lambda x: x.result.label,
-        "attention": lambda x: (x.result.get("attention_fraction") is None, x.result.get("attention_fraction") or 0),
-        "lr": lambda x: (x.result.get("lr") is None, x.result.get("lr") or 0),
-        "tok_s": lambda x: (x.result.get("tok_s") is None, -(x.result.get("tok_s") or 0)),
-        "time": lambda x: (x.result.get("train_time_s") is None, x.result.get("train_time_s") or 0),
-        "params": lambda x: (x.result.get("params") is None, x.result.get("params") or 0),
-    }
-    if sort in keys:
-        ranked.sort(key=keys[sort])
+    sort_rows(ranked, sort, label=lambda x: x.result.label, field=lambda x, key: x.result.get(key))
     return ranked
 
 
@@ -345,3 +336,23 @@ def result_record(row: Ranked, metric: str) -> dict[str, Any]:
             "dataset", "tokenizer", "vocab_size", "seq_len", "max_tokens", "val_fraction", "val_split", "eval_windows")
     record.update({k: _finite(r.get(k)) for k in keys})  # NaN is not JSON
     return record
+
+
+# --sort keys other than rank and name: (the field they read, whether larger comes first)
+SORT_FIELDS = {"attention": ("attention_fraction", False), "lr": ("lr", False), "tok_s": ("tok_s", True),
+               "time": ("train_time_s", False), "params": ("params", False)}
+
+
+def sort_rows(rows: list, sort: str, label, field) -> None:
+    """Put ranked rows (runs or configurations) in --sort order, in place: by label(row) for "name", else by
+    field(row, key) with the rows that lack it last; "rank" keeps the ranking's order."""
+    if sort == "name":
+        rows.sort(key=label)
+    elif sort in SORT_FIELDS:
+        key, larger_first = SORT_FIELDS[sort]
+
+        def order(row):
+            value = field(row, key)
+            return (value is None, -(value or 0) if larger_first else (value or 0))
+
+        rows.sort(key=order)
