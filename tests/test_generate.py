@@ -13,6 +13,7 @@ from conftest import micro_config
 from hybridctl.cli import main
 from hybridctl.core.lab.decode_bench import cache_nbytes, measure_decode
 from hybridctl.core.lab.generate import Sampling, TextStream, context_limit, generate, prefill, sample
+from hybridctl.core.model.graphed_step import graph_capacity
 from hybridctl.core.model.hybrid_lm import build_model
 
 VOCAB = 300
@@ -56,6 +57,39 @@ def test_cached_decoding_matches_full_forward(layout, chunks):
     with torch.no_grad():
         full = model(idx).logits
         torch.testing.assert_close(cached_logits(model, idx, chunks), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["deltanet", "attention", "windowed", "mixed_lf"])
+@pytest.mark.parametrize("prompt", [3, 12], ids=["prompt-within-window", "prompt-past-window"])
+def test_fixed_shape_steps_match_eager_steps(layout, prompt):
+    """HybridLM.step_at, what a CUDA graph replays (the position from a tensor, every slot of an oversized cache
+    read and masked, states updated in place), gives the logits of forward_cached's steps, for a left-padded
+    batch (and one without padding), before and past a windowed layer's ring."""
+    extra = {"mixed_lf": ['model.pattern="LFLF"', "model.n_layers=4", "model.attention.window=6"]}
+    model = micro_model(LAYOUTS.get(layout) or extra[layout])
+    gen = torch.Generator().manual_seed(6)
+    idx = torch.randint(0, VOCAB, (3, 30), generator=gen)
+    pad = None if prompt < 4 else torch.tensor([0, 4, 9])  # no padding: the unfilled slots alone are masked
+    eager, fixed = model.new_cache(30, pad), model.new_cache(graph_capacity(30), pad)
+    with torch.no_grad():
+        for cache in (eager, fixed):
+            prefill(model, idx[:, :prompt], cache)
+        for t in range(prompt, 30):
+            expected = model.forward_cached(idx[:, t : t + 1], eager)
+            got = model.step_at(idx[:, t : t + 1], fixed, torch.tensor(fixed.length))
+            fixed.advance(1)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert fixed.length == eager.length == 30 and all(layer.length == 30 for layer in fixed.layers)
+
+
+def test_fixed_shape_steps_refuse_sparse_attention_and_moe():
+    for layout in ("sparse", "moe"):
+        model = micro_model(LAYOUTS[layout])
+        cache = model.new_cache(8)
+        with torch.no_grad():
+            prefill(model, torch.zeros(1, 4, dtype=torch.long), cache)
+            with pytest.raises(ValueError, match="forward_cached"):
+                model.step_at(torch.zeros(1, 1, dtype=torch.long), cache, torch.tensor(4))
 
 
 def test_moe_decoding_drops_no_token():

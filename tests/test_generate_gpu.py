@@ -12,7 +12,8 @@ import torch
 
 from conftest import micro_config
 from hybridctl.core.lab.decode_bench import cache_nbytes, measure_decode
-from hybridctl.core.lab.generate import Sampling, cast_for_inference, generate
+from hybridctl.core.lab.generate import Sampling, cast_for_inference, generate, prefill
+from hybridctl.core.model.graphed_step import GraphedStep, graph_capacity
 from hybridctl.core.model.gated_delta import fla_status
 from hybridctl.core.model.hybrid_lm import build_model
 
@@ -102,11 +103,43 @@ def test_cuda_padded_batch_equals_each_prompt_alone(fla_calls, monkeypatch):
     assert fla_calls["chunk_gated_delta_rule"] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_steps_equal_eager_steps(dtype, monkeypatch):
+    """Steps replayed from a CUDA graph (GraphedStep) give the eager steps' logits on the same tokens, for a
+    left-padded batch, with a full and a windowed attention layer; capturing leaves the states as they were."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    for extra in ([], ["model.attention.window=16"]):
+        model = cast_for_inference(model_for("LFLF", extra).cuda(), dtype)
+        idx = torch.randint(0, VOCAB, (3, 100), generator=torch.Generator().manual_seed(3)).cuda()
+        pad = torch.tensor([0, 5, 20]).cuda()
+        eager, fixed = model.new_cache(100, pad), model.new_cache(graph_capacity(100), pad)
+        with torch.inference_mode():
+            for cache in (eager, fixed):
+                prefill(model, idx[:, :60], cache)
+            step = GraphedStep(model, fixed, 3)
+            expected = torch.cat([model.forward_cached(idx[:, t : t + 1], eager) for t in range(60, 100)], 1)
+            got = torch.cat([step(idx[:, t : t + 1]).clone() for t in range(60, 100)], 1)
+        error = rel_err(got.float(), expected.float())
+        print(f"\ngraphed vs eager steps {dtype} {extra}: relative error {error:.2e}")
+        assert error < (1e-4 if dtype == torch.float32 else 1e-2)
+        assert fixed.length == 100
+
+
+def test_generate_replays_a_graph_on_cuda(monkeypatch):
+    import hybridctl.core.lab.generate as generate_module
+
+    captured = []
+    monkeypatch.setattr(generate_module, "GraphedStep", lambda *a: captured.append(1) or GraphedStep(*a))
+    model = cast_for_inference(model_for("LFLF").cuda(), torch.bfloat16)
+    rows, timing = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], 12, Sampling(greedy=True))
+    assert captured == [1] and timing.decode_steps == 11 and all(len(r.tokens) == 12 for r in rows)
+
+
 def test_decode_bench_row_on_cuda():
     cfg = micro_config([*SHAPE, 'model.pattern="LLFL"', "model.n_layers=4"])
     cfg.model.vocab_size = VOCAB
     row = measure_decode(cfg, 2048, 4, torch.device("cuda"), torch.bfloat16, steps=8, warmup=2)
-    assert row["error"] is None, row
-    assert row["cache_bytes"] == cache_nbytes(cfg.model, 4, 2048 + 10, torch.bfloat16)
+    assert row["error"] is None and row["cuda_graph"], row
+    assert row["cache_bytes"] == cache_nbytes(cfg.model, 4, graph_capacity(2048 + 10), torch.bfloat16)
     assert row["peak_memory_bytes"] >= row["cache_bytes"] and row["decode_tok_s"] > 0
     print(f"\n{row}")

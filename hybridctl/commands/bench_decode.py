@@ -25,6 +25,7 @@ def decode(
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders; results go to OUT/bench/decode-<time>.json."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this file instead."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
+    eager: bool = typer.Option(False, "--eager", help="Time the step as Python launches it, without replaying a CUDA graph."),
 ):
     """Decoding speed and the memory caches and states hold, per architecture (untrained weights)."""
     from hybridctl.commands.bench import int_list
@@ -52,7 +53,7 @@ def decode(
         err_console.print(f"{name}: context {ctx}, batch {batch_size} ...", highlight=False)
 
     report = bench_decode(configs, contexts, batches, steps, warmup, dtype, max_bytes, path, force or json_path is None,
-                          on_start, prefill_tokens or PREFILL_TOKENS)
+                          on_start, prefill_tokens or PREFILL_TOKENS, cuda_graph=not eager)
     print_table(decode_table(report))
     console.print(f"saved {report['path']}", markup=False, highlight=False, soft_wrap=True)
 

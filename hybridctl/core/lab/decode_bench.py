@@ -3,7 +3,9 @@ context length and batch size, on untrained weights.
 
 Each shape: after an untimed short prompt and step (kernel compilation), a random prompt of `context` tokens per
 row goes through the prefill (parallel passes, chunked recurrence), then `warmup` untimed and `steps` timed
-decoding steps, each feeding back the argmax (no host sync).
+decoding steps, each feeding back the argmax (no host sync). On CUDA the steps are replayed from a CUDA graph
+where the model allows (GraphedStep; its capture is untimed), as `generate` decodes; `cuda_graph=False` times
+the eager step.
 Contexts may exceed the preset's train.seq_len: RoPE's tables are made for any position, and untrained weights
 have nothing to lose there, so the speed and memory are those of a model trained that long.
 """
@@ -23,7 +25,8 @@ from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.generate import PREFILL_TOKENS, cast_for_inference, prefill, synchronize
 from hybridctl.core.lab.speed import device_name
 from hybridctl.core.lab.trained_model import BENCH_DIR, write_json
-from hybridctl.core.model.hybrid_lm import build_model
+from hybridctl.core.model.graphed_step import GraphedStep, graph_capacity
+from hybridctl.core.model.hybrid_lm import build_model, can_step_at
 from hybridctl.core.training.runs import ensure_new_file
 from hybridctl.core.training.steps import resolve_device
 
@@ -53,17 +56,20 @@ def cache_nbytes(cfg: ModelConfig, batch_size: int, capacity: int, dtype: torch.
 
 def measure_decode(cfg: Config, context: int, batch_size: int, device: torch.device, dtype: torch.dtype,
                    steps: int = 32, warmup: int = 4, max_memory: float | None = None,
-                   prefill_tokens: int = PREFILL_TOKENS) -> dict[str, Any]:
+                   prefill_tokens: int = PREFILL_TOKENS, cuda_graph: bool = True) -> dict[str, Any]:
     """One row: prefill seconds, decoding tok/s, cache bytes (measured from the tensors) and peak CUDA memory.
-    A shape whose cache would pass max_memory bytes, or that does not fit on the GPU, gives a row with an error."""
-    capacity = context + warmup + steps
+    A shape whose cache would pass max_memory bytes, or that does not fit on the GPU, gives a row with an error.
+    Steps are replayed from a CUDA graph where the model allows it (GraphedStep), unless cuda_graph is off."""
+    graphed = cuda_graph and device.type == "cuda" and can_step_at(cfg.model)
+    capacity = graph_capacity(context + warmup + steps) if graphed else context + warmup + steps
     row: dict[str, Any] = {"name": cfg.name, "layer_types": "".join(cfg.model.layer_types()), "context": context,
-                           "batch_size": batch_size, "steps": steps, "warmup": warmup,
+                           "batch_size": batch_size, "steps": steps, "warmup": warmup, "cuda_graph": graphed,
                            "cache_bytes_expected": cache_nbytes(cfg.model, batch_size, capacity, dtype)}
     if max_memory is not None and row["cache_bytes_expected"] > max_memory:
         return {**row, "error": "over --max-memory"}
     try:
-        row.update(_timed_decode(cfg, context, batch_size, device, dtype, steps, warmup, prefill_tokens), error=None)
+        row.update(_timed_decode(cfg, context, batch_size, device, dtype, steps, warmup, prefill_tokens, capacity,
+                                 graphed), error=None)
     except torch.OutOfMemoryError:
         row.update(error="out of memory")
     gc.collect()  # the model and its cache are gone with _timed_decode's frame; give their memory back
@@ -74,7 +80,7 @@ def measure_decode(cfg: Config, context: int, batch_size: int, device: torch.dev
 
 @torch.inference_mode()
 def _timed_decode(cfg: Config, context: int, batch_size: int, device: torch.device, dtype: torch.dtype,
-                  steps: int, warmup: int, prefill_tokens: int) -> dict[str, Any]:
+                  steps: int, warmup: int, prefill_tokens: int, capacity: int, graphed: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = cast_for_inference(build_model(cfg.model).to(device), dtype).eval()
     prompt = torch.randint(0, cfg.model.vocab_size, (batch_size, context), device=device)
@@ -86,19 +92,20 @@ def _timed_decode(cfg: Config, context: int, batch_size: int, device: torch.devi
     del warm, logits
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cache = model.new_cache(context + warmup + steps)
+    cache = model.new_cache(capacity)
     synchronize(device)
     start = time.perf_counter()
     logits = prefill(model, prompt, cache, prefill_tokens)
     token = logits[:, -1].argmax(-1, keepdim=True)
     synchronize(device)
     prefill_seconds = time.perf_counter() - start
+    step = GraphedStep(model, cache, batch_size) if graphed else lambda t: model.forward_cached(t, cache)
     for _ in range(warmup):
-        token = model.forward_cached(token, cache)[:, -1].argmax(-1, keepdim=True)
+        token = step(token)[:, -1].argmax(-1, keepdim=True)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        token = model.forward_cached(token, cache)[:, -1].argmax(-1, keepdim=True)
+        token = step(token)[:, -1].argmax(-1, keepdim=True)
     synchronize(device)
     seconds = time.perf_counter() - start
     return {
@@ -121,7 +128,7 @@ def check_decode_counts(contexts: list[int], batches: list[int], steps: int, war
 def bench_decode(configs: list[Config], contexts: list[int], batches: list[int], steps: int = 32, warmup: int = 4,
                  dtype: str = "auto", max_memory: float | None = None, path: Path | None = None, force: bool = False,
                  on_start: Callable[[str, int, int], None] | None = None,
-                 prefill_tokens: int = PREFILL_TOKENS) -> dict[str, Any]:
+                 prefill_tokens: int = PREFILL_TOKENS, cuda_graph: bool = True) -> dict[str, Any]:
     """Measure every architecture at every context and batch size on the first config's train.device; write the
     report to `path` after each shape (checked before measuring) and return it with its path."""
     from hybridctl.core.lab.generate import inference_dtype
@@ -139,7 +146,7 @@ def bench_decode(configs: list[Config], contexts: list[int], batches: list[int],
         if on_start is not None:
             on_start(cfg.name, context, batch)
         rows.append(measure_decode(copy.deepcopy(cfg), context, batch, device, torch_dtype, steps, warmup,
-                                   max_memory, prefill_tokens))
+                                   max_memory, prefill_tokens, cuda_graph))
         report = decode_report(rows, device, torch_dtype, prefill_tokens, complete=len(rows) == len(plan))
         if path is not None:  # after every shape: a run stopped part-way keeps what it measured
             write_json(path, report, force=True)
@@ -157,7 +164,7 @@ def decode_report(rows: list[dict[str, Any]], device: torch.device, dtype: torch
         "torch": torch.__version__,
         "prefill_tokens_per_pass": prefill_tokens,
         "memory": "cache_bytes: every cache and state tensor (KV caches allocated for context + warmup + steps "
-                  "positions); peak_memory_bytes: torch.cuda.max_memory_allocated (weights, cache, activations)",
+                  "positions, rounded up to 64 for a CUDA graph); peak_memory_bytes: torch.cuda.max_memory_allocated (weights, cache, activations)",
         "results": rows,
     }
 

@@ -20,6 +20,7 @@ from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.trained_model import TrainedModel, load_trained_model, locate_checkpoint
 from hybridctl.core.model.cache import ModelCache
 from hybridctl.core.model.gated_delta import GatedDeltaNet
+from hybridctl.core.model.graphed_step import GraphedStep, can_graph, graph_capacity
 from hybridctl.core.model.hybrid_lm import HybridLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,10 +118,11 @@ def synchronize(device: torch.device) -> None:
 @torch.inference_mode()
 def generate(model: HybridLM, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
              eos_id: int | None = None, limit: int | None = None,
-             on_token: OnToken | None = None) -> tuple[list[Completion], Timing]:
+             on_token: OnToken | None = None, cuda_graph: bool = True) -> tuple[list[Completion], Timing]:
     """Complete each prompt (token ids) with up to max_new_tokens tokens, all rows as one batch; a row stops at
     eos_id or once the model would read more than `limit` tokens (None: no limit). on_token(row, token, stop)
-    is called for every token kept, as it comes, with the row's stop reason once it is its last."""
+    is called for every token kept, as it comes, with the row's stop reason once it is its last. On CUDA the
+    decoding step is replayed from a CUDA graph where the model allows (GraphedStep), unless cuda_graph is off."""
     device = model.embed.weight.device
     rows = [Completion(list(p)) for p in prompts]
     longest = max(len(p) for p in prompts)
@@ -131,7 +133,9 @@ def generate(model: HybridLM, prompts: list[list[int]], max_new_tokens: int, sam
     fill = eos_id if eos_id is not None else 0
     idx = torch.tensor([[fill] * (longest - len(p)) + list(p) for p in prompts], device=device)
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = model.new_cache(longest + steps, pad)
+    graphed = cuda_graph and can_graph(model)
+    cache = model.new_cache(graph_capacity(longest + steps) if graphed else longest + steps, pad)
+    step_from_graph = None
     timing = Timing()
     start = time.perf_counter()
     logits = prefill(model, idx, cache)
@@ -153,7 +157,9 @@ def generate(model: HybridLM, prompts: list[list[int]], max_new_tokens: int, sam
             start = time.perf_counter()
         if all(row.stop is not None for row in rows):
             break
-        logits = model.forward_cached(tokens[:, None], cache)
+        if graphed and step_from_graph is None:  # captured once the prompt has filled the cache (decode time)
+            step_from_graph = GraphedStep(model, cache, len(prompts))
+        logits = step_from_graph(tokens[:, None]) if graphed else model.forward_cached(tokens[:, None], cache)
         timing.decode_steps += 1
     synchronize(device)
     timing.decode_seconds = time.perf_counter() - start

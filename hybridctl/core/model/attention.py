@@ -22,14 +22,14 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def tables(self, T: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, head_dim] for positions start .. start + T - 1."""
-        t = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    def tables(self, T: int, device: torch.device, start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, head_dim] for positions start .. start + T - 1 (start: a number, or a 0-d tensor)."""
+        t = torch.arange(T, device=device, dtype=torch.float32) + (start.float() if torch.is_tensor(start) else start)
         freqs = torch.outer(t, self.inv_freq.to(device))
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """x: [B, H, T, D] at positions start .. start + T - 1"""
         cos, sin = self.tables(x.shape[-2], x.device, start)
         x1, x2 = x.float().chunk(2, dim=-1)
@@ -52,7 +52,8 @@ class Rotary(nn.Module):
         q, k, v = qkv.view(B, T, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
         return self(q), self(k), v
 
-    def split_qkv_at(self, qkv: torch.Tensor, n_heads: int, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split_qkv_at(self, qkv: torch.Tensor, n_heads: int, start: int | torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """split_qkv for positions start .. start + T - 1 (decoding), as [B, T, H, D] each, the layout of a KV
         cache."""
         B, T, _ = qkv.shape
@@ -101,6 +102,16 @@ class CausalSelfAttention(nn.Module):
         keys, values, _ = cache.append(k, v)
         y = cached_attention(q.transpose(1, 2), keys, values, cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def step_at(self, x: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """forward_cached for one decoding step at `position` (a 0-d device tensor): it attends over every slot of
+        the cache, the unseen ones masked, so no shape or index depends on the host (CUDA graphs)."""
+        B, _, C = x.shape
+        q, k, v = self.rotary.split_qkv_at(self.qkv_proj(x), self.n_heads, position)
+        keys, values, visible = cache.write_at(k, v, position)
+        with sdpa_kernel(GROWING_KEYS_BACKENDS):
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible)
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, C))
 
 
 # cuDNN's attention builds an execution plan for each new key length, which at the study shape took about as long

@@ -102,6 +102,24 @@ class KVCache(LayerCache):
         self.length = end
         return seen[0].transpose(1, 2), seen[1].transpose(1, 2), (seen[2] if index_k is not None else None)
 
+    def write_at(self, k: Tensor, v: Tensor, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoding step at `position` (a 0-d device tensor), with shapes and indices that do not change from
+        step to step, as a CUDA graph needs: store k, v [B, 1, H, D] in the position's slot and return the keys
+        and values of every slot [B, H, slots, D] with which of them the query sees [B or 1, 1, 1, slots]. The
+        host's `length` is left to the caller (ModelCache.advance)."""
+        if self.keys is None:
+            raise ValueError("a fixed-shape step continues a cache that a prompt has filled")
+        slot = (position % self.window if self.ring else position).reshape(1)
+        self.keys.index_copy_(1, slot, k)
+        self.values.index_copy_(1, slot, v)
+        slots = torch.arange(self.slots, device=k.device)
+        # the position each slot holds: slot itself, or in a ring the latest position <= `position` on that slot
+        held = position - (position - slots) % self.window if self.ring else slots
+        visible = ((held <= position) & (held >= 0))[None]
+        if self.pad is not None:
+            visible = visible & (held[None] >= self.pad.to(k.device)[:, None])
+        return self.keys.transpose(1, 2), self.values.transpose(1, 2), visible[:, None, None]
+
     def key_positions(self, T: int, S: int, device) -> Tensor:
         """Positions [S] of the keys the last `append` (of T positions) returned."""
         if self.ring and T == 1:
@@ -137,6 +155,12 @@ class ModelCache:
     def nbytes(self) -> int:
         """Bytes held by every cache and state tensor of every layer."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+    def advance(self, positions: int) -> None:
+        """Count `positions` more as seen, after steps that took their position from a device tensor."""
+        self.length += positions
+        for layer in self.layers:
+            layer.length += positions
 
 
 def new_cache(layer_kinds: list[str], capacity: int, window: int = 0, pad: Tensor | None = None) -> ModelCache:

@@ -71,6 +71,13 @@ class Block(nn.Module):
         x, h = self.mlp_norm.add_and_norm(x, self.mixer.forward_cached(h, cache))
         return x, (self.mlp.forward_without_drops(h) if hasattr(self.mlp, "forward_without_drops") else self.mlp(h))
 
+    def step_at(self, x: torch.Tensor, pending: torch.Tensor | None, cache: LayerCache, position: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward_cached for one decoding step at `position` (a 0-d device tensor); see HybridLM.step_at."""
+        x, h = self.mixer_norm.add_and_norm(x, pending)
+        x, h = self.mlp_norm.add_and_norm(x, self.mixer.step_at(h, cache, position))
+        return x, self.mlp(h)
+
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h @ weight.T) against targets, chunk by chunk over tokens.
@@ -210,9 +217,29 @@ class HybridLM(nn.Module):
         h = self.norm.add_and_norm(x if all_logits else x[:, -1:], pending if all_logits else pending[:, -1:])[1]
         return self.lm_head(h)[..., : self.vocab_size]
 
+    def step_at(self, idx: torch.Tensor, cache: ModelCache, position: torch.Tensor) -> torch.Tensor:
+        """forward_cached for one token per row, idx [B, 1], at `position`, a 0-d device tensor that the caller
+        counts (cache.advance(1) after the step). Nothing in it depends on a value held by the host: shapes are
+        those of the whole cache (attention masks the slots not yet seen), states are updated in place, so the
+        step can be captured once as a CUDA graph and replayed for every token (GraphedStep)."""
+        if not can_step_at(self.cfg):
+            raise ValueError("step_at takes Gated DeltaNet and attention layers with dense MLPs (L, F); "
+                             "decode this model with forward_cached")
+        x, pending = self.embed(idx), None
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x, pending = block.step_at(x, pending, layer_cache, position)
+        return self.lm_head(self.norm.add_and_norm(x, pending)[1])[..., : self.vocab_size]
+
     def aux_weight(self, key: str) -> float:
         weights = {"indexer_kl": self.cfg.dsa.aux_loss_weight, "moe_balance": self.cfg.moe.balance_loss_weight}
         return weights.get(key, 1.0)
+
+
+def can_step_at(cfg: ModelConfig) -> bool:
+    """Whether HybridLM.step_at, and so a CUDA graph of the decoding step, covers this model: Gated DeltaNet and
+    attention layers (L, F) with dense MLPs. Sparse attention selects its keys by a top-k over a growing set and
+    MoE routes by the data; those models decode step by step (forward_cached)."""
+    return set(cfg.layer_types()) <= {"L", "F"} and cfg.moe.n_experts == 0
 
 
 def pick_loss(loss: str, device_type: str) -> str:
