@@ -11,5 +11,6 @@ S=(--set data.dataset=builtin:python --set data.tokenizer=bpe:16384 --set data.m
    --set train.eval_every=50 --set train.eval_batches=4 --set train.save_every=100 --set train.keep_checkpoints=1)
 PRESETS=${PRESETS:-deltanet,hybrid_8,hybrid_sparse,hybrid_sparse_5_11,hybrid_25,hybrid_late,hybrid_alternating,transformer}
 hybridctl ablate arch --preset "$PRESETS" --seeds "$SEEDS" --steps 300 --name study_a_300 --out "$OUT" "${S[@]}"
-hybridctl compare "$OUT/ablations/study_a_300" --no-plots --json-out "$OUT/ablations/study_a_300/compare.json" --markdown "$OUT/ablations/study_a_300/compare.md"
-hybridctl report "$OUT/ablations/study_a_300"
+# compare and report are made from every finished run: a grown sweep replaces the ones of its earlier parts
+hybridctl compare "$OUT/ablations/study_a_300" --no-plots --json-out "$OUT/ablations/study_a_300/compare.json" --markdown "$OUT/ablations/study_a_300/compare.md" --force
+hybridctl report "$OUT/ablations/study_a_300" --force
