@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -158,7 +159,11 @@ def generate(model: HybridLM, prompts: list[list[int]], max_new_tokens: int, sam
         if all(row.stop is not None for row in rows):
             break
         if graphed and step_from_graph is None:  # captured once the prompt has filled the cache (decode time)
-            step_from_graph = GraphedStep(model, cache, len(prompts))
+            try:
+                step_from_graph = GraphedStep(model, cache, len(prompts))
+            except RuntimeError as e:  # a kernel that cannot be captured: the eager step gives the same tokens
+                warnings.warn(f"decoding step by step: capturing the step as a CUDA graph failed ({e})", RuntimeWarning, stacklevel=2)
+                graphed = False
         logits = step_from_graph(tokens[:, None]) if graphed else model.forward_cached(tokens[:, None], cache)
         timing.decode_steps += 1
     synchronize(device)

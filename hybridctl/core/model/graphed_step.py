@@ -42,17 +42,19 @@ class GraphedStep:
         # DeltaNet states are changed in place, so they are put back.
         states = [t for layer in cache.layers if isinstance(layer, DeltaNetState) for t in layer.tensors()]
         saved = [t.clone() for t in states]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                model.step_at(self.tokens, cache, self.position)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.step_at(self.tokens, cache, self.position)
-        for state, kept in zip(states, saved):
-            state.copy_(kept)
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    model.step_at(self.tokens, cache, self.position)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model.step_at(self.tokens, cache, self.position)
+        finally:  # also when capturing fails: the caller may decode the same cache step by step instead
+            for state, kept in zip(states, saved):
+                state.copy_(kept)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache.length >= self.cache.capacity:
