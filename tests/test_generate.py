@@ -129,6 +129,23 @@ def test_cached_greedy_generation_equals_recomputation(layout):
     assert timing.decode_steps == 11
 
 
+def test_generation_decodes_step_by_step_when_the_graph_cannot_be_captured(monkeypatch):
+    """A failed CUDA graph capture costs speed, not the completion: generate warns and gives the same tokens."""
+    import hybridctl.core.lab.generate as generate_module
+
+    def no_capture(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = micro_model(['model.pattern="LFLF"', "model.n_layers=4"])
+    prompts = [[5, 6, 7], [8, 9]]
+    expected, _ = generate(model, prompts, 8, Sampling(greedy=True))
+    monkeypatch.setattr(generate_module, "can_graph", lambda model: True)
+    monkeypatch.setattr(generate_module, "GraphedStep", no_capture)
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
+        rows, _ = generate(model, prompts, 8, Sampling(greedy=True))
+    assert [r.tokens for r in rows] == [r.tokens for r in expected]
+
+
 def test_generation_stops_at_eos_and_context_limit():
     model = micro_model(LAYOUTS["mixed"])
     prompt = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(4)).tolist()
