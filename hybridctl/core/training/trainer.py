@@ -32,7 +32,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -209,6 +209,7 @@ class Trainer:
                     if is_eval or is_save:
                         self.interval.tick = time.perf_counter()  # evaluating and saving are not training time
                     self.stop_if_signalled(saved=is_save)
+            self.wait_for_checkpoints()  # the last writes count in the run's wall time, and precede summary.json
             return self.finish(time.perf_counter() - wall_start)
         finally:
             try:
@@ -303,7 +304,7 @@ class Trainer:
                 self.write_checkpoint(path, then=lambda: self.run.prune_checkpoints(keep))  # pruned once it is in place
                 self.metrics.event("checkpoint", {"step": self.state.step, "path": str(path)})
 
-    def write_checkpoint(self, path: Path, then=None) -> None:
+    def write_checkpoint(self, path: Path, then: Callable[[], None] | None = None) -> None:
         """Snapshot the model and optimizer now; the writer writes them in the background, then runs `then`."""
         with self.checkpoint_errors():
             self.writer.save(path, self.model, self.optimizer, self.checkpoint_state(), version=self.state.step, then=then)
@@ -362,7 +363,6 @@ class Trainer:
         summary = build_summary(self.cfg, self.run, self.state, self.n_params, self.last_eval, timed_tokens, wall,
                                 self.device, self.world)
         summary["warnings"] = list(self.warnings)
-        self.wait_for_checkpoints()  # summary.json marks a finished run: its checkpoints are on disk first
         with dist.together():
             if self.main:
                 self.run.write_summary(summary)
