@@ -55,6 +55,7 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._jobs: list[_Job] = []  # saved and not yet waited for, in order
         self._queue: queue.SimpleQueue | None = None  # the thread's; made with the thread at the first save
+        self._thread: threading.Thread | None = None
         self._snapshot: ckpt.Snapshot | None = None
         self._version: Hashable = None
         _writers.add(self)
@@ -85,7 +86,8 @@ class CheckpointWriter:
     def _thread_queue(self) -> queue.SimpleQueue:
         if self._queue is None:
             self._queue = queue.SimpleQueue()
-            threading.Thread(target=_work_through, args=(self._queue,), name="checkpoint-writer", daemon=True).start()
+            self._thread = threading.Thread(target=_work_through, args=(self._queue,), name="checkpoint-writer", daemon=True)
+            self._thread.start()
         return self._queue
 
     def pending(self) -> bool:
@@ -110,7 +112,11 @@ class CheckpointWriter:
         finally:
             if self._queue is not None:
                 self._queue.put(None)
-                self._queue = None
+                if not self.pending():
+                    # Joined: a thread that has used torch and still ends while the interpreter exits can abort the
+                    # process ("terminate called without an active exception").
+                    self._thread.join()
+                self._queue, self._thread = None, None
             self._snapshot, self._version = None, None
             _writers.discard(self)
 
