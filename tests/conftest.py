@@ -69,7 +69,8 @@ def finished_micro_run(tmp_path_factory) -> Path:
 
 
 class StopAfter:
-    """Callback that simulates a crash right after the checkpoint of a given step is written."""
+    """Callback that simulates a crash right after the checkpoint of a given step is taken (train() still waits
+    for its write before the exception leaves it)."""
 
     def __init__(self, step):
         self.step = step

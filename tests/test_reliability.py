@@ -341,7 +341,7 @@ def assert_stopped_by_full_disk(err: str, run: RunDir) -> None:
 
 
 def test_disk_full_during_a_checkpoint_save(monkeypatch, tmp_path, capsys):
-    real_save = ckpt.save_file
+    real_save, real_copy = ckpt.save_file, ckpt.copyfile
 
     def save_file(tensors, filename, metadata=None):
         if "step_000006" in filename:
@@ -349,7 +349,14 @@ def test_disk_full_during_a_checkpoint_save(monkeypatch, tmp_path, capsys):
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save(tensors, filename, metadata=metadata)
 
+    def copyfile(source, target):  # step 6's checkpoint copies best/'s files (the same snapshot): fill the disk there too
+        if "step_000006" in str(target):
+            Path(target).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        return real_copy(source, target)
+
     monkeypatch.setattr(ckpt, "save_file", save_file)
+    monkeypatch.setattr(ckpt, "copyfile", copyfile)
     run = RunDir(tmp_path / "r")
     assert main(train_argv(tmp_path)) == 1
     assert_stopped_by_full_disk(capsys.readouterr().err, run)

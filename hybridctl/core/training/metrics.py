@@ -2,6 +2,7 @@
 
     Metrics.record(kind, record)   a "log" or "eval" record: every sink (metrics.jsonl, ...), then the callback
     Metrics.event(kind, record)    progress alone ("start", "skip", "checkpoint", "end"): the callback
+                                   ("checkpoint" comes when it is taken; its files are written in the background)
 
 A sink is anything with `log(record)` and `close()`. metrics.jsonl is one (MetricsFile); the experiment trackers
 of train.log_to (tracking.py: TensorBoard, wandb) are others, which the Trainer adds on rank 0. Under torchrun rank 0 alone

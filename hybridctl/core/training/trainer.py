@@ -11,6 +11,7 @@ Where the parts live, in core/training/:
     summary.py     summary.json's content
     preflight.py   checks before a run starts (tokens against the config, disk space)
     checkpoint.py, runs.py, distributed.py: checkpoints, run folders, several processes
+    checkpoint_writer.py  checkpoints written in a background thread (the loop waits only for a copy in memory)
 
 Determinism: every RNG is seeded from train.seed, the batch for step s depends only on (seed, s), and a
 checkpoint holds the model, AdamW state, RNG states and schedule; on CPU a resumed run repeats the losses of an
@@ -31,7 +32,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,6 +45,7 @@ from hybridctl.core.model.hybrid_lm import HybridLM, build_model, pick_loss
 from hybridctl.core.presets import config_diff
 from hybridctl.core.training import checkpoint as ckpt
 from hybridctl.core.training import checkpoint_files
+from hybridctl.core.training.checkpoint_writer import CheckpointWriter, wait_for_pending_writes
 from hybridctl.core.training import distributed as dist
 from hybridctl.core.training import evaluation
 from hybridctl.core.training.metrics import Callback, Metrics
@@ -155,9 +157,11 @@ class Trainer:
         self.signal_flag: dict[str, Any] = {}  # stop_on_signals sets "signal"
         self.agreed_signal: str | None = None  # under torchrun: the signal the processes agreed on at the last settle
         self.last_eval: dict[str, Any] = {}
+        self.writer = CheckpointWriter()  # rank 0's checkpoints, written in the background
 
     def resume(self, checkpoint: Path, rollback: bool) -> TrainState:
         """Load the weights, AdamW state and RNG states; trim the run's records to the checkpoint's step."""
+        wait_for_pending_writes()  # a checkpoint this process is still writing is read whole
         saved = ckpt.load_checkpoint(checkpoint, self.model, self.optimizer)
         if saved.get("config_hash") not in (None, self.cfg.hash()):
             config, current = saved.get("config", {}), self.cfg.to_dict()
@@ -205,9 +209,14 @@ class Trainer:
                     if is_eval or is_save:
                         self.interval.tick = time.perf_counter()  # evaluating and saving are not training time
                     self.stop_if_signalled(saved=is_save)
+            self.wait_for_checkpoints()  # the last writes count in the run's wall time, and precede summary.json
             return self.finish(time.perf_counter() - wall_start)
         finally:
-            self.metrics.close()
+            try:
+                with self.checkpoint_errors():  # a run that ends by an error still finishes its writes
+                    self.writer.close()
+            finally:
+                self.metrics.close()
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's rows of the step's global batch."""
@@ -288,15 +297,29 @@ class Trainer:
         return record
 
     def save(self) -> None:
-        with dist.together():  # the others wait for the checkpoint (and learn if writing it failed)
+        with dist.together():  # the others wait for the snapshot (and learn if an earlier write failed)
             if self.main:
-                path = self.write_checkpoint(self.run.checkpoints_dir / checkpoint_files.step_dir_name(self.state.step))
-                self.run.prune_checkpoints(self.cfg.train.keep_checkpoints)
+                path = self.run.checkpoints_dir / checkpoint_files.step_dir_name(self.state.step)
+                keep = self.cfg.train.keep_checkpoints
+                self.write_checkpoint(path, then=lambda: self.run.prune_checkpoints(keep))  # pruned once it is in place
                 self.metrics.event("checkpoint", {"step": self.state.step, "path": str(path)})
 
-    def write_checkpoint(self, path: Path) -> Path:
+    def write_checkpoint(self, path: Path, then: Callable[[], None] | None = None) -> None:
+        """Snapshot the model and optimizer now; the writer writes them in the background, then runs `then`."""
+        with self.checkpoint_errors():
+            self.writer.save(path, self.model, self.optimizer, self.checkpoint_state(), version=self.state.step, then=then)
+
+    def wait_for_checkpoints(self) -> None:
+        """Until the checkpoints saved so far are on disk (under together(): a failed write stops every rank)."""
+        with dist.together():
+            if self.main:
+                with self.checkpoint_errors():
+                    self.writer.wait()
+
+    @contextlib.contextmanager
+    def checkpoint_errors(self):
         try:
-            return ckpt.save_checkpoint(path, self.model, self.optimizer, self.checkpoint_state())
+            yield
         except CheckpointError as e:  # e.g. the disk filled up: say how to carry on once there is room
             then = f"continue with `hybridctl resume {self.run.path}`" if self.run.step_checkpoints() else "start the run again with --force"
             raise TrainingError(f"{e}; free some space, then {then}") from e
@@ -326,6 +349,7 @@ class Trainer:
         self.settle()
         if not saved:
             self.save()
+        self.wait_for_checkpoints()  # "checkpoint saved" is said once it is
         stopped = TrainingError(
             f"stopped by {caught} at step {self.state.step}; checkpoint saved, continue with `hybridctl resume {self.run.path}`",
         )
