@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hybridctl.core.errors import CheckpointError, ConfigError, RunError
+from hybridctl.core.files import move_into_place
 from hybridctl.core.lab.hf_export import check_exportable, from_hf_tensors, hf_config, model_config_from_hf, to_hf_tensors
 from hybridctl.core.lab.trained_model import locate_checkpoint
 from hybridctl.core.training import checkpoint as ckpt
@@ -119,13 +120,7 @@ def write_folder(out: Path, files: dict[str, str], tensors: dict[str, torch.Tens
         tmp.chmod(0o777 & ~mask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~mask)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hybridctl.core.presets import config_diff
-from hybridctl.core.files import make_temp_dir
+from hybridctl.core.files import make_temp_dir, move_into_place
 from hybridctl.core.errors import CheckpointError
 from hybridctl.core.training.checkpoint_files import FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, _fsync_dir, sha256_file, verify_checkpoint
 
@@ -160,13 +160,7 @@ def write_snapshot(path: Path, snapshot: Snapshot, state: dict[str, Any]) -> dic
         for name in [*manifest, STATE_FILE]:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, SafetensorError) as e:  # disk full, folder gone: the tensor writer reports these too
         shutil.rmtree(tmp, ignore_errors=True)
