@@ -344,7 +344,7 @@ def test_speed_json_that_is_a_folder_is_refused_before_measuring(tmp_path, capsy
     (["--preset", "tiny,deltanet", "--patterns", "LL"], "one preset"),
     (["--preset", "nope_preset"], "unknown preset"),
     (["--patterns", "LXL"], "unknown letter 'X'"),
-    (["--patterns", "tiny"], "'tiny' is not a layer layout"),
+    (["--patterns", "tiny"], "'tiny' is a preset; name presets with --preset tiny"),
     (["--patterns", "[3,6"], "unclosed '['"),
     (["--patterns", "[3,x]"], "not a list of layer indices"),
     (["--preset", "LLFL"], "pass it as --patterns LLFL"),
@@ -359,11 +359,11 @@ def test_speed_cli_errors(capsys, args, needle):
 def test_speed_layouts_are_patterns_or_attention_indices_on_one_preset():
     from hybridctl.core.presets import parse_layouts
 
-    layouts = parse_layouts("LLFL,[1];[0, 2],LLFL")
-    assert layouts == ["LLFL", [1], [0, 2]]
+    layouts = parse_layouts("LLFL,[1];[2, 0],LLFL")
+    assert layouts == ["LLFL", "[1]", "[0,2]"]
     configs = speed.speed_configs(["tiny"], layouts, [], vocab=300)
     assert [(c.name, "".join(c.model.layer_types())) for c in configs] == [
-        ("LLFL", "LLFL"), ("attn_1", "LFLL"), ("attn_0_2", "FLFL")]
+        ("LLFL", "LLFL"), ("attn1", "LFLL"), ("attn0-2", "FLFL")]
     assert all(c.model.d_model == 128 and c.model.vocab_size == 300 for c in configs)  # the rest is tiny's
 
 

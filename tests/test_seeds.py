@@ -18,7 +18,8 @@ from hybridctl.core.lab.render_findings import VERDICT_LEGEND, fit_columns, grou
 from hybridctl.core.lab.report import build_report
 from hybridctl.core.lab.results import collect_results
 from hybridctl.core.lab.stats import spread, welch_p
-from hybridctl.core.lab.sweeps import parse_layouts, parse_seeds, plan_arch_sweep, plan_lr_sweep, read_sweep
+from hybridctl.core.lab.sweeps import parse_seeds, plan_arch_sweep, plan_lr_sweep, read_sweep
+from hybridctl.core.presets import parse_layouts
 
 LRS = ["1e-3", "3e-3"]
 SEEDS = 3

@@ -11,8 +11,9 @@ from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.groups import group_results, rank_groups
 from hybridctl.core.lab.placements import parse_placements, plan_placement_sweep
 from hybridctl.core.lab.report import attention_chart, lr_chart, lr_edge_warning
+from hybridctl.core.presets import parse_layouts
 from hybridctl.core.lab.results import check_metric, label_results, load_result, rank_results, ranking_warnings
-from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_warnings, parse_layouts, parse_lr_values,
+from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_warnings, parse_lr_values,
                                        parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, preview_actions,
                                        run_sweep, sweep_conflict, sweep_path)
 from hybridctl.core.lab.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart,

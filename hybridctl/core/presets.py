@@ -169,7 +169,9 @@ def split_top_level(text: str) -> list[str]:
     return [item.strip() for item in [*items, current] if item.strip()]
 
 
-def parse_layout(item: str) -> str | list[int]:
+def parse_layout(item: str) -> str:
+    """One layer layout in its canonical spelling: letters as given (LLFL), or attention layer indices sorted and
+    without spaces ('[6, 3]' -> '[3,6]'), which is how sweep.json records it."""
     if item.startswith("["):
         try:
             value = tomllib.loads(f"v = {item}")["v"]
@@ -179,8 +181,10 @@ def parse_layout(item: str) -> str | list[int]:
             raise ConfigError(f"--patterns item '{item}' is not a list of layer indices; write it like [3,6] (0-based)")
         if len(set(value)) != len(value):
             raise ConfigError(f"--patterns item '{item}' repeats a layer index")
-        return sorted(value)
+        return "[" + ",".join(map(str, sorted(value))) + "]"
     if not re.fullmatch(f"[{LAYOUT_LETTERS}]+", item):
+        if item in available_presets() or item.endswith(".toml"):
+            raise ConfigError(f"--patterns takes layer layouts, and '{item}' is a preset; name presets with --preset {item}")
         if item.isalpha() and item.isupper():  # a pattern with a typo, e.g. LXL
             bad = sorted(set(item) - set(LAYOUT_LETTERS))[0]
             raise ConfigError(f"--patterns item '{item}' has unknown letter '{bad}'; give {LAYOUT_HELP}")
@@ -188,30 +192,32 @@ def parse_layout(item: str) -> str | list[int]:
     return item
 
 
-def parse_layouts(text: str) -> list[str | list[int]]:
-    """`LLFL,FFLL` -> ['LLFL', 'FFLL']; `[3,6];[5]` (or `[3,6],[5]`) -> [[3, 6], [5]]; repeats dropped."""
-    layouts: list[str | list[int]] = []
-    for item in split_top_level(text):
-        layout = parse_layout(item)
-        if layout not in layouts:
-            layouts.append(layout)
+def parse_layouts(text: str, warnings: list[str] | None = None) -> list[str]:
+    """`LLFL,FFLL` -> ['LLFL', 'FFLL']; `[3,6];[5]` (or `[3,6],[5]`) -> ['[3,6]', '[5]']. A layout given twice is
+    kept once (with a line in `warnings`)."""
+    listed = [parse_layout(item) for item in split_top_level(text)]
+    layouts = list(dict.fromkeys(listed))
     if not layouts:
         raise ConfigError(f"--patterns is empty; give {LAYOUT_HELP}, comma-separated")
+    repeated = [layout for layout in layouts if listed.count(layout) > 1]
+    if warnings is not None and repeated:
+        warnings.append(f"--patterns lists {', '.join(repeated)} more than once; each runs once")
     return layouts
 
 
-def layout_overrides(layout: str | list[int]) -> list[str]:
+def layout_overrides(layout: str) -> list[str]:
     """The --set overrides that give a preset this layout (a pattern sets n_layers too)."""
-    if isinstance(layout, str):
-        return [f'model.pattern="{layout}"', f"model.n_layers={len(layout)}"]
-    return [f"model.attention_layers={json.dumps(layout)}"]
+    if layout.startswith("["):
+        return [f"model.attention_layers={layout}"]
+    return [f'model.pattern="{layout}"', f"model.n_layers={len(layout)}"]
 
 
-def layout_label(layout: str | list[int]) -> str:
-    """A short name for a layout, safe in a folder name: 'LLFL', or 'attn_3_6' for [3, 6] ('attn_none' for [])."""
-    if isinstance(layout, str):
+def layout_label(layout: str) -> str:
+    """A layout as part of a folder name: LLFL stays, [3,6] becomes attn3-6, [] becomes attn-none."""
+    if not layout.startswith("["):
         return layout
-    return "attn_" + ("_".join(map(str, layout)) or "none")
+    inside = layout[1:-1]
+    return f"attn{inside.replace(',', '-')}" if inside else "attn-none"
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

@@ -47,7 +47,7 @@ def device_name(device: torch.device) -> str:
 
 
 
-def speed_configs(presets: list[str], layouts: list[str | list[int]], overrides: list[str], vocab: int | None = None) -> list[Config]:
+def speed_configs(presets: list[str], layouts: list[str], overrides: list[str], vocab: int | None = None) -> list[Config]:
     """One config per architecture: each preset, or one preset with each layer layout (a pattern of L / F / D
     letters, or attention layer indices; core/presets.py parse_layouts).
 

@@ -16,7 +16,7 @@ from typing import Any
 from hybridctl.core.config import Config, load_config
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.render import fmt_lr
-from hybridctl.core.presets import available_presets, parse_override
+from hybridctl.core.presets import layout_label, layout_overrides, parse_override
 
 
 DEFAULT_LRS = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3]
@@ -83,51 +83,6 @@ def parse_presets(text: str, warnings: list[str] | None = None) -> list[str]:
     if warnings is not None:
         warnings += _duplicates(listed, "--preset")
     return names
-
-
-LAYOUT_LETTERS = re.compile(r"^[LFD]+$")
-LAYOUT_LIST = re.compile(r"^\[\s*(\d+\s*(,\s*\d+\s*)*)?\]$")
-
-
-def parse_layouts(text: str, warnings: list[str] | None = None) -> list[str]:
-    """Layer layouts: letter patterns (LLFL: one letter per layer) or lists of attention layers ([3,6]).
-
-    Items are separated by ';', or by commas outside brackets (LLFL,FFLL or [3,6],[2,5])."""
-    items = text.split(";") if ";" in text else re.findall(r"\[[^\]]*\]|[^,\[\]]+", text)
-    layouts, listed = [], []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        if LAYOUT_LIST.match(item):
-            item = "[" + ",".join(str(int(i)) for i in re.findall(r"\d+", item)) + "]"
-        elif not LAYOUT_LETTERS.match(item):
-            if item in ARCH_GROUPS or item in available_presets() or item.endswith(".toml"):
-                raise ConfigError(f"--patterns takes layer layouts, and '{item}' is a preset; name presets with "
-                                  f"--preset {item}")
-            raise ConfigError(f"--patterns: '{item}' is not a layer layout; give one letter per layer (L = Gated "
-                              "DeltaNet, F = attention, D = sparse attention) like LLFL, or attention layers like [3,6]")
-        listed.append(item)
-        if item not in layouts:
-            layouts.append(item)
-    if not layouts:
-        raise ConfigError("--patterns is empty; give layer layouts like LLFL,FFLL or [3,6];[2,5]")
-    if warnings is not None:
-        warnings += _duplicates(listed, "--patterns")
-    return layouts
-
-
-def layout_overrides(layout: str) -> list[str]:
-    if layout.startswith("["):
-        return [f"model.attention_layers={layout}"]
-    return [f'model.pattern="{layout}"', f"model.n_layers={len(layout)}"]
-
-
-def layout_label(layout: str) -> str:
-    """A layout as part of a folder name: LLFL stays, [3,6] becomes attn3-6, [] becomes attn-none."""
-    if not layout.startswith("["):
-        return layout
-    inside = layout[1:-1]
-    return f"attn{inside.replace(',', '-')}" if inside else "attn-none"
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

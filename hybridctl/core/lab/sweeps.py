@@ -24,7 +24,7 @@ from hybridctl.core.data.token_cache import cache_key, load_token_data
 from hybridctl.core.errors import HybridctlError, RunError, TrainingError
 from hybridctl.core.lab.render import fmt_lr
 from hybridctl.core.lab.sweep_plans import (  # noqa: F401  (planning lives there; these names stay importable here)
-    ARCH_GROUPS, DEFAULT_LRS, DEFAULT_STEPS, STUDY_A, STUDY_C, PlannedRun, SweepPlan, parse_layouts, parse_lr_values,
+    ARCH_GROUPS, DEFAULT_LRS, DEFAULT_STEPS, STUDY_A, STUDY_C, PlannedRun, SweepPlan, parse_lr_values,
     parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, resolve_steps)
 from hybridctl.core.training.runs import (SWEEP_FILE, SWEEP_LOCK, RunDir, check_run_name, is_run_dir,
                                  write_json_atomic)
