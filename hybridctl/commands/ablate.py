@@ -16,8 +16,8 @@ from hybridctl.core.lab.results import check_metric, label_results, load_result,
 from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_warnings, parse_lr_values,
                                        parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, preview_actions,
                                        run_sweep, sweep_conflict, sweep_path)
-from hybridctl.core.lab.render import (TrainProgress, console, err_console, fmt_count, fmt_lr, plan_table, print_chart,
-                                       print_table, results_table)
+from hybridctl.core.lab.render import TrainProgress, fmt_count, fmt_lr, plan_table, print_chart, results_table
+from hybridctl.core.lab.tables import console, err_console, print_table
 from hybridctl.core.lab.render_findings import print_group_table
 from hybridctl.core.training.runs import RunDir
 from hybridctl.core.training.tracking import check_trackers

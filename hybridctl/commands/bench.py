@@ -17,7 +17,8 @@ from hybridctl.cli import commands_in_order, register_entry_points
 from hybridctl.commands.train import check_device_for_gpus, check_gpus, launch_on_gpus
 from hybridctl.core.config import DEFAULT_VOCAB
 from hybridctl.core.errors import ConfigError, RunError
-from hybridctl.core.lab.render import console, err_console, fmt_count, fmt_num, new_table, print_table, text_table
+from hybridctl.core.lab.render import fmt_count, fmt_num
+from hybridctl.core.lab.tables import console, err_console, new_table, print_table, text_table
 from hybridctl.core.presets import LAYOUT_HELP, available_presets, parse_layouts
 from hybridctl.core.training.runs import ensure_new_file
 

@@ -30,7 +30,7 @@ def decode(
     """Decoding speed and the memory caches and states hold, per architecture (untrained weights)."""
     from hybridctl.commands.bench import int_list
     from hybridctl.core.lab.decode_bench import PREFILL_TOKENS, bench_decode, check_decode_counts, default_decode_path
-    from hybridctl.core.lab.render import console, err_console, print_table
+    from hybridctl.core.lab.tables import console, err_console, print_table
     from hybridctl.core.lab.speed import speed_configs
     from hybridctl.core.training.runs import ensure_new_file
 

@@ -12,7 +12,8 @@ from hybridctl.core.lab.report import curves_chart
 from hybridctl.core.lab.results import METRICS, SORT_KEYS, collect_results, rank_results, ranking_warnings, result_record
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.lab.groups import group_record, group_results, has_repeats, rank_groups
-from hybridctl.core.lab.render import console, err_console, markdown_table, print_chart, print_table, results_rows, results_table
+from hybridctl.core.lab.render import print_chart, results_rows, results_table
+from hybridctl.core.lab.tables import console, err_console, markdown_table, print_table
 from hybridctl.core.lab.render_findings import VERDICT_LEGEND, group_rows, print_group_table
 from hybridctl.core.training.runs import ensure_new_file
 

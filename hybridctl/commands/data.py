@@ -10,7 +10,8 @@ from hybridctl.core.data.corpora import BUILTIN_CORPORA
 from hybridctl.core.data.tokens import cache_root
 from hybridctl.core.data.token_cache import cached_token_sets, load_token_data
 from hybridctl.commands.train import PRESET_HELP
-from hybridctl.core.lab.render import console, data_table, err_console, fmt_bytes, fmt_count, print_table, text_table
+from hybridctl.core.lab.render import data_table, fmt_bytes, fmt_count
+from hybridctl.core.lab.tables import console, err_console, print_table, text_table
 from hybridctl.core.data.synthetic import TASKS, check_seq_len
 
 app = typer.Typer(help="Prepare (tokenise and cache) and list training data.", no_args_is_help=True)

@@ -26,7 +26,7 @@ def eval_command(
     """Loss, perplexity and next-token accuracy on a text, over windows of the run's seq_len; writes RUN/eval/NAME.json."""
     # torch and the model code load here, not at import: `hybridctl --help` and read-only commands stay light
     from hybridctl.commands.bench import progress_bar
-    from hybridctl.core.lab.render import console, print_table
+    from hybridctl.core.lab.tables import console, print_table
     from hybridctl.core.lab.text_eval import eval_text
 
     with progress_bar("eval") as update:

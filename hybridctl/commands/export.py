@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from hybridctl.core.errors import ConfigError, RunError
-from hybridctl.core.lab.render import console, fmt_count, print_table
+from hybridctl.core.lab.render import fmt_count
+from hybridctl.core.lab.tables import console, print_table
 
 def export(
     target: Path = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="A run folder, or a checkpoint folder inside one (best/, checkpoints/step_NNNNNN); with --check and no --out, an export folder."),

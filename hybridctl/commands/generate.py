@@ -52,7 +52,7 @@ def generate(
     """Continue a prompt with a trained run's model (best/ by default), streaming the text as it comes."""
     from hybridctl.core.lab.generate import Sampling, generate_text, inference_dtype, load_generator
     from hybridctl.core.lab.trained_model import locate_checkpoint
-    from hybridctl.core.lab.render import err_console
+    from hybridctl.core.lab.tables import err_console
     from hybridctl.core.training.steps import resolve_device
 
     texts = read_prompts(prompt, prompt_file)

@@ -11,7 +11,7 @@ from hybridctl.core.lab.report import build_report
 from hybridctl.core.lab.results import METRICS, check_metric, collect_results
 from hybridctl.core.lab.sweeps import read_sweep
 from hybridctl.core.errors import ConfigError, RunError
-from hybridctl.core.lab.render import console
+from hybridctl.core.lab.tables import console
 from hybridctl.core.lab.render_findings import print_report, report_plots_dir, write_report
 from hybridctl.core.training.runs import ensure_new_file
 

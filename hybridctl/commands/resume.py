@@ -11,7 +11,8 @@ import typer
 from hybridctl.commands.train import GPUS_HELP, check_config_for_gpus, check_gpus, launch_on_gpus
 from hybridctl.core.config import Config, config_from_dict
 from hybridctl.core.errors import ConfigError, RunError
-from hybridctl.core.lab.render import TrainProgress, console, err_console, print_table, summary_table
+from hybridctl.core.lab.render import TrainProgress, summary_table
+from hybridctl.core.lab.tables import console, err_console, print_table
 from hybridctl.core.presets import apply_overrides, parse_override
 from hybridctl.core.training.checkpoint_files import read_state, verify_checkpoint
 from hybridctl.core.training.runs import RunDir

@@ -14,7 +14,8 @@ import typer
 from hybridctl import cli
 from hybridctl.core.config import load_config, preset_layer_types
 from hybridctl.core.errors import ConfigError
-from hybridctl.core.lab.render import TrainProgress, print_table, summary_table, text_table
+from hybridctl.core.lab.render import TrainProgress, summary_table
+from hybridctl.core.lab.tables import print_table, text_table
 from hybridctl.core.presets import available_presets, load_preset_dict
 from hybridctl.core.training.processes import launched
 from hybridctl.core.training.runs import RunDir, check_run_name

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hybridctl.core.lab.charts import chart_size
-from hybridctl.core.lab.tables import console, err_console, key_value_table, markdown_table, new_table, print_table, text_table  # noqa: F401 (re-exported)
+from hybridctl.core.lab.tables import console, err_console, key_value_table, print_table, text_table
 
 
 def fmt_num(value: Any, digits: int = 4) -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 from hybridctl.core.lab.results import METRICS
-from hybridctl.core.lab.render import (console, fmt_lr, fmt_num, fmt_pct, lr_short_of_peak, markdown_table, print_chart,
-                                       print_table, results_rows, results_table, text_table)
+from hybridctl.core.lab.render import fmt_lr, fmt_num, fmt_pct, lr_short_of_peak, print_chart, results_rows, results_table
+from hybridctl.core.lab.tables import console, markdown_table, print_table, text_table
 
 
 VERDICT_WORDS = {"best": "best", "not distinguishable from best": "tied", "worse": "worse", "single run": "1 run",
