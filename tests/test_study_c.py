@@ -39,6 +39,21 @@ def test_study_c_presets(name, pattern):
     assert cfg.model.d_model == 128 and cfg.train.steps == 1000
 
 
+def test_arch_sweep_trains_presets_for_their_own_steps():
+    """Without --steps an arch sweep runs the presets' own train.steps (study C's 1000, study A's 300); presets of
+    different lengths need --steps, since every run of a sweep trains as long."""
+    from hybridctl.core.errors import ConfigError
+    from hybridctl.core.lab.sweeps import STUDY_C as GROUP, plan_arch_sweep
+
+    plan = plan_arch_sweep(GROUP, seeds=[0, 1])
+    assert plan.steps == 1000 and {r.cfg.train.steps for r in plan.runs} == {1000} and len(plan.runs) == 16
+    assert plan_arch_sweep(["hybrid_sparse", "deltanet"]).steps == 300
+    assert plan_arch_sweep(["sandwich", "hybrid_sparse"], steps=50).steps == 50
+    assert plan_arch_sweep(["sandwich", "hybrid_sparse"], overrides=["train.steps=40"]).steps == 40
+    with pytest.raises(ConfigError, match="different numbers of steps .*sandwich 1000, hybrid_sparse 300.*--steps"):
+        plan_arch_sweep(["sandwich", "hybrid_sparse"])
+
+
 @pytest.fixture(scope="module")
 def sparse_moe_run(tmp_path_factory):
     cfg = micro_config(SPARSE_MOE)

@@ -25,7 +25,7 @@ from hybridctl.core.training.tracking import check_trackers
 app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value (and seed) under runs/ablations/<sweep>/.",
                   no_args_is_help=True)
 
-STEPS_HELP = "Steps per run (default: 200 for lr, 300 for arch, or a --set train.steps=N)."
+STEPS_HELP = "Steps per run (default: 200 for lr; for arch, the presets' own train.steps; or a --set train.steps=N)."
 OUT_HELP = "Folder that holds run folders; the sweep goes to OUT/ablations/<sweep>/."
 FORCE_HELP = "Run even if the sweep folder holds a different plan: runs that differ are replaced, identical ones kept."
 SEEDS_HELP = ("Train every configuration once per seed: a count N (seeds 0..N-1) or a list like 0,3,7 (sets train.seed; "

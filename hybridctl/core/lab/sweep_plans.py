@@ -190,6 +190,16 @@ def _seeded(name: str, preset: str, overrides: list[str], value: Any, seeds: lis
     return runs
 
 
+def presets_steps(configurations: list[tuple[str, str, list[str]]], overrides: list[str]) -> int:
+    """The train.steps the presets of an arch sweep share (study A's 300, study C's 1000): every run of a sweep
+    trains as long, so presets that differ need --steps."""
+    by_preset = {preset: load_config(preset, overrides + extra).train.steps for _, preset, extra in configurations}
+    if len(set(by_preset.values())) > 1:
+        listed = ", ".join(f"{Path(p).stem} {n}" for p, n in by_preset.items())
+        raise ConfigError(f"the presets train for different numbers of steps ({listed}); give --steps N for all of them")
+    return next(iter(by_preset.values()))
+
+
 def plan_lr_sweep(preset: str, values: list[float], steps: int | None = None, overrides: list[str] | None = None,
                   name: str | None = None, seeds: list[int] | None = None) -> SweepPlan:
     overrides = list(overrides or [])
@@ -212,7 +222,6 @@ def plan_arch_sweep(presets: list[str], steps: int | None = None, overrides: lis
     seed unless the presets differ there."""
     overrides = list(overrides or [])
     _check_seeds(seeds, overrides)
-    steps = resolve_steps("arch", steps, overrides)
     if layouts and len(presets) != 1:
         raise ConfigError(f"--patterns applies layer layouts to one base preset, got {len(presets)} "
                           f"({', '.join(presets[:4])}{', ...' if len(presets) > 4 else ''}); pass a single --preset")
@@ -221,6 +230,9 @@ def plan_arch_sweep(presets: list[str], steps: int | None = None, overrides: lis
     names = [c[0] for c in configurations]
     if len(set(names)) != len(names):
         raise ConfigError(f"--preset names two presets with the same file name ({', '.join(names)}); rename one")
+    if steps is None and _override_value(overrides, "train.steps") is None:
+        steps = presets_steps(configurations, overrides)
+    steps = resolve_steps("arch", steps, overrides)
     runs = []
     for config_name, preset, extra in configurations:
         runs += _seeded(config_name, preset, overrides + extra + [f"train.steps={steps}"], config_name, seeds)

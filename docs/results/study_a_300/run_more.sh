@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The rest of the study-A plan on one CUDA GPU, on the data and tokenizer of run.sh (builtin:python, bpe:16384).
+# Each part is its own sweep; running a part again resumes it.
+#   usage: bash docs/results/study_a_300/run_more.sh lr|long|placements
+#   lr          LR at 300 steps: hybrid_sparse, deltanet, transformer over 5e-4..3e-3, one seed (12 runs)
+#   long        700 steps: the two best hybrids of run.sh, deltanet and transformer, 2 seeds (8 runs). 700 steps
+#               take 34.4M tokens: a 40M-token set of the same corpus (the BPE depends on the corpus alone, so
+#               the tokenizer is the same; the validation split is cut from the larger set)
+#   placements  2 attention layers placed at random on hybrid_sparse's 12, 12 placements plus the presets with
+#               two attention layers ([3,6], [5,11]), one seed (14 runs)
+set -euo pipefail
+PART=${1:?give a part: lr, long or placements}
+OUT=${RUNS:-runs}
+S=(--set data.dataset=builtin:python --set data.tokenizer=bpe:16384 --set data.max_tokens=16000000
+   --set train.eval_every=50 --set train.eval_batches=4 --set train.save_every=100 --set train.keep_checkpoints=1)
+case "$PART" in
+  lr)
+    for p in hybrid_sparse deltanet transformer; do
+      hybridctl ablate lr --preset $p --values 5e-4,1e-3,2e-3,3e-3 --steps 300 --name lr300_$p --out "$OUT" "${S[@]}"
+    done
+    sweeps=(lr300_hybrid_sparse lr300_deltanet lr300_transformer) ;;
+  long)
+    hybridctl ablate arch --preset hybrid_late,hybrid_sparse_5_11,deltanet,transformer --seeds 0,1 --steps 700 \
+      --name study_a_700 --out "$OUT" "${S[@]}" --set data.max_tokens=40000000
+    sweeps=(study_a_700) ;;
+  placements)
+    hybridctl ablate arch --preset hybrid_sparse --attention 2 --placements 12 --seed 0 --steps 300 \
+      --name placements300 --out "$OUT" "${S[@]}"
+    sweeps=(placements300) ;;
+  *) echo "unknown part '$PART': give lr, long or placements" >&2; exit 2 ;;
+esac
+for sweep in "${sweeps[@]}"; do
+  hybridctl compare "$OUT/ablations/$sweep" --no-plots --json-out "$OUT/ablations/$sweep/compare.json" --markdown "$OUT/ablations/$sweep/compare.md" --force
+  hybridctl report "$OUT/ablations/$sweep" --force
+done
