@@ -6,8 +6,8 @@
 #   long        700 steps: the two best hybrids of run.sh, deltanet and transformer, 2 seeds (8 runs). 700 steps
 #               take 34.4M tokens: a 40M-token set of the same corpus (the BPE depends on the corpus alone, so
 #               the tokenizer is the same; the validation split is cut from the larger set)
-#   placements  2 attention layers placed at random on hybrid_sparse's 12, 12 placements plus the presets with
-#               two attention layers ([3,6], [5,11]), one seed (14 runs)
+#   placements  2 attention layers placed at random on hybrid_sparse's 12: 12 placements, the presets with
+#               two attention layers ([3,6], [5,11]) among them, one seed (12 runs)
 set -euo pipefail
 PART=${1:?give a part: lr, long or placements}
 OUT=${RUNS:-runs}
