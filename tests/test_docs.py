@@ -60,7 +60,7 @@ def test_the_docs_have_commands_to_check():
 @pytest.mark.parametrize("doc,args", COMMANDS, ids=[f"{d}:{' '.join(a)}" for d, a in COMMANDS])
 def test_documented_command_parses(cli_group, doc, args, tmp_path, monkeypatch):
     from hybridctl.core.lab.sweep_plans import ARCH_GROUPS
-    from hybridctl.core.presets import available_presets
+    from hybridctl.core.presets import available_presets, parse_layouts
 
     group, calls = cli_group
     monkeypatch.chdir(tmp_path)  # relative paths in the examples (runs/...) point nowhere real
@@ -73,6 +73,8 @@ def test_documented_command_parses(cli_group, doc, args, tmp_path, monkeypatch):
             for name in args[i + 1].split(","):
                 known = available_presets() + (list(ARCH_GROUPS) if args[:2] == ["ablate", "arch"] else [])
                 assert name in known, f"{doc}: preset {name} does not exist"
+        if word == "--patterns":
+            parse_layouts(args[i + 1])  # a layer layout, or the one-line error a user would get
 
 
 def named_paths(text: str) -> list[str]:
