@@ -86,5 +86,7 @@ def decode_table(report: dict[str, Any]):
                       f"{r['step_ms']:.3g}", fmt_bytes(r["cache_bytes"]),
                       *([fmt_bytes(r["peak_memory_bytes"])] if gpu else []))
     table.caption = ("decode tok/s: batch x steps / time; cache: every KV cache and recurrent state tensor"
-                     + ("; peak mem: torch.cuda.max_memory_allocated" if gpu else ""))
+                     + ("; peak mem: torch.cuda.max_memory_allocated" if gpu else "")
+                     + ("; steps replayed from a CUDA graph (--eager: launched one by one)"
+                        if any(r.get("cuda_graph") for r in report["results"]) else ""))
     return table
