@@ -41,6 +41,16 @@ def isolated_cache(tmp_path_factory):
     return cache
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Micro models gain nothing from threads, and on a shared 2-core machine a second thread mostly waits: a
+    module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def micro_overrides():
     return list(MICRO)

@@ -43,16 +43,11 @@ RECORDS = [
 ]
 
 
-# Micro shapes gain nothing from threads, and on a shared 2-core machine a second thread mostly waits.
+# Subprocesses run serial as the tests do (see conftest.one_thread).
 SERIAL = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

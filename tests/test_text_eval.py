@@ -21,12 +21,7 @@ PARAGRAPHS = ["The quick brown fox jumps over the lazy dog.\nA second line of th
               "Héllo wörld: bytes beyond ASCII count as two tokens each."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import sys
 import types
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
@@ -22,12 +21,7 @@ from hybridctl.core.training.trainer import train
 TB = ['train.log_to=["tensorboard"]']
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_tracked(cfg, run, resume_from=None, inner=None):
