@@ -326,16 +326,18 @@ class GatedDeltaNet(nn.Module):
         """forward for the next T positions of the sequences in `cache`, which keeps the convolution's last
         inputs and the recurrent state: a prompt runs the chunked recurrence from the state, a decoding step one
         step of it. Pad positions (left padding) leave both unchanged."""
-        out = self.continue_states(x, cache)
+        out = self.continue_states(x, cache, in_place=False)
         cache.length += x.shape[1]
         return out
 
     def step_at(self, x: torch.Tensor, cache: DeltaNetState, position: torch.Tensor) -> torch.Tensor:
         """One decoding step whose position the caller counts (ModelCache.advance): no shape depends on the
         position and the states are updated in place, so it can be captured in a CUDA graph."""
-        return self.continue_states(x, cache)
+        return self.continue_states(x, cache, in_place=True)
 
-    def continue_states(self, x: torch.Tensor, cache: DeltaNetState) -> torch.Tensor:
+    def continue_states(self, x: torch.Tensor, cache: DeltaNetState, in_place: bool) -> torch.Tensor:
+        """in_place: write the new states into the tensors that hold the old ones (a captured step reads and writes
+        the same memory at every replay), rather than keep the new tensors (a copy fewer for an eager step)."""
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         # a step's one row needs no padded weight (decay_beta_logits), which would cost two more kernels
@@ -345,14 +347,14 @@ class GatedDeltaNet(nn.Module):
         if real is not None:
             qkv = qkv.masked_fill(~real[..., None], 0.0)
         qkv, conv = conv_silu_with_state(qkv, self.conv_weight, cache.conv)
-        cache.conv = update_in_place(cache.conv, conv)
+        cache.conv = update_in_place(cache.conv, conv) if in_place else conv
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         a, b = ab.split(H, dim=-1)
         fla = use_fla(x, K, self.backend)
         o, recurrent = gated_delta_rule_cached(
             q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V), a, b, self.A_log, self.dt_bias,
             cache.recurrent, real, fla, self.chunk_size)
-        cache.recurrent = update_in_place(cache.recurrent, recurrent)
+        cache.recurrent = update_in_place(cache.recurrent, recurrent) if in_place else recurrent
         gate = gate.reshape(B, T, H, V)
         o = fla_gated_rms_norm(o, gate, self.o_norm) if fla else self.o_norm(o, gate)
         return self.o_proj(o.reshape(B, T, self.value_dim))
@@ -360,8 +362,7 @@ class GatedDeltaNet(nn.Module):
 
 
 def update_in_place(state: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """`new` written into the tensor that holds the state, once there is one: a captured decoding step (CUDA
-    graph) reads and writes the same memory at every replay."""
+    """`new` written into the tensor that holds the state, once there is one."""
     if state is None or state.shape != new.shape or state.dtype != new.dtype:
         return new
     return state.copy_(new)
