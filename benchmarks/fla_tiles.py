@@ -19,7 +19,8 @@ import json
 import torch
 
 from hybridctl.core.kernels import gdn_fused
-from hybridctl.core.model.gated_delta import GatedDeltaNet, fla_status
+from hybridctl.core.model.gdn_dispatch import fla_status
+from hybridctl.core.model.gated_delta import GatedDeltaNet
 from profile_step import kernel_ms  # benchmarks/ is on the path when this script runs
 
 

@@ -23,7 +23,8 @@ import torch
 from triton.testing import do_bench
 
 from hybridctl.core.kernels import gdn_kernels, short_conv
-from hybridctl.core.model.gated_delta import GatedDeltaNet, fla_gated_rms_norm, fla_short_conv, layer_path
+from hybridctl.core.model.gdn_dispatch import fla_gated_rms_norm, fla_short_conv, layer_path
+from hybridctl.core.model.gated_delta import GatedDeltaNet
 from profile_step import kernel_ms, profiled_kernel_times  # benchmarks/ is on the path when this script runs
 
 

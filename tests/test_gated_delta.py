@@ -104,7 +104,7 @@ def test_cpu_training_never_imports_fla():
 
 
 def test_layer_path_on_cpu_is_the_reference():
-    from hybridctl.core.model.gated_delta import layer_path
+    from hybridctl.core.model.gdn_dispatch import layer_path
 
     assert layer_path(False, 128, 256, 4, "auto") == "torch"
     assert layer_path(False, 128, 256, 4, "torch") == "torch"

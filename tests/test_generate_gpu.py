@@ -14,7 +14,7 @@ from conftest import micro_config
 from hybridctl.core.lab.decode_bench import cache_nbytes, measure_decode
 from hybridctl.core.lab.generate import Sampling, cast_for_inference, generate, prefill
 from hybridctl.core.model.graphed_step import GraphedStep, graph_capacity
-from hybridctl.core.model.gated_delta import fla_status
+from hybridctl.core.model.gdn_dispatch import fla_status
 from hybridctl.core.model.hybrid_lm import build_model
 
 pytestmark = pytest.mark.gpu

@@ -5,7 +5,8 @@ so compiled kernels are reused."""
 import pytest
 import torch
 
-from hybridctl.core.model.gated_delta import GatedDeltaNet, fla_status, gated_delta_rule
+from hybridctl.core.model.gdn_dispatch import fla_status
+from hybridctl.core.model.gated_delta import GatedDeltaNet, gated_delta_rule
 
 pytestmark = pytest.mark.gpu
 
@@ -83,7 +84,7 @@ def test_layer_matches_reference_layer(backend, monkeypatch):
     """On Hopper the fused op launches three of fla's backward kernels at its own configs; the second case runs
     it with fla's wrappers instead, so both launch paths are checked."""
     from hybridctl.core.kernels import gdn_fused
-    from hybridctl.core.model.gated_delta import layer_path
+    from hybridctl.core.model.gdn_dispatch import layer_path
 
     if backend.startswith("fused, "):
         monkeypatch.setattr(gdn_fused, "launch_config", lambda kernel, k, v, config="auto": None)
