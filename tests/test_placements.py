@@ -86,6 +86,15 @@ def test_bad_placement_options_end_in_one_line(tmp_path, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_base_with_sparse_attention_is_refused(tmp_path):
+    """A placement keeps L and F only, so the D layers of dsa_sandwich (LDDL) would vanish: refused, not run."""
+    result = run_cli("ablate", "arch", "--preset", "dsa_sandwich", "--attention", "1", "--placements", "2",
+                     "--out", str(tmp_path / "runs"))
+    assert result.returncode != 0
+    assert re.fullmatch(r"error: .*dsa_sandwich also has D layers \(LDDL\).*--patterns instead\n", result.stderr), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_count_larger_than_layers_in_the_library():
     with pytest.raises(ConfigError, match="more than the 4 layers"):
         choose_placements(4, 5, None)

@@ -113,6 +113,11 @@ def plan_placement_sweep(base: str, attention: int, count: int | None, seed: int
 
     overrides = list(overrides or [])
     base_types = load_config(base, overrides).model.layer_types()
+    others = sorted(set(base_types) - {"L", "F"})
+    if others:  # a placement keeps only L and F: the base's other layers would silently become Gated DeltaNet
+        raise ConfigError(f"placement sweeps place F layers among Gated DeltaNet (L) layers, and {Path(base).stem} "
+                          f"also has {'/'.join(others)} layers ({''.join(base_types)}); sweep its layouts with "
+                          "--patterns instead")
     n_layers = len(base_types)
     own = placement_of(base_types, attention)
     placements, named = choose_placements(n_layers, attention, count, seed, own)
