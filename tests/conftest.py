@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,3 +126,43 @@ def write_plugin(root: Path, module: str, body: str, group: str, entry: str) -> 
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+
+
+def silenced(command, calls: list) -> None:
+    """Replace every command's action by one that records its name, keeping its options and their types (Typer's
+    commands may be its own copy of click's classes, so groups are told apart by their `commands`)."""
+    if hasattr(command, "commands"):
+        for sub in command.commands.values():
+            silenced(sub, calls)
+    else:
+        command.callback = lambda **kwargs: calls.append(command.name)
+
+
+@pytest.fixture(scope="module")
+def cli_group():
+    """The CLI's click group with every command silenced, and the list of the commands it reached."""
+    from hybridctl import cli
+
+    calls: list[str] = []
+    group = typer.main.get_command(cli.build_app())
+    silenced(group, calls)
+    return group, calls
+
+
+def check_command(cli_group, args: list[str], where: str) -> None:
+    """`hybridctl ARGS` (as written in `where`) parses and reaches one command, its presets exist and its layer
+    layouts are valid."""
+    from hybridctl.core.lab.sweep_plans import ARCH_GROUPS
+    from hybridctl.core.presets import available_presets, parse_layouts
+
+    group, calls = cli_group
+    calls.clear()
+    group.main(args=list(args), prog_name="hybridctl", standalone_mode=False)
+    assert len(calls) == 1, f"{where}: `hybridctl {' '.join(args)}` reached no command"
+    for i, word in enumerate(args[:-1]):
+        if word in ("--preset", "-p"):
+            for name in args[i + 1].split(","):
+                known = available_presets() + (list(ARCH_GROUPS) if args[:2] == ["ablate", "arch"] else [])
+                assert name in known, f"{where}: preset {name} does not exist"
+        if word == "--patterns":
+            parse_layouts(args[i + 1])  # a layer layout, or the one-line error a user would get

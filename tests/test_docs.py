@@ -7,9 +7,8 @@ import re
 import shlex
 
 import pytest
-import typer
 
-from conftest import REPO
+from conftest import REPO, check_command
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
@@ -29,26 +28,6 @@ def doc_commands() -> list[tuple[str, list[str]]]:
     return found
 
 
-def silenced(command, calls: list) -> None:
-    """Replace every command's action by one that records its name, keeping its options and their types (Typer's
-    commands may be its own copy of click's classes, so groups are told apart by their `commands`)."""
-    if hasattr(command, "commands"):
-        for sub in command.commands.values():
-            silenced(sub, calls)
-    else:
-        command.callback = lambda **kwargs: calls.append(command.name)
-
-
-@pytest.fixture(scope="module")
-def cli_group():
-    from hybridctl import cli
-
-    calls: list[str] = []
-    group = typer.main.get_command(cli.build_app())
-    silenced(group, calls)
-    return group, calls
-
-
 COMMANDS = doc_commands()
 
 
@@ -59,22 +38,9 @@ def test_the_docs_have_commands_to_check():
 
 @pytest.mark.parametrize("doc,args", COMMANDS, ids=[f"{d}:{' '.join(a)}" for d, a in COMMANDS])
 def test_documented_command_parses(cli_group, doc, args, tmp_path, monkeypatch):
-    from hybridctl.core.lab.sweep_plans import ARCH_GROUPS
-    from hybridctl.core.presets import available_presets, parse_layouts
-
-    group, calls = cli_group
     monkeypatch.chdir(tmp_path)  # relative paths in the examples (runs/...) point nowhere real
-    calls.clear()
-    group.main(args=list(args), prog_name="hybridctl", standalone_mode=False)
-    assert len(calls) == 1, f"{doc}: `hybridctl {' '.join(args)}` reached no command"
+    check_command(cli_group, args, doc)
     assert not any(tmp_path.iterdir()), "a silenced command wrote files"
-    for i, word in enumerate(args[:-1]):
-        if word in ("--preset", "-p"):
-            for name in args[i + 1].split(","):
-                known = available_presets() + (list(ARCH_GROUPS) if args[:2] == ["ablate", "arch"] else [])
-                assert name in known, f"{doc}: preset {name} does not exist"
-        if word == "--patterns":
-            parse_layouts(args[i + 1])  # a layer layout, or the one-line error a user would get
 
 
 def named_paths(text: str) -> list[str]:
