@@ -136,6 +136,21 @@ def test_forced_replan_keeps_identical_runs_and_drops_the_rest(sweep, tmp_path):
     assert [a.kind for a in actions] == ["done", "start"]
 
 
+def test_a_sweep_that_trained_nothing_takes_a_new_plan(tmp_path):
+    """A sweep that failed before its first run (say the data could not be loaded) left only sweep.json: running
+    it again with other options is no conflict, since no run would be lost."""
+    path = tmp_path / "lr_tiny"
+    prepare_sweep(plan_lr_sweep("tiny", [1e-3, 3e-3], STEPS, list(MICRO), name="lr_tiny"), path)
+    plan = plan_lr_sweep("tiny", [1e-3, 2e-3], STEPS + 1, list(MICRO), name="lr_tiny")
+    assert sweep_conflict(plan, path) == ""
+    state = prepare_sweep(plan, path)
+    assert state["steps"] == STEPS + 1 and [r["name"] for r in state["plan"]] == ["tiny_lr1e-3", "tiny_lr2e-3"]
+    (path / "tiny_lr1e-3").mkdir()
+    (path / "tiny_lr1e-3" / "config.toml").write_text("")  # once a run has a folder, a new plan needs --force
+    with pytest.raises(RunError, match="planned differently"):
+        prepare_sweep(plan_lr_sweep("tiny", [1e-3], STEPS, list(MICRO), name="lr_tiny"), path)
+
+
 def test_next_action_by_run_state(sweep, tmp_path):
     _, path, _ = sweep
     plan = plan_lr_sweep("tiny", [float(LRS[0])], STEPS, list(MICRO))

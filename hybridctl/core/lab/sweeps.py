@@ -127,7 +127,7 @@ def sweep_conflict(plan: SweepPlan, path: Path) -> str:
     if state is None:
         return f"{path} exists but is not a sweep" if _holds_files(path) else ""
     diff = plan_difference(state, plan.to_dict())
-    return f"the sweep there was planned differently ({diff})" if diff else ""
+    return f"the sweep there was planned differently ({diff})" if diff and _has_runs(path) else ""
 
 
 def preview_actions(plan: SweepPlan, path: Path) -> list[RunAction]:
@@ -136,6 +136,12 @@ def preview_actions(plan: SweepPlan, path: Path) -> list[RunAction]:
         return [RunAction("start") for _ in plan.runs]
     status = (read_sweep(path) or {}).get("status", {})
     return [next_action(RunDir(path / r.name), r, status.get(r.name)) for r in plan.runs]
+
+
+def _has_runs(path: Path) -> bool:
+    """Whether any run of the sweep has a folder: a sweep that failed before its first run (the data could not
+    be loaded, say) holds only its plan, which a new plan may replace."""
+    return any(is_run_dir(child) for child in Path(path).iterdir())
 
 
 def _holds_files(path: Path) -> bool:
@@ -182,12 +188,14 @@ def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str,
         raise RunError(f"{path} exists but is not a sweep (no {SWEEP_FILE}); pick another --name or pass --force to replace it")
     if state is not None:
         diff = plan_difference(state, new)
-        if diff and not force:
+        if diff and not _has_runs(path):
+            state = None  # nothing trained under the old plan: the new one replaces it
+        elif diff and not force:
             raise RunError(
                 f"sweep {path} was planned differently ({diff}); re-run with its original options, "
                 "pick another --name, or pass --force to replace the runs that differ"
             )
-        if diff:
+        elif diff:
             # Forced: keep runs whose plan entry is unchanged, drop the ones that changed or left the plan.
             keep = {r["name"] for r in new["runs"]} if state.get("steps") == new["steps"] else set()
             old_entries = {r["name"]: r for r in state.get("plan", [])}
