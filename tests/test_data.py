@@ -523,3 +523,28 @@ def test_data_prepare_cli_errors(tmp_path):
                        "--set", "train.seq_len=64")
     assert too_long.returncode == 1 and len(too_long.stderr.strip().splitlines()) == 1
     assert "examples of 160 tokens (4 x pairs), longer than train.seq_len=64" in too_long.stderr
+
+
+def test_hub_names_say_what_a_run_would_fetch(tmp_path):
+    """What --dry-run warns of: hub datasets and tokenizers not cached here; nothing for offline corpora, local
+    files, bytes / bpe:N, or data whose tokens are cached."""
+    local = tmp_path / "corpus.txt"
+    local.write_text("\n\n".join(f"local document {i}" for i in range(200)))
+    assert token_cache.hub_names(DataConfig(dataset="owner/corpus", tokenizer="owner/tokenizer")) == [
+        "owner/corpus", "owner/tokenizer"]
+    assert token_cache.hub_names(DataConfig(dataset="builtin:stdlib", tokenizer="owner/tokenizer")) == ["owner/tokenizer"]
+    assert token_cache.hub_names(DataConfig(dataset=str(local), tokenizer="bpe:300")) == []
+    assert token_cache.hub_names(DataConfig(dataset="synthetic:mqar", tokenizer="bytes")) == []
+    cached = DataConfig(dataset=str(local), tokenizer="bytes", max_tokens=1000)
+    token_cache.load_token_data(cached)
+    assert token_cache.hub_names(cached) == []
+
+
+def test_dry_run_says_the_data_needs_the_hub(tmp_path):
+    args = ["ablate", "lr", "--preset", "tiny", "--values", "1e-3", "--steps", "2", "--out", str(tmp_path / "runs"),
+            "--dry-run"]
+    hub = run_cli(*args, "--set", 'data.dataset="owner/corpus"')
+    assert hub.returncode == 0, hub.stderr
+    assert "comes from the Hugging Face hub (owner/corpus)" in hub.stdout
+    assert "Hugging Face hub" not in run_cli(*args).stdout  # tiny: the offline standard library
+    assert not (tmp_path / "runs").exists()

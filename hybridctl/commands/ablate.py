@@ -115,6 +115,13 @@ def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str)
         print_table(plan_table(plan, preview_actions(plan, path)))
         console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {len(plan.runs)} runs",
                       markup=False, highlight=False)
+        from hybridctl.core.data.token_cache import hub_names
+
+        for names in dict.fromkeys(tuple(hub_names(planned.cfg.data)) for planned in plan.runs):
+            if names:
+                console.print(f"note: the data is not cached here and comes from the Hugging Face hub ({', '.join(names)}); "
+                              "without the network, set data.dataset to local files or builtin:python (docs/data.md)",
+                              markup=False, highlight=False, soft_wrap=True)
         conflict = sweep_conflict(plan, path)
         if conflict:
             console.print(f"note: {conflict}; running this plan needs --force or another --name", markup=False,
