@@ -6,6 +6,8 @@ Exit codes, the same in every command (docs/cli.md):
   1    an error: bad input the message says how to fix (HybridctlError), or an unexpected failure
   2    a usage error: an unknown option, a missing or malformed argument
   130  interrupted (Ctrl-C); a training run saves a checkpoint first
+  141  the output was closed (`hybridctl ... | head`): the command went on without printing, its files written;
+       a training run saves a checkpoint and stops (core/streams.py)
   143  stopped by SIGTERM (a scheduler's or `kill`'s); a training run saves a checkpoint first
 Errors print one line; `--debug` anywhere on the line (or HYBRIDCTL_DEBUG=1) adds the traceback. Under torchrun
 an error is printed by one process only (see core/training/processes.py).
@@ -26,6 +28,7 @@ import typer
 import typer.core
 
 from hybridctl import __version__
+from hybridctl.core import streams
 from hybridctl.core.training import processes
 from hybridctl.core.errors import HybridctlError, Terminated
 
@@ -180,8 +183,10 @@ def sigterm_unwinds():
 
 
 def main(argv: list[str] | None = None) -> int:
-    with sigterm_unwinds():
-        return _main(argv)
+    with sigterm_unwinds(), streams.pipe_safe():
+        code = _main(argv)
+        streams.flush()  # output still buffered: a pipe closed before its end counts too
+        return streams.EXIT_PIPE if code == 0 and streams.closed() else code
 
 
 def split_debug(args: list[str]) -> tuple[list[str], bool]:
@@ -228,7 +233,11 @@ def _main(argv: list[str] | None) -> int:
         if processes.reports(e):
             print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except streams.OutputClosed:
+        return streams.EXIT_PIPE
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and streams.silence_closed():  # a stream kept from before pipe_safe()
+            return streams.EXIT_PIPE
         if processes.reports(e):
             if debug:
                 traceback.print_exc()

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from hybridctl.core import streams
 from hybridctl.core.errors import ConfigError
 
 
@@ -97,6 +98,8 @@ def stream_one(text: str, tokenizer):
             piece, prompt_shown = text + piece, True
         sys.stdout.write(piece + ("\n" if stop else ""))
         sys.stdout.flush()
+        if streams.closed(streams.STDOUT):  # the text is all there is to generate for: no reader, no more tokens
+            raise streams.OutputClosed
 
     return on_token
 
@@ -116,5 +119,7 @@ def print_in_order(texts: list[str], tokenizer):
             sys.stdout.write(f"--- {printed + 1}/{len(texts)} ---\n{texts[printed]}{tokenizer.decode(tokens[printed])}\n")
             sys.stdout.flush()
             printed += 1
+        if streams.closed(streams.STDOUT):
+            raise streams.OutputClosed
 
     return on_token

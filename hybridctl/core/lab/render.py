@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from hybridctl.core import streams
 from hybridctl.core.lab.charts import chart_size
 from hybridctl.core.lab.tables import console, err_console, key_value_table, print_table, text_table
 
@@ -76,6 +77,15 @@ class TrainProgress:
 
     def __call__(self, kind: str, record: dict[str, Any]) -> None:
         getattr(self, f"on_{kind}", lambda r: None)(record)
+
+    @property
+    def output_closed(self) -> bool:
+        """Whether the stream this prints to lost its reader (`... 2>&1 | head`, see core/streams.py): the trainer
+        then saves a checkpoint and stops."""
+        try:
+            return streams.closed(self.console.file.fileno())
+        except (AttributeError, OSError, ValueError):
+            return False
 
     def print(self, text: str, style: str | None = None) -> None:
         (self.progress.console if self.progress else self.console).print(text, style=style, markup=False, highlight=False,

@@ -237,6 +237,10 @@ class _EventWatcher:
         if self.callback is not None:
             self.callback(kind, record)
 
+    @property
+    def output_closed(self) -> bool:  # the callback's output gone: the trainer stops (core/training/metrics.py)
+        return bool(getattr(self.callback, "output_closed", False))
+
     def diverged(self, cfg: Config) -> bool:
         kind, record = self.last
         return kind == "skip" and record.get("in_row", 0) >= cfg.train.max_bad_steps
@@ -328,7 +332,7 @@ def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[Pla
                 f"sweep {plan.name} stopped in run {planned.name} ({e}); finished runs are kept, "
                 "run the same ablate command again to resume the sweep"
             )
-            stopped.exit_code = e.exit_code  # 130 / 143 after Ctrl-C / SIGTERM, as train and resume exit
+            stopped.exit_code = e.exit_code  # 130 / 143 / 141 after Ctrl-C / SIGTERM / a closed output, as train exits
             raise stopped from None
         except KeyboardInterrupt:
             # A second Ctrl-C, or one outside the training loop (loading data): still say how to go on.

@@ -58,6 +58,11 @@ class Metrics:
         if self.callback is not None:
             self.callback(kind, record)
 
+    def output_closed(self) -> bool:
+        """Whether the callback's output is gone: a callback may say so with `output_closed` (TrainProgress does,
+        once the pipe it prints to has lost its reader); the trainer then saves and stops."""
+        return bool(getattr(self.callback, "output_closed", False))
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()

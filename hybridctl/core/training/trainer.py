@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from hybridctl.core import streams
 from hybridctl.core.config import Config
 from hybridctl.core.data.batches import BatchSampler, windows_to_batch
 from hybridctl.core.data.token_cache import load_token_data
@@ -331,18 +332,27 @@ class Trainer:
                 "data": {"sampler": "epoch-permutation", "position": step, "epoch": self.sampler.epoch_of(step)},
                 "world_size": self.world, "config": self.cfg.to_dict()}
 
+    def note_closed_output(self) -> None:
+        """The callback's output gone (`hybridctl train ... 2>&1 | head`): stop as after SIGTERM, with SIGPIPE's
+        exit code. A run that went on would show nothing, and hold the shell, which waits for a whole pipeline."""
+        if self.metrics.output_closed() and not self.signal_flag.get("signal"):
+            self.signal_flag["signal"] = "SIGPIPE"
+
     def agree_on_signal(self) -> None:
         """Under torchrun every process stops after the same step when torchrun passes a signal on."""
         if self.world == 1:
             return
+        self.note_closed_output()  # process 0's: the one that prints
         caught = self.signal_flag.get("signal")
         signum = float(signal.Signals[caught]) if caught else 0.0
         agreed = int(dist.all_reduce_max(torch.tensor([signum], device=self.device)).item())
         self.agreed_signal = signal.Signals(agreed).name if agreed else None
 
     def stop_if_signalled(self, saved: bool) -> None:
-        """After SIGINT or SIGTERM: save this step (unless just saved) and stop, with the shell's exit code (130
-        for Ctrl-C). At the last step the run simply finishes."""
+        """After SIGINT or SIGTERM, or once the output is closed: save this step (unless just saved) and stop, with
+        the shell's exit code (130 for Ctrl-C, 141 for a closed pipe). At the last step the run simply finishes."""
+        if self.world == 1:
+            self.note_closed_output()
         caught = self.signal_flag.get("signal") if self.world == 1 else self.agreed_signal
         if not caught or self.state.step >= self.cfg.train.steps:
             return
@@ -350,10 +360,11 @@ class Trainer:
         if not saved:
             self.save()
         self.wait_for_checkpoints()  # "checkpoint saved" is said once it is
+        how = "because its output was closed" if caught == "SIGPIPE" else f"by {caught}"
         stopped = TrainingError(
-            f"stopped by {caught} at step {self.state.step}; checkpoint saved, continue with `hybridctl resume {self.run.path}`",
+            f"stopped {how} at step {self.state.step}; checkpoint saved, continue with `hybridctl resume {self.run.path}`",
         )
-        stopped.exit_code = 128 + signal.Signals[caught]
+        stopped.exit_code = streams.EXIT_PIPE if caught == "SIGPIPE" else 128 + signal.Signals[caught]
         raise dist.shared(stopped)
 
     def finish(self, wall: float) -> dict[str, Any]:
