@@ -1,5 +1,6 @@
 """A run whose loss stops being finite ends as a result: summary.json says "diverged" (strict JSON), train exits 3
-with one line saying so and what to try, and compare shows it as diverged."""
+with one line saying so and what to try, compare shows it as diverged, and generate, eval and export refuse its
+broken checkpoints in one line, naming an earlier one when there is one."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import MICRO, cli_args_for_micro
 from hybridctl.cli import main
+from hybridctl.core.data.batches import BatchSampler
 from hybridctl.core.lab.sweeps import plan_lr_sweep, read_sweep, run_sweep
+from hybridctl.core.training import trainer
 from hybridctl.core.training.runs import RunDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +85,69 @@ def test_compare_shows_a_diverged_run_recorded_as_complete(diverged_run, tmp_pat
     code, stdout, err = run_main(capsys, "compare", old, "--no-plots")
     assert code == 0, err
     assert next(line for line in stdout.splitlines() if " big " in line).rstrip().endswith("diverged (3/3)")
+
+
+def test_its_checkpoint_is_refused_in_one_line(diverged_run, tmp_path, capsys):
+    checkpoint = diverged_run / "checkpoints" / "step_000003"
+    expected = (f"error: checkpoint {checkpoint} gives outputs that are not finite (its weights blew up in training): "
+                "run big diverged at step 2; train it again with a lower train.lr (now 1e+09) and --force")
+    commands = {
+        "generate": ["generate", diverged_run, "--prompt", "hi"],
+        "generate a checkpoint": ["generate", checkpoint, "--prompt", "hi"],
+        "eval": ["eval", diverged_run, "--data", "builtin:stdlib", "--max-tokens", "2000"],
+        "export": ["export", diverged_run, "--out", tmp_path / "export"],
+    }
+    for what, args in commands.items():
+        code, stdout, err = run_main(capsys, *args)
+        assert (code, err.strip()) == (1, expected), what
+    assert not (tmp_path / "export").exists() and not (diverged_run / "eval").exists()
+
+
+class InfiniteWeightsAt:
+    """From the training step `step` (0-based) on, the model's embedding holds inf: that step's loss and every
+    later one are not finite, so no update repairs it, and the checkpoints saved after it hold inf."""
+
+    def __init__(self, monkeypatch, step: int):
+        sample, build = BatchSampler.batch, trainer.build_model
+        current = {}
+
+        def batch(sampler, index, device="cpu"):
+            current["step"] = index
+            return sample(sampler, index, device)
+
+        def build_broken(cfg):
+            model = build(cfg)
+            forward = model.forward
+
+            def broken(idx, targets=None, return_logits=False):
+                if model.training and current.get("step") == step:
+                    with torch.no_grad():
+                        model.embed.weight[0] = float("inf")
+                return forward(idx, targets, return_logits)
+
+            model.forward = broken
+            return model
+
+        monkeypatch.setattr(BatchSampler, "batch", batch)
+        monkeypatch.setattr(trainer, "build_model", build_broken)
+
+
+def test_a_checkpoint_from_before_the_divergence_is_named(monkeypatch, tmp_path, capsys):
+    InfiniteWeightsAt(monkeypatch, step=3)  # the fourth step: checkpoints and best/ at step 3 are sound
+    out = tmp_path / "runs"
+    code, _, err = run_main(capsys, "train", "--preset", "tiny", "--out", out, "--name", "late", *cli_args_for_micro())
+    assert code == 3, err
+    assert "the validation loss at step 6 is nan, and the training loss was not finite from step 4 on" in err
+    monkeypatch.undo()
+    run = out / "late"
+    assert strict_json(run / "summary.json")["diverged_at"] == 4
+
+    code, _, err = run_main(capsys, "generate", run, "--checkpoint", "latest", "--prompt", "hi", "-n", "2")
+    assert (code, err.strip()) == (1, (
+        f"error: the weights of checkpoint {run / 'checkpoints' / 'step_000006'} are not finite: run late diverged at "
+        f"step 4; use a checkpoint saved before it, e.g. {run / 'checkpoints' / 'step_000003'} (step 3)"))
+    code, stdout, err = run_main(capsys, "generate", run, "--prompt", "hi", "-n", "2", "--greedy")  # best/: step 3
+    assert code == 0, err
 
 
 def test_a_sweep_records_a_run_that_diverged_by_its_last_step(tmp_path):
