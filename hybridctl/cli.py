@@ -5,6 +5,7 @@ Exit codes, the same in every command (docs/cli.md):
   0    done (bare `hybridctl` and `--help` print the help and exit 0)
   1    an error: bad input the message says how to fix (HybridctlError), or an unexpected failure
   2    a usage error: an unknown option, a missing or malformed argument
+  3    a training run diverged (train, resume): recorded as such in its summary.json, a result rather than a failure
   130  interrupted (Ctrl-C); a training run saves a checkpoint first
   141  the output was closed (`hybridctl ... | head`): the command went on without printing, its files written;
        a training run saves a checkpoint and stops (core/streams.py)

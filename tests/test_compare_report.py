@@ -194,7 +194,7 @@ def test_diverged_run_is_shown_as_diverged(diverged_sweep, tmp_path):
     rows = table_rows(result.stdout, ["tiny_lr1e4", "tiny_lr1e-3"])
     assert rows["tiny_lr1e-3"][0] == "1"
     diverged = " ".join(rows["tiny_lr1e4"])
-    assert rows["tiny_lr1e4"][0] == "-" and "diverged (1/4)" in diverged
+    assert rows["tiny_lr1e4"][0] == "-" and "diverged (2/4)" in diverged  # stopped at step 2, its first bad one
     assert "nan" not in diverged.lower() and "partial" not in diverged
 
     records = {r["name"]: r for r in strict_json(run_cli("compare", str(diverged_sweep), "--json").stdout)}

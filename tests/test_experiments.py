@@ -307,7 +307,7 @@ def test_diverged_sweep_run_gets_advice_that_works(tmp_path):
     assert result.returncode == 0, result.stderr
     path = out / "ablations" / "div"
     statuses = [line.split()[-1] for line in result.stdout.splitlines() if re.match(r"^[\d-]\s+tiny_lr", line)]
-    assert statuses == ["complete", "(1/4)"] and "diverged (1/4)" in result.stdout  # the table's last column, whole
+    assert statuses == ["complete", "(2/4)"] and "diverged (2/4)" in result.stdout  # the table's last column, whole
     line = next(line for line in result.stderr.splitlines() if "tiny_lr1e4: diverged" in line)
     assert line.startswith("[1/2] tiny_lr1e4: diverged, the sweep goes on: loss was not finite for 1 step (last at step 2); ")
     assert "LR 1e4 is too high: run the ablate command again with --force and --values without it" in line

@@ -257,14 +257,17 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(monkeypatch, tmp_path, capsys)
     code = main(["train", "--preset", "tiny", "--out", str(run.parent), "--name", "nan",
                  *cli_args_for_micro(["train.steps=20", "train.max_bad_steps=3"])])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 3  # diverged: a result, told apart from an error (1)
     assert err.count("loss not finite, update skipped") == 3
-    assert err.strip().splitlines()[-1].startswith("error: loss was not finite for 3 steps in a row (last at step 5); train again with a lower train.lr")
-    assert sorted(losses(RunDir(run))) == [1, 2] and not (run / "summary.json").exists()
+    assert err.strip().splitlines()[-1].startswith(
+        "error: the run diverged: loss was not finite for 3 steps in a row (last at step 5); train it again with a lower train.lr")
+    assert sorted(losses(RunDir(run))) == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())  # the run ends as a result
+    assert (summary["status"], summary["steps"], summary["diverged_at"]) == ("diverged", 5, 3)
     # The count survives a resume: step 3's checkpoint holds one bad step, so two more stop the run again at step 5.
     assert checkpoint_files.read_state(run / "checkpoints" / "step_000003")["bad_in_row"] == 1
-    assert main(["resume", str(run), "--from", "step_000003"]) == 1
-    assert "error: loss was not finite for 3 steps in a row (last at step 5)" in capsys.readouterr().err
+    assert main(["resume", str(run), "--from", "step_000003"]) == 3
+    assert "error: the run diverged: loss was not finite for 3 steps in a row (last at step 5)" in capsys.readouterr().err
 
 
 def test_bad_steps_are_counted_alike_when_checked_between_log_lines(monkeypatch, tmp_path, capsys):
@@ -276,10 +279,11 @@ def test_bad_steps_are_counted_alike_when_checked_between_log_lines(monkeypatch,
                  *cli_args_for_micro(["train.steps=20", "train.max_bad_steps=3", "train.log_every=4", "train.eval_every=6",
                                       "train.save_every=6"])])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 3
     assert [line.split(":")[0].strip() for line in err.splitlines() if "update skipped" in line] == ["step 3", "step 4", "step 5"]
-    assert err.strip().splitlines()[-1].startswith("error: loss was not finite for 3 steps in a row (last at step 5)")
-    assert not (run / "summary.json").exists()
+    assert err.strip().splitlines()[-1].startswith("error: the run diverged: loss was not finite for 3 steps in a row (last at step 5)")
+    summary = json.loads((run / "summary.json").read_text())  # the flags were read at step 6, which it had run
+    assert (summary["status"], summary["steps"], summary["diverged_at"]) == ("diverged", 6, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,18 @@ class TrainingError(HybridctlError):
     pass
 
 
+class Diverged(TrainingError):
+    """The run's loss stopped being finite: training ended there, summary.json says "diverged", and the exit code
+    (3) tells a script that the run is a result, not a failure to run. `problem` is what was seen, without the
+    advice (a sweep gives its own); `step` the first step whose loss was not finite."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, problem: str, step: int):
+        super().__init__(message)
+        self.problem, self.step = problem, step
+
+
 class Terminated(BaseException):
     """SIGTERM outside the training loop (which saves a checkpoint first): unwinds the stack, so the cleanup of
     half-written files runs, where the default action would kill the process on the spot. Not a KeyboardInterrupt,

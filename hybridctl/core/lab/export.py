@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from hybridctl.core.errors import CheckpointError, ConfigError, RunError
 from hybridctl.core.files import move_into_place
 from hybridctl.core.lab.hf_export import check_exportable, from_hf_tensors, hf_config, model_config_from_hf, to_hf_tensors
-from hybridctl.core.lab.trained_model import locate_checkpoint
+from hybridctl.core.lab.trained_model import check_finite, locate_checkpoint
 from hybridctl.core.training import checkpoint as ckpt
 
 FORMATS = ("hf",)
@@ -85,6 +85,7 @@ def export_run(target: Path, out: Path, force: bool = False, which: str | None =
     tokenizer, eos_id = tokenizer_files(cfg)
     model = build_model(cfg.model)
     state = ckpt.load_checkpoint(checkpoint, model)
+    check_finite(model, run, checkpoint, cfg.train.seq_len)  # a diverged run's weights would load, and say nothing
     step = int(state.get("step", 0))
     source = {"run": run.name, "checkpoint": Path(checkpoint).name, "step": step,
               "tokenizer": "mqar" if cfg.data.dataset.startswith("synthetic:") else cfg.data.tokenizer}

@@ -133,9 +133,10 @@ def load_result(run: RunDir) -> RunResult:
         "val_split": cfg.data.val_split if cfg and not cfg.data.dataset.startswith("synthetic:") else None,
         "eval_windows": cfg.train.batch_size * cfg.train.eval_batches if cfg else None,
     }
-    complete = summary.get("status") == "complete"
-    saved = [] if complete else run.step_checkpoints()
-    if complete:
+    recorded = summary.get("status")
+    finished = recorded in ("complete", "diverged")  # ended: the summary's values are the run's last
+    saved = [] if finished else run.step_checkpoints()
+    if finished:
         for key in ("steps", "tokens", "best_val_loss", "best_step", "final_val_loss", "final_val_acc", "final_val_ppl",
                     "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "layer_types", "attention_fraction", "lr", "device"):
             if summary.get(key) is not None:
@@ -164,11 +165,14 @@ def load_result(run: RunDir) -> RunResult:
     if arc is not None:
         values.update(arc_acc=arc.get("acc"), arc_acc_norm=arc.get("acc_norm"), arc_n=arc.get("n"))
     values["text_evals"] = read_text_evals(run)
-    if complete:
+    broken = bool(evals) and _finite(evals[-1]["val_loss"]) is None  # the last eval's loss is not finite
+    if recorded == "diverged" or (recorded == "complete" and broken):  # the latter: a run from before "diverged"
+        status = "diverged"
+    elif recorded == "complete":
         status = "complete"
     elif run.lock_owner():
         status = "running"
-    elif _recorded_diverged(run) or (evals and _finite(evals[-1]["val_loss"]) is None):
+    elif _recorded_diverged(run) or broken:
         status = "diverged"
     else:
         status = "partial" if evals or saved else "empty"

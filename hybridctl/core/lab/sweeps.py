@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hybridctl.core.training import checkpoint_files
-from hybridctl.core.config import Config
 from hybridctl.core.data.token_cache import cache_key, load_token_data
-from hybridctl.core.errors import HybridctlError, RunError, TrainingError
+from hybridctl.core.errors import Diverged, HybridctlError, RunError, TrainingError
 from hybridctl.core.lab.render import fmt_lr
 from hybridctl.core.lab.sweep_plans import (  # noqa: F401  (planning lives there; these names stay importable here)
     ARCH_GROUPS, DEFAULT_LRS, DEFAULT_STEPS, STUDY_A, STUDY_C, PlannedRun, SweepPlan, parse_lr_values,
@@ -89,7 +88,7 @@ def next_action(run: RunDir, planned: PlannedRun, recorded_status: str | None) -
     summary = run.read_summary()
     if summary.get("status") == "complete" and summary.get("steps") == planned.cfg.train.steps:
         return RunAction("done", step=summary["steps"])
-    if recorded_status == "diverged":
+    if recorded_status == "diverged" or summary.get("status") == "diverged":
         return RunAction("diverged")
     try:
         if run.load_config().train.steps != planned.cfg.train.steps:
@@ -225,27 +224,6 @@ def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str,
     return state
 
 
-class _EventWatcher:
-    """Passes trainer events on and remembers the last one (a run that stops right after a 'skip' event
-    with a full row of non-finite losses diverged; any other TrainingError means it was interrupted)."""
-
-    def __init__(self, callback):
-        self.callback, self.last = callback, ("", {})
-
-    def __call__(self, kind, record):
-        self.last = (kind, record)
-        if self.callback is not None:
-            self.callback(kind, record)
-
-    @property
-    def output_closed(self) -> bool:  # the callback's output gone: the trainer stops (core/training/metrics.py)
-        return bool(getattr(self.callback, "output_closed", False))
-
-    def diverged(self, cfg: Config) -> bool:
-        kind, record = self.last
-        return kind == "skip" and record.get("in_row", 0) >= cfg.train.max_bad_steps
-
-
 Notify = Callable[[PlannedRun, int, RunAction], None]
 
 
@@ -288,7 +266,6 @@ def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[Pla
             save_state(planned.name, "complete" if action.kind == "done" else "diverged")
             continue
         callback = progress(planned, index) if progress is not None else None
-        watcher = _EventWatcher(callback)
         cfg = copy.deepcopy(planned.cfg)
         locked = False  # a run another process holds (the lock refused) is that process's to record
 
@@ -313,20 +290,17 @@ def _run_sweep(plan: SweepPlan, path: Path, force: bool, progress: Callable[[Pla
             key = cache_key(cfg.data)
             if key not in datasets:
                 datasets[key] = load_token_data(cfg.data)
-            train(cfg, run, resume_from=action.checkpoint, callback=watcher, data=datasets[key])
+            train(cfg, run, resume_from=action.checkpoint, callback=callback, data=datasets[key])
             save_state(planned.name, "complete")
+        except Diverged as e:
+            # The trainer's own advice (train again with --set train.lr) does not apply to a sweep's run.
+            message = f"{e.problem}; {divergence_advice(plan.kind, run, planned.preset)}"
+            state["errors"][planned.name] = message
+            save_state(planned.name, "diverged")
+            if notify is not None:
+                notify(planned, index, RunAction("diverged", step=e.step, note=message))
+            continue
         except TrainingError as e:
-            if watcher.diverged(cfg):
-                # The trainer's own advice (train again with --set train.lr) does not apply to a sweep's run.
-                at = watcher.last[1]
-                steps = f"{at['in_row']} steps in a row" if at["in_row"] > 1 else "1 step"
-                message = (f"loss was not finite for {steps} (last at step {at['step']}); "
-                           + divergence_advice(plan.kind, run, planned.preset))
-                state["errors"][planned.name] = message
-                save_state(planned.name, "diverged")
-                if notify is not None:
-                    notify(planned, index, RunAction("diverged", step=at["step"], note=message))
-                continue
             save_state(planned.name, stopped_status())
             stopped = TrainingError(
                 f"sweep {plan.name} stopped in run {planned.name} ({e}); finished runs are kept, "

@@ -15,7 +15,7 @@ from hybridctl.core.training import checkpoint as ckpt
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import Config
 from hybridctl.core.data.tokenizer import Tokenizer, get_tokenizer
-from hybridctl.core.errors import RunError
+from hybridctl.core.errors import HybridctlError, RunError
 from hybridctl.core.model.hybrid_lm import HybridLM, build_model
 from hybridctl.core.training.runs import RunDir, ensure_new_file, write_json_atomic
 
@@ -64,7 +64,54 @@ def load_trained_model(path: Path, which: str | None = None, device: torch.devic
     model = build_model(cfg.model)
     state = ckpt.load_checkpoint(checkpoint, model)
     model.to(device).eval()
+    check_finite(model, run, checkpoint, cfg.train.seq_len)
     return TrainedModel(model, cfg, tokenizer, run, checkpoint, int(state.get("step", 0)))
+
+
+PROBE_TOKENS = 16
+
+
+@torch.no_grad()
+def check_finite(model: HybridLM, run: RunDir, checkpoint: Path, seq_len: int) -> None:
+    """Refuse a checkpoint whose weights, or whose outputs on a few tokens, are not finite: a run that diverged.
+    A step whose loss is not finite updates nothing, but a finite one at too high an LR can leave weights so
+    large that every output overflows, so the weights alone do not tell."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        problem = f"the weights of checkpoint {checkpoint} are not finite"
+    else:
+        device = next(model.parameters()).device
+        idx = torch.arange(min(PROBE_TOKENS, seq_len), device=device)[None] % model.vocab_size
+        training = model.training
+        model.eval()
+        finite = torch.isfinite(model(idx, return_logits=True).logits).all()
+        model.train(training)
+        if finite:
+            return
+        problem = f"checkpoint {checkpoint} gives outputs that are not finite (its weights blew up in training)"
+    raise RunError(f"{problem}: {divergence_fix(run, checkpoint)}")
+
+
+def divergence_fix(run: RunDir, checkpoint: Path) -> str:
+    """The cause and the way on for a checkpoint of a run that diverged: an earlier checkpoint, else a lower LR."""
+    at = run.read_summary().get("diverged_at")
+    when = f"run {run.name} diverged at step {at}" if isinstance(at, int) else f"run {run.name} diverged"
+    earlier = []
+    if isinstance(at, int):
+        for path in [*run.step_checkpoints(), run.best_dir]:
+            try:
+                step = checkpoint_files.read_state(path)["step"]
+            except (HybridctlError, KeyError):
+                continue
+            if step < at and Path(path).resolve() != Path(checkpoint).resolve():
+                earlier.append((step, path))
+    if earlier:
+        step, path = max(earlier, key=lambda item: item[0])
+        return f"{when}; use a checkpoint saved before it, e.g. {path} (step {step})"
+    try:
+        lr = f" (now {run.load_config().train.lr:g})"
+    except HybridctlError:
+        lr = ""
+    return f"{when}; train it again with a lower train.lr{lr} and --force"
 
 
 def bench_result_path(run: RunDir, task: str) -> Path:

@@ -260,10 +260,10 @@ class RunDir:
         write_json_atomic(self.summary_path, summary)
 
     def reopen_summary(self) -> None:
-        """A resumed run is not finished until it finishes again: its summary stops counting as complete (compare
-        and report then read the metrics), and keeps the totals the next summary adds to."""
+        """A resumed run is not finished until it finishes again: its summary stops counting as complete or
+        diverged (compare and report then read the metrics), and keeps the totals the next summary adds to."""
         summary = self.read_summary()
-        if summary.get("status") == "complete":
+        if summary.get("status") in ("complete", "diverged"):
             self.write_summary({**summary, "status": "resumed"})
 
     def read_summary(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The run's summary (summary.json): final and best values, throughput, times, params. A resumed run's summary
-adds its wall time to the earlier segments' and keeps their throughput when this one timed no step.
+adds its wall time to the earlier segments' and keeps their throughput when this one timed no step. A number that
+is not finite (a diverged run's validation loss) is written as null, so the file is strict JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def build_summary(cfg: Config, run: RunDir, state: TrainState, n_params: int, la
     seconds in the loop."""
     segment_time = state.train_time_s - state.prior_time_s
     previous = run.read_summary()
-    return {
+    summary = {
         "name": run.name,
         "status": "complete",
         "steps": state.step,
@@ -43,3 +44,4 @@ def build_summary(cfg: Config, run: RunDir, state: TrainState, n_params: int, la
         # Synthetic recall tasks also score the answer positions alone (e.g. val_mqar_acc).
         **{f"final_{key}": value for key, value in last_eval.items() if key.endswith("_acc") and key != "val_acc"},
     }
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}

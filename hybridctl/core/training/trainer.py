@@ -7,6 +7,7 @@ Where the parts live, in core/training/:
     schedule.py    the LR schedule
     steps.py       device and precision, optimizer and its step, micro-batches, compile and DDP, forward/backward
     evaluation.py  evaluation on the validation windows
+    divergence.py  when a run has diverged, and the error that says so
     metrics.py     where log and eval records go (metrics.jsonl, the callback)
     summary.py     summary.json's content
     preflight.py   checks before a run starts (tokens against the config, disk space)
@@ -41,13 +42,14 @@ from hybridctl.core.config import Config
 from hybridctl.core.data.batches import BatchSampler, windows_to_batch
 from hybridctl.core.data.token_cache import load_token_data
 from hybridctl.core.data.tokens import TokenData
-from hybridctl.core.errors import CheckpointError, TrainingError
+from hybridctl.core.errors import CheckpointError, Diverged, TrainingError
 from hybridctl.core.model.hybrid_lm import HybridLM, build_model, pick_loss
 from hybridctl.core.presets import config_diff
 from hybridctl.core.training import checkpoint as ckpt
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.training.checkpoint_writer import CheckpointWriter, wait_for_pending_writes
 from hybridctl.core.training import distributed as dist
+from hybridctl.core.training import divergence
 from hybridctl.core.training import evaluation
 from hybridctl.core.training.metrics import Callback, Metrics
 from hybridctl.core.training.preflight import check_data_fits, check_room_for_a_checkpoint, check_vocab_fits
@@ -188,36 +190,45 @@ class Trainer:
                                      "warnings": self.warnings})
         self.model.train()
         self.interval.tick = wall_start = time.perf_counter()
+        diverged: Diverged | None = None
         try:
             with stop_on_signals(self.signal_flag):
-                while state.step < t.steps:
-                    lr, grad_norm = self.train_step()
-                    step = state.step
-                    self.metrics.event("step", {"step": step, "tokens": state.tokens})  # no device sync: a bar's tick
-                    is_log = step % t.log_every == 0 or step == t.steps or step == self.start_step + 1
-                    is_eval = step % t.eval_every == 0 or step == t.steps
-                    is_save = step % t.save_every == 0 or step == t.steps
-                    if is_log or is_eval or is_save or len(self.pending) >= MAX_PENDING_STEPS:
-                        self.settle()
-                        self.agree_on_signal()
-                    # An interval whose steps were all skipped has no loss to log; its time and tokens go to the next.
-                    if is_log and self.interval.steps:
-                        self.log(lr, grad_norm)
-                    if is_eval:
-                        self.last_eval = self.evaluate()
-                    if is_save:
-                        self.save()
-                    if is_eval or is_save:
-                        self.interval.tick = time.perf_counter()  # evaluating and saving are not training time
-                    self.stop_if_signalled(saved=is_save)
+                try:
+                    self.loop()
+                except Diverged as e:  # the run ends here, as a result: finish() writes its summary, then raises it
+                    diverged = e
             self.wait_for_checkpoints()  # the last writes count in the run's wall time, and precede summary.json
-            return self.finish(time.perf_counter() - wall_start)
+            return self.finish(time.perf_counter() - wall_start, diverged)
         finally:
             try:
                 with self.checkpoint_errors():  # a run that ends by an error still finishes its writes
                     self.writer.close()
             finally:
                 self.metrics.close()
+
+    def loop(self) -> None:
+        """Train to train.steps, logging, evaluating and saving on the way."""
+        t, state = self.cfg.train, self.state
+        while state.step < t.steps:
+            lr, grad_norm = self.train_step()
+            step = state.step
+            self.metrics.event("step", {"step": step, "tokens": state.tokens})  # no device sync: a bar's tick
+            is_log = step % t.log_every == 0 or step == t.steps or step == self.start_step + 1
+            is_eval = step % t.eval_every == 0 or step == t.steps
+            is_save = step % t.save_every == 0 or step == t.steps
+            if is_log or is_eval or is_save or len(self.pending) >= MAX_PENDING_STEPS:
+                self.settle()
+                self.agree_on_signal()
+            # An interval whose steps were all skipped has no loss to log; its time and tokens go to the next.
+            if is_log and self.interval.steps:
+                self.log(lr, grad_norm)
+            if is_eval:
+                self.last_eval = self.evaluate()
+            if is_save:
+                self.save()
+            if is_eval or is_save:
+                self.interval.tick = time.perf_counter()  # evaluating and saving are not training time
+            self.stop_if_signalled(saved=is_save)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's rows of the step's global batch."""
@@ -259,11 +270,7 @@ class Trainer:
             at = state.step - len(self.pending) + offset + 1
             self.metrics.event("skip", {"step": at, "in_row": state.bad_in_row})
             if state.bad_in_row >= t.max_bad_steps:
-                raise dist.shared(TrainingError(
-                    # Resuming would replay the same batches at the same LR, so the way on is a lower LR.
-                    f"loss was not finite for {state.bad_in_row} steps in a row (last at step {at}); "
-                    f"train again with a lower train.lr (now {t.lr:g}), e.g. --set train.lr={t.lr / 2:g}"
-                ))
+                raise dist.shared(divergence.too_many_bad_steps(state, at, t.lr))
         self.pending.clear()
 
     def log(self, lr: float, grad_norm: torch.Tensor) -> None:
@@ -367,19 +374,26 @@ class Trainer:
         stopped.exit_code = streams.EXIT_PIPE if caught == "SIGPIPE" else 128 + signal.Signals[caught]
         raise dist.shared(stopped)
 
-    def finish(self, wall: float) -> dict[str, Any]:
-        """Write summary.json (rank 0) and report the end; `wall`: this process's seconds in the loop."""
+    def finish(self, wall: float, diverged: Diverged | None = None) -> dict[str, Any]:
+        """Write summary.json (rank 0) and report the end; `wall`: this process's seconds in the loop. A run that
+        diverged (`diverged`, or a last validation loss that is not finite) is recorded as such, then raised."""
         t = self.cfg.train
+        if diverged is None and self.main:
+            diverged = divergence.diverged_at_the_end(self.last_eval, self.state, t.lr)
         timed_tokens = (self.state.step - self.start_step - 1) * t.batch_size * t.seq_len
         summary = build_summary(self.cfg, self.run, self.state, self.n_params, self.last_eval, timed_tokens, wall,
                                 self.device, self.world)
         summary["warnings"] = list(self.warnings)
-        with dist.together():
-            if self.main:
-                self.run.write_summary(summary)
+        if diverged is not None:
+            summary.update(status="diverged", diverged_at=diverged.step)
         for tracker in self.trackers:  # summary.json's numbers too (metrics.jsonl holds no summary)
             tracker.log(summary, "summary")
         self.metrics.event("end", summary)
+        with dist.together():  # rank 0's verdict alone, or every rank's when they stopped together: all stop
+            if self.main:
+                self.run.write_summary(summary)
+            if diverged is not None:
+                raise diverged
         return summary
 
 
