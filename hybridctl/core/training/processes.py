@@ -1,4 +1,5 @@
-"""Which process of a torchrun launch this is, read from the environment alone, and which process prints an error.
+"""Which process of a torchrun launch this is, read from the environment alone, which process prints an error, and
+the signals that stop a process's training.
 
 Apart from distributed.py (which needs torch) so that the CLI can decide who reports an error without loading
 torch: a command that never joined a process group needs none of it.
@@ -6,7 +7,9 @@ torch: a command that never joined a process group needs none of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 
 from hybridctl.core.errors import Terminated
 
@@ -50,3 +53,25 @@ def reports(error: BaseException) -> bool:
     if launched() and not _joined:
         return env_int("LOCAL_RANK", 0) == 0
     return True
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: dict):
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and stops."""
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.get("signal"):
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        flag["signal"] = signal.Signals(signum).name
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)

@@ -53,6 +53,7 @@ from hybridctl.core.training import divergence
 from hybridctl.core.training import evaluation
 from hybridctl.core.training.metrics import Callback, Metrics
 from hybridctl.core.training.preflight import check_data_fits, check_room_for_a_checkpoint, check_vocab_fits
+from hybridctl.core.training.processes import stop_on_signals
 from hybridctl.core.training.run_warnings import run_warnings
 from hybridctl.core.training.runs import RunDir
 from hybridctl.core.training.schedule import Schedule
@@ -63,28 +64,6 @@ from hybridctl.core.training.summary import build_summary
 from hybridctl.core.training.tracking import make_sinks
 
 MAX_PENDING_STEPS = 100  # read the steps' finiteness flags at least this often, even with a long log interval
-
-
-@contextlib.contextmanager
-def stop_on_signals(flag: dict):
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and stops."""
-    previous = {}
-
-    def handler(signum, frame):
-        if flag.get("signal"):
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        flag["signal"] = signal.Signals(signum).name
-
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
-        yield
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
 
 
 def prepare_model(cfg: Config, data: TokenData) -> HybridLM:
