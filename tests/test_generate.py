@@ -242,6 +242,8 @@ def test_generate_json(micro_run, capsys):
     assert row["prompt"] == "def f(x):" and row["prompt_tokens"] == 9
     assert 1 <= row["completion_tokens"] <= 12 and row["stop"] in ("eos", "length")
     assert result["checkpoint"] == "best" and result["tok_s"] > 0
+    # greedy: no temperature, cut or seed was used, so none is listed
+    assert result["sampling"] == {"greedy": True, "temperature": None, "top_k": None, "top_p": None, "seed": None}
     # greedy: the same completion every time, and the one the cache-free recomputation gives
     from hybridctl.core.lab.trained_model import load_trained_model
 
@@ -261,6 +263,9 @@ def test_generate_streams_text_and_batches(micro_run, tmp_path, capsys):
     assert [line for line in out.splitlines() if line.startswith("--- ")] == ["--- 1/3 ---", "--- 2/3 ---", "--- 3/3 ---"]
     code, out, _ = cli(capsys, "generate", str(micro_run), "--prompt-file", str(prompts), "-n", "6", "--seed", "3", "--json")
     assert [r["prompt"] for r in json.loads(out)["results"]] == ["class A:", "  return", "x = 1"]
+    assert json.loads(out)["sampling"] == {"greedy": False, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "seed": 3}
+    code, out, _ = cli(capsys, "generate", str(micro_run), "--prompt", "x", "-n", "2", "--temperature", "0", "--json")
+    assert code == 0 and json.loads(out)["sampling"]["greedy"] is True and json.loads(out)["sampling"]["top_p"] is None
 
 
 @pytest.mark.parametrize("args,message", [
