@@ -19,7 +19,7 @@ from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_
 from hybridctl.core.lab.render import TrainProgress, fmt_count, fmt_lr, plan_table, print_chart, results_table
 from hybridctl.core.lab.tables import console, err_console, print_table
 from hybridctl.core.lab.render_findings import print_group_table
-from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.runs import RunDir, check_name_option
 from hybridctl.core.training.tracking import check_trackers
 
 app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value (and seed) under runs/ablations/<sweep>/.",
@@ -50,6 +50,7 @@ def lr(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """One run per learning rate (and seed) on one preset; ranks them and plots val loss against LR."""
+    check_name_option(name, "lr_<preset>")
     check_metric(metric)
     warnings: list[str] = []
     plan = plan_lr_sweep(preset, parse_lr_values(values, warnings), steps, overrides, name, seeds=parse_seeds(seeds))
@@ -74,6 +75,7 @@ def arch(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """One run per architecture (and seed): each preset with its own LR, or layer layouts on one base preset."""
+    check_name_option(name, "the sweep's default name")
     check_metric(metric)
     warnings: list[str] = []
     if placements is not None and attention is None:
