@@ -180,6 +180,8 @@ ROWS = [
     Row("compare-missing-folder", ["compare", "{ws}/nowhere"], None),
     Row("report-empty-folder", ["report", "{ws}/empty"], None, lambda ws: (ws / "empty").mkdir()),
     Row("ablate-unknown-preset", ["ablate", "--preset", "tinny"], None),
+    Row("arch-layout-as-preset", ["ablate", "arch", "--preset", "LLFL", "--out", "{ws}/runs"], "--preset LLFL: that is a layer layout, not a preset; pass it as --patterns LLFL (applied to one --preset)"),
+    Row("arch-indices-as-preset", ["ablate", "arch", "--preset", "tiny,[3]", "--out", "{ws}/runs"], "pass it as --patterns [3]"),
     Row("bench-unknown-preset", ["bench", "--preset", "tinny"], None),
     Row("data-unknown-option", ["data", "--bogus"], None),
 ]

@@ -11,7 +11,7 @@ from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.groups import group_results, rank_groups
 from hybridctl.core.lab.placements import parse_placements, plan_placement_sweep
 from hybridctl.core.lab.report import attention_chart, lr_chart, lr_edge_warning
-from hybridctl.core.presets import parse_layouts
+from hybridctl.core.presets import check_not_a_layout, parse_layouts
 from hybridctl.core.lab.results import check_metric, label_results, load_result, rank_results, ranking_warnings
 from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_warnings, parse_lr_values,
                                        parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, preview_actions,
@@ -101,8 +101,10 @@ def arch(
                           "--preset hybrid_sparse --patterns LLFL,FFLL")
     presets = presets or "all"
     label = presets if presets in ARCH_GROUPS else ""
-    plan = plan_arch_sweep(parse_presets(presets, warnings), steps, overrides, name, label=label, layouts=layouts,
-                           seeds=parse_seeds(seeds))
+    names = parse_presets(presets, warnings)
+    for preset in names:
+        check_not_a_layout(preset)
+    plan = plan_arch_sweep(names, steps, overrides, name, label=label, layouts=layouts, seeds=parse_seeds(seeds))
     plan.warnings = warnings
     execute(plan, out, dry_run, force, metric)
 

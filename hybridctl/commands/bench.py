@@ -19,7 +19,7 @@ from hybridctl.core.config import DEFAULT_VOCAB
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.lab.render import fmt_count, fmt_num
 from hybridctl.core.lab.tables import console, err_console, new_table, print_table, text_table
-from hybridctl.core.presets import LAYOUT_HELP, available_presets, parse_layouts
+from hybridctl.core.presets import LAYOUT_HELP, check_not_a_layout, parse_layouts
 from hybridctl.core.training.runs import ensure_new_file
 
 # The benchmarks (torch) are imported inside the commands that run them: `bench --help` loads no torch.
@@ -164,9 +164,7 @@ def preset_names(values: list[str]) -> list[str]:
     """--preset a,b --preset c -> [a, b, c]; a layer layout given there is pointed to --patterns."""
     names = [p.strip() for item in values for p in item.split(",") if p.strip()]
     for name in names:
-        if name not in available_presets() and (name.startswith("[") or set(name) <= set("LFD")):
-            raise ConfigError(f"--preset {name}: that is a layer layout, not a preset; pass it as --patterns {name} "
-                              "(applied to one --preset)")
+        check_not_a_layout(name)
     return names
 
 
