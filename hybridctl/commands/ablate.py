@@ -16,7 +16,7 @@ from hybridctl.core.lab.results import check_metric, label_results, load_result,
 from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_warnings, parse_lr_values,
                                        parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, preview_actions,
                                        run_sweep, sweep_conflict, sweep_path)
-from hybridctl.core.lab.render import TrainProgress, fmt_count, fmt_lr, plan_table, print_chart, results_table
+from hybridctl.core.lab.render import TrainProgress, fmt_count, fmt_lr, fmt_n, plan_table, print_chart, results_table
 from hybridctl.core.lab.tables import console, err_console, print_table
 from hybridctl.core.lab.render_findings import print_group_table
 from hybridctl.core.training.runs import RunDir, check_name_option
@@ -117,7 +117,7 @@ def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str)
         warn(text)
     if dry_run:
         print_table(plan_table(plan, preview_actions(plan, path)))
-        console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {len(plan.runs)} runs",
+        console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {fmt_n(len(plan.runs), 'run')}",
                       markup=False, highlight=False)
         conflict = sweep_conflict(plan, path)
         if conflict:
@@ -176,7 +176,7 @@ def show_single(plan: SweepPlan, results, metric: str, path: Path) -> None:
 
 def show_seeded(plan: SweepPlan, results, metric: str, path: Path) -> None:
     rows = rank_groups(group_results(results), metric)
-    print_group_table(rows, metric, title=f"Sweep {plan.name}: ranked by mean {metric} over {len(plan.seeds)} seeds")
+    print_group_table(rows, metric, title=f"Sweep {plan.name}: ranked by mean {metric} over {fmt_n(len(plan.seeds), 'seed')}")
     print_chart(lr_chart(rows, metric) if plan.kind == "lr" else attention_chart(rows, metric))
     best = next((r for r in rows if r.rank == 1), None)
     if best is None:
