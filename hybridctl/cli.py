@@ -17,6 +17,7 @@ an error is printed by one process only (see core/training/processes.py).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import os
 import signal
@@ -222,7 +223,7 @@ def _main(argv: list[str] | None) -> int:
             return 0
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        print(f"error: {usage_message(e)}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except HybridctlError as e:
         if processes.reports(e):
@@ -244,6 +245,23 @@ def _main(argv: list[str] | None) -> int:
                 traceback.print_exc()
             print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
+
+
+def usage_message(e: Exception) -> str:
+    """A usage error's message; an unknown option suggests only the command's options that are close to it."""
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ != "NoSuchOption" or ctx is None:
+        return e.format_message()
+    near = close_options(e.option_name, ctx.command)
+    return e.message + (f"; did you mean {' or '.join(near)}?" if near else "")
+
+
+def close_options(name: str, command) -> list[str]:
+    """The command's long options that look like a mistyped `name`, closest first. Compared without their dashes,
+    which make any two options look alike (click's own suggestions offer --gpus and --out for --bogus)."""
+    options = {o.lstrip("-"): o for param in command.params for o in (*param.opts, *param.secondary_opts)
+               if o.startswith("--")}
+    return [options[m] for m in difflib.get_close_matches(name.lstrip("-"), options, n=3, cutoff=0.7)]
 
 
 def run() -> None:

@@ -144,6 +144,10 @@ ROWS = [
     Row("compare-json-out-under-a-file", ["compare", "{run}", "--json-out", "{ws}/afile/rank.json"], "cannot make the folder of", write("afile", "x")),
     Row("compare-metric-no-run-has", ["compare", "{run}", "--metric", "arc_acc"], "has no arc_acc; measure it with `hybridctl bench arc RUN`"),
     Row("name-absolute", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "{ws}/run", "--force", *MICRO], "must be a plain folder name"),
+    Row("name-empty", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "", *MICRO], "--name is empty; give a name, or leave --name out to use the preset's name"),
+    Row("sweep-name-empty", ["ablate", "lr", "--preset", "tiny", "--out", "{ws}/runs", "--name", "", "--values", "1e-3", "--dry-run"], "--name is empty; give a name, or leave --name out to use lr_<preset>"),
+    Row("arch-sweep-name-blank", ["ablate", "arch", "--preset", "tiny", "--patterns", "LL", "--out", "{ws}/runs", "--name", " ", "--dry-run"], "--name is empty"),
+    Row("eval-name-empty", ["eval", "{run}", "--data", "builtin:stdlib", "--name", ""], "--name is empty"),
     # --force over a run, with a mistake that fails only when the data is read: the old run is still all there
     Row("force-bad-data", train("--force", "--set", 'data.dataset="{ws}/no_such_corpus.txt"'), "no_such_corpus.txt", existing_run_named("bad")),
     Row("force-hub-tokenizer-offline", train("--force", "--set", 'data.tokenizer="no-such-org/no-such-tokenizer"'), None, existing_run_named("bad")),
@@ -176,6 +180,8 @@ ROWS = [
     Row("compare-missing-folder", ["compare", "{ws}/nowhere"], None),
     Row("report-empty-folder", ["report", "{ws}/empty"], None, lambda ws: (ws / "empty").mkdir()),
     Row("ablate-unknown-preset", ["ablate", "--preset", "tinny"], None),
+    Row("arch-layout-as-preset", ["ablate", "arch", "--preset", "LLFL", "--out", "{ws}/runs"], "--preset LLFL: that is a layer layout, not a preset; pass it as --patterns LLFL (applied to one --preset)"),
+    Row("arch-indices-as-preset", ["ablate", "arch", "--preset", "tiny,[3]", "--out", "{ws}/runs"], "pass it as --patterns [3]"),
     Row("bench-unknown-preset", ["bench", "--preset", "tinny"], None),
     Row("data-unknown-option", ["data", "--bogus"], None),
 ]

@@ -266,6 +266,48 @@ def test_speed_forward_only_default_path(tmp_path):
     assert row["flops_per_token"] == pytest.approx(row["flops_breakdown"]["forward"])
 
 
+def test_speed_memory_is_each_shapes_own_peak(tmp_path):
+    """On CPU the peak RSS is reset before each shape: a small shape measured after a large one reports less (the
+    process's peak since it started would only grow); the footer says what was measured and where FLOPs are told."""
+    if not speed.reset_peak_rss():
+        pytest.skip("the peak RSS cannot be reset on this system")
+    out = tmp_path / "speed.json"
+    result = run_cli("bench", "speed", "--patterns", "LF", "--seq", "256,16", "--batch", "64,2", "--steps", "1",
+                     "--warmup", "0", "--json", str(out), *MICRO_SPEED, env=SERIAL)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["seq_len"], r["batch_size"]) for r in rows] == [(256, 64), (256, 2), (16, 64), (16, 2)]
+    assert all(r["rss_scope"] == "shape" for r in rows)
+    assert rows[-1]["rss_bytes"] < rows[0]["rss_bytes"] - 50 * 2**20, [r["rss_bytes"] for r in rows]
+    assert "(see docs/benchmarks.md)" in result.stdout and "README" not in result.stdout
+    assert "peak mem: the process's peak RSS while the shape ran" in result.stdout
+    assert f"{rows[-1]['rss_bytes'] / 2**30:.2f} GiB" in result.stdout.splitlines()[-3]
+
+
+def test_peak_rss_reset_forgets_an_earlier_peak():
+    if not speed.reset_peak_rss():
+        pytest.skip("the peak RSS cannot be reset on this system")
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del big
+    high = speed.peak_rss_bytes(since_reset=True)
+    assert speed.reset_peak_rss()
+    assert speed.peak_rss_bytes(since_reset=True) < high - 128 * 2**20
+
+
+def test_speed_memory_caption_says_when_the_peak_is_the_processes():
+    from hybridctl.commands.bench import fmt_memory, speed_table
+
+    row = {"name": "LL", "layer_types": "LL", "params": 1000, "seq_len": 16, "batch_size": 2, "tok_s": 10.0,
+           "step_ms": 5.0, "tflops": 0.001, "mfu": None, "peak_memory_bytes": None, "rss_bytes": 3 * 2**29,
+           "rss_scope": "process", "error": None}
+    report = {"mode": "train", "peak_bf16_tflops": None, "device": "cpu", "results": [row]}
+    assert "peak RSS since it started" in speed_table(report).caption
+    row["rss_scope"] = "shape"
+    assert "peak RSS while the shape ran" in speed_table(report).caption
+    assert [fmt_memory(n) for n in (None, 3 * 2**29, 317440, 5 * 2**20, 2000)] == [
+        "-", "1.50 GiB", "0.303 MiB", "5 MiB", "1.95 KiB"]
+
+
 def test_speed_runs_started_in_one_second_keep_both_results(tmp_path, capsys, monkeypatch):
     """A second `bench speed` that starts while the first measures, in the same second, gets a file of its own."""
     now = time.localtime()
@@ -308,7 +350,7 @@ def test_speed_stopped_part_way_keeps_the_shapes_it_measured(tmp_path, capsys, m
     (path,) = (tmp_path / "a" / "bench").glob("speed-*.json")
     report = json.loads(path.read_text())
     assert report["complete"] is False and [r["layer_types"] for r in report["results"]] == ["LL"]
-    assert f"kept the shapes measured so far in {path}" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == f'kept the shapes measured so far in {path} ("complete": false)'
 
     stop_at[:] = [1]
     assert main([*args, "--out", str(tmp_path / "b")]) == 130

@@ -133,6 +133,19 @@ def test_exit_codes(args, code, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args,said", [
+    (["train", "--bogus"], "No such option: --bogus (see"),  # nothing is close: no option offered
+    (["bench", "speed", "--bogus"], "No such option: --bogus (see"),
+    (["train", "--stpes", "3"], "No such option: --stpes; did you mean --steps? (see"),
+    (["train", "--presets", "tiny"], "No such option: --presets; did you mean --preset or --list-presets? (see"),
+    (["ablate", "lr", "--nmae", "x"], "No such option: --nmae; did you mean --name? (see `hybridctl ablate lr --help`)"),
+])
+def test_an_unknown_option_suggests_only_close_ones(args, said, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {said}") and len(err.strip().splitlines()) == 1, err
+
+
 def test_train_steps_is_a_shorthand_and_warnings_reach_stderr_and_summary(tmp_path, micro_overrides, capsys):
     out = tmp_path / "runs"
     sets = [a for item in micro_overrides for a in ("--set", item)]  # they set pattern LF over tiny's LLFL

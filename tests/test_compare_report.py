@@ -165,7 +165,7 @@ def test_metric_no_run_has_is_an_error(runs, tmp_path):
     (folder / "short" / "bench" / "arc.json").write_text(json.dumps({"acc": 0.25, "acc_norm": 0.27, "n": 1172}))
     some = run_cli("compare", str(folder), "--metric", "arc_acc", "--no-plots")
     assert some.returncode == 0, some.stderr
-    assert some.stderr.strip() == ("warning: 1 of 2 runs have no arc_acc and are not ranked (stdlib); "
+    assert some.stderr.strip() == ("warning: 1 of 2 runs has no arc_acc and is not ranked (stdlib); "
                                    "measure it with `hybridctl bench arc RUN`")
     assert "1 of 2 runs ranked by arc_acc" in some.stdout
     rows = table_rows(some.stdout, ["stdlib", "short"])

@@ -67,3 +67,17 @@ def test_speed_figures_name_their_result_files():
     named = set(re.findall(r"`([\w.-]+\.(?:json|csv))`", text))
     assert named, "docs/speed.md names no result files"
     assert named <= results, f"docs/speed.md names result files that are not in docs/results: {sorted(named - results)}"
+
+
+UNQUOTED_EXTRA = re.compile(r"pip install (?:-e )?[^\s\"'`]*\[")
+
+
+def test_pip_install_hints_quote_their_extras():
+    """`pip install hybridctl[wandb]` breaks in zsh, which reads [...] as a pattern: every hint, in the docs and in
+    the messages and help of the code, quotes the package with its extras."""
+    files = [*DOCS, *sorted((REPO / "hybridctl").rglob("*.py"))]
+    unquoted = [f"{path.relative_to(REPO)}:{n}" for path in files
+                for n, line in enumerate(path.read_text().splitlines(), 1) if UNQUOTED_EXTRA.search(line)]
+    assert unquoted == []
+    assert UNQUOTED_EXTRA.search("pip install hybridctl[wandb]") and UNQUOTED_EXTRA.search("pip install -e .[hf]")
+    assert not UNQUOTED_EXTRA.search('pip install "hybridctl[wandb]"')

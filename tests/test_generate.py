@@ -242,6 +242,8 @@ def test_generate_json(micro_run, capsys):
     assert row["prompt"] == "def f(x):" and row["prompt_tokens"] == 9
     assert 1 <= row["completion_tokens"] <= 12 and row["stop"] in ("eos", "length")
     assert result["checkpoint"] == "best" and result["tok_s"] > 0
+    # greedy: no temperature, cut or seed was used, so none is listed
+    assert result["sampling"] == {"greedy": True, "temperature": None, "top_k": None, "top_p": None, "seed": None}
     # greedy: the same completion every time, and the one the cache-free recomputation gives
     from hybridctl.core.lab.trained_model import load_trained_model
 
@@ -261,6 +263,9 @@ def test_generate_streams_text_and_batches(micro_run, tmp_path, capsys):
     assert [line for line in out.splitlines() if line.startswith("--- ")] == ["--- 1/3 ---", "--- 2/3 ---", "--- 3/3 ---"]
     code, out, _ = cli(capsys, "generate", str(micro_run), "--prompt-file", str(prompts), "-n", "6", "--seed", "3", "--json")
     assert [r["prompt"] for r in json.loads(out)["results"]] == ["class A:", "  return", "x = 1"]
+    assert json.loads(out)["sampling"] == {"greedy": False, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "seed": 3}
+    code, out, _ = cli(capsys, "generate", str(micro_run), "--prompt", "x", "-n", "2", "--temperature", "0", "--json")
+    assert code == 0 and json.loads(out)["sampling"]["greedy"] is True and json.loads(out)["sampling"]["top_p"] is None
 
 
 @pytest.mark.parametrize("args,message", [
@@ -311,7 +316,43 @@ def test_bench_decode_cli(tmp_path, capsys):
     assert [(r["context"], r["batch_size"]) for r in report["results"]] == [(8, 1), (8, 2), (20, 1), (20, 2)]
     assert all(r["cache_bytes"] == r["cache_bytes_expected"] for r in report["results"])
     assert "decode tok/s" in out
+    # the house table: a rule under one header line, no box; the cache in MiB or KiB, as a number with its unit
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line.strip()) == {"─"})
+    assert lines[rule - 1].split() == ["arch", "context", "batch", "prefill", "s", "prefill", "tok/s", "decode",
+                                       "tok/s", "ms/step", "cache"]
+    assert not set("┏┃│└") & set(out)
+    from hybridctl.commands.bench import fmt_memory
+
+    rows = lines[rule + 1:rule + 5]
+    assert [" ".join(line.split()[-2:]) for line in rows] == [fmt_memory(r["cache_bytes"]) for r in report["results"]]
+    assert all(line.split()[-1] in ("KiB", "MiB") for line in rows)
     code, _, err = cli(capsys, *args, "--json", str(out_json))
     assert code != 0 and "--force" in err  # the kept result is not overwritten
     code, _, err = cli(capsys, "bench", "decode", "--context", "0", "--device", "cpu")
     assert code != 0 and "--context" in err
+
+
+def test_bench_decode_stopped_part_way_says_where_the_shapes_are(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the second shape: exit 130, the first shape's row in the file (marked incomplete), and one line
+    that names the file."""
+    from hybridctl.core.lab import decode_bench
+
+    measure, calls = decode_bench.measure_decode, []
+
+    def measure_until_stopped(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*a, **k)
+
+    monkeypatch.setattr(decode_bench, "measure_decode", measure_until_stopped)
+    code, out, err = cli(capsys, "bench", "decode", "--preset", "tiny", "--set", "model.d_model=32", "--set",
+                         "model.n_heads=2", "--set", "model.gdn.num_heads=2", "--set", "model.gdn.head_dim=16",
+                         "--vocab", "300", "--context", "8", "--batch", "1,2", "--steps", "1", "--warmup", "0",
+                         "--device", "cpu", "--out", str(tmp_path))
+    assert code == 130 and out == ""
+    (path,) = (tmp_path / "bench").glob("decode-*.json")
+    report = json.loads(path.read_text())
+    assert report["complete"] is False and [r["batch_size"] for r in report["results"]] == [1]
+    assert err.strip().splitlines()[-1] == f'kept the shapes measured so far in {path} ("complete": false)'

@@ -50,6 +50,22 @@ def test_warmup_under_half_the_run_is_fine():
     assert run_warnings(plan(steps=10, warmup=4), n_train_windows=10**6) == []
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_warmup_of_one_step_is_no_warmup(steps):
+    """Step 0 already has the full LR: nothing peaks late, and `warmup_steps=1` is not offered as a fix for itself."""
+    cfg = plan(steps, 1)
+    assert Schedule(cfg.train.lr, 1, steps, cfg.train.min_lr_ratio)(0) == cfg.train.lr
+    assert run_warnings(cfg, n_train_windows=10**6) == []
+
+
+def test_every_warmup_warning_suggests_a_shorter_warmup():
+    for steps in range(1, 41):
+        for warmup in range(0, 3 * steps + 2):
+            for note in run_warnings(plan(steps, warmup), n_train_windows=10**6):
+                suggested = int(note.rsplit("train.warmup_steps=", 1)[1])
+                assert 1 <= suggested < warmup, note
+
+
 def test_data_read_more_than_once_is_counted():
     cfg = plan(steps=100, warmup=10, batch=4, seq=32)
     windows = train_windows(8001, 32)  # (tokens - 1) // seq_len, as the batch sampler cuts them

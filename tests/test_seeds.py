@@ -14,7 +14,7 @@ from conftest import MICRO, cli_args_for_micro, run_cli
 from hybridctl.cli import main
 from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.groups import group_results, rank_groups
-from hybridctl.core.lab.render_findings import VERDICT_LEGEND, fit_columns, group_rows
+from hybridctl.core.lab.render_findings import VERDICT_LEGEND, VERDICT_WORDS, fit_columns, group_rows
 from hybridctl.core.lab.report import build_report
 from hybridctl.core.lab.results import collect_results
 from hybridctl.core.lab.stats import spread, welch_p
@@ -220,6 +220,43 @@ def test_report_on_a_single_run_names_no_winner(seeded):
     text = "\n".join(p for s in report.sections for p in s.paragraphs)
     assert "no winner" in text and "Winner:" not in text and "Noise floor" not in text
     assert [s.heading for s in report.sections] == ["Summary", "Result", "Training curves"]
+
+
+def test_legend_says_what_every_verdict_means(seeded, tmp_path):
+    """A configuration ranked best on a single run leaves the others untested: the table says `untested` and the
+    legend under it says what that means, as it does for every verdict a table can show."""
+    _, path, _ = seeded
+    losses = summaries_by_config(path)
+    best, other = sorted(losses, key=lambda n: statistics.fmean(losses[n]))
+    seed = min(range(SEEDS), key=lambda s: losses[best][s])  # at most the best mean, below the other's mean
+    shutil.copytree(path / f"{best}_s{seed}", tmp_path / f"{best}_s{seed}")
+    for s in range(SEEDS):
+        shutil.copytree(path / f"{other}_s{s}", tmp_path / f"{other}_s{s}")
+    result = run_cli("compare", str(tmp_path), "--no-plots")
+    assert result.returncode == 0, result.stderr
+    row = next(line.split() for line in result.stdout.splitlines() if re.match(r"2\s+tiny_", line))
+    assert row[1] == other and row[-1] == "untested"
+    legend = " ".join(VERDICT_LEGEND.split())
+    assert legend in " ".join(result.stdout.split())
+    for word in set(VERDICT_WORDS.values()) - {"best"}:
+        assert f"{word} = " in legend, word
+    assert "2 configurations of 4 runs ranked by mean" in result.stdout
+
+
+def test_counts_of_one_are_singular(seeded, tmp_path):
+    _, path, _ = seeded
+    shutil.copytree(path / "tiny_lr1e-3_s0", tmp_path / "one" / "tiny_lr1e-3_s0")
+    shown = run_cli("compare", str(tmp_path / "one"), "--no-plots")
+    assert shown.returncode == 0 and shown.stdout.startswith("1 run ranked by best_val_loss"), shown.stdout
+    for s in range(SEEDS):
+        shutil.copytree(path / f"tiny_lr1e-3_s{s}", tmp_path / "seeds" / f"tiny_lr1e-3_s{s}")
+    grouped = run_cli("compare", str(tmp_path / "seeds"), "--no-plots")
+    assert grouped.returncode == 0 and grouped.stdout.startswith("1 configuration of 3 runs ranked by mean"), grouped.stdout
+    planned = run_cli("ablate", "arch", "--preset", "tiny", "--patterns", "LL", "--steps", "1", "--dry-run",
+                      "--out", str(tmp_path / "runs"))
+    assert planned.returncode == 0, planned.stderr
+    assert "Sweep arch_tiny_LL (arch): 1 run, 1 step each" in planned.stdout and "in 1 run\n" in planned.stdout
+    assert "1 runs" not in planned.stdout + shown.stdout and not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_a_tracker_not_installed_is_one_line_and_writes_nothing(tmp_path, capsys
                   "--set", f'train.log_to=["{tracker}"]']):
         code = main(args)
         err = capsys.readouterr().err
-        assert code == 1 and f"pip install hybridctl[{extra}]" in err and "Traceback" not in err
+        assert code == 1 and f'`pip install "hybridctl[{extra}]"`' in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
         assert not out.exists()
 

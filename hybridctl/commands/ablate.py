@@ -11,15 +11,15 @@ from hybridctl.core.errors import ConfigError
 from hybridctl.core.lab.groups import group_results, rank_groups
 from hybridctl.core.lab.placements import parse_placements, plan_placement_sweep
 from hybridctl.core.lab.report import attention_chart, lr_chart, lr_edge_warning
-from hybridctl.core.presets import parse_layouts
+from hybridctl.core.presets import check_not_a_layout, parse_layouts
 from hybridctl.core.lab.results import check_metric, label_results, load_result, rank_results, ranking_warnings
 from hybridctl.core.lab.sweeps import (ARCH_GROUPS, DEFAULT_LRS, SweepPlan, add_warnings, parse_lr_values,
                                        parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, preview_actions,
                                        run_sweep, sweep_conflict, sweep_path)
-from hybridctl.core.lab.render import TrainProgress, fmt_count, fmt_lr, plan_table, print_chart, results_table
+from hybridctl.core.lab.render import TrainProgress, fmt_count, fmt_lr, fmt_n, plan_table, print_chart, results_table
 from hybridctl.core.lab.tables import console, err_console, print_table
 from hybridctl.core.lab.render_findings import print_group_table
-from hybridctl.core.training.runs import RunDir
+from hybridctl.core.training.runs import RunDir, check_name_option
 from hybridctl.core.training.tracking import check_trackers
 
 app = typer.Typer(help="Sweep the learning rate or the architecture: one run per value (and seed) under runs/ablations/<sweep>/.",
@@ -50,6 +50,7 @@ def lr(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """One run per learning rate (and seed) on one preset; ranks them and plots val loss against LR."""
+    check_name_option(name, "lr_<preset>")
     check_metric(metric)
     warnings: list[str] = []
     plan = plan_lr_sweep(preset, parse_lr_values(values, warnings), steps, overrides, name, seeds=parse_seeds(seeds))
@@ -74,6 +75,7 @@ def arch(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """One run per architecture (and seed): each preset with its own LR, or layer layouts on one base preset."""
+    check_name_option(name, "the sweep's default name")
     check_metric(metric)
     warnings: list[str] = []
     if placements is not None and attention is None:
@@ -99,8 +101,10 @@ def arch(
                           "--preset hybrid_sparse --patterns LLFL,FFLL")
     presets = presets or "all"
     label = presets if presets in ARCH_GROUPS else ""
-    plan = plan_arch_sweep(parse_presets(presets, warnings), steps, overrides, name, label=label, layouts=layouts,
-                           seeds=parse_seeds(seeds))
+    names = parse_presets(presets, warnings)
+    for preset in names:
+        check_not_a_layout(preset)
+    plan = plan_arch_sweep(names, steps, overrides, name, label=label, layouts=layouts, seeds=parse_seeds(seeds))
     plan.warnings = warnings
     execute(plan, out, dry_run, force, metric)
 
@@ -113,7 +117,7 @@ def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str)
         warn(text)
     if dry_run:
         print_table(plan_table(plan, preview_actions(plan, path)))
-        console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {len(plan.runs)} runs",
+        console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {fmt_n(len(plan.runs), 'run')}",
                       markup=False, highlight=False)
         from hybridctl.core.data.token_cache import hub_names
 
@@ -179,7 +183,7 @@ def show_single(plan: SweepPlan, results, metric: str, path: Path) -> None:
 
 def show_seeded(plan: SweepPlan, results, metric: str, path: Path) -> None:
     rows = rank_groups(group_results(results), metric)
-    print_group_table(rows, metric, title=f"Sweep {plan.name}: ranked by mean {metric} over {len(plan.seeds)} seeds")
+    print_group_table(rows, metric, title=f"Sweep {plan.name}: ranked by mean {metric} over {fmt_n(len(plan.seeds), 'seed')}")
     print_chart(lr_chart(rows, metric) if plan.kind == "lr" else attention_chart(rows, metric))
     best = next((r for r in rows if r.rank == 1), None)
     if best is None:

@@ -19,7 +19,7 @@ from hybridctl.core.config import DEFAULT_VOCAB
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.lab.render import fmt_count, fmt_num
 from hybridctl.core.lab.tables import console, err_console, new_table, print_table, text_table
-from hybridctl.core.presets import LAYOUT_HELP, available_presets, parse_layouts
+from hybridctl.core.presets import LAYOUT_HELP, check_not_a_layout, parse_layouts
 from hybridctl.core.training.runs import ensure_new_file
 
 # The benchmarks (torch) are imported inside the commands that run them: `bench --help` loads no torch.
@@ -152,17 +152,9 @@ def speed(
         path, replace = json_path, force
         if json_path is None and main:  # process 0 alone writes the results
             path, replace = reserve_speed_path(out), True  # the empty file it made is this run's to replace
-        before = file_state(path)
-        try:
+        with keeps_partial_results(path if main else None, remove_unwritten=json_path is None):
             report = bench_speed(configs, seqs, batches, tokens_per_step, steps, warmup, forward_only,
-                                            path, replace, on_start=on_start)
-        except BaseException:
-            if main and path is not None and file_state(path) != before:  # the file is written after each shape
-                err_console.print(f"kept the shapes measured so far in {path}", markup=False, highlight=False,
-                                  soft_wrap=True)
-            elif json_path is None and path is not None:
-                path.unlink(missing_ok=True)  # no results: no empty file left behind
-            raise
+                                 path, replace, on_start=on_start)
     if main:
         print_table(speed_table(report))
         console.print(f"saved {report['path']}", markup=False, highlight=False, soft_wrap=True)
@@ -172,10 +164,25 @@ def preset_names(values: list[str]) -> list[str]:
     """--preset a,b --preset c -> [a, b, c]; a layer layout given there is pointed to --patterns."""
     names = [p.strip() for item in values for p in item.split(",") if p.strip()]
     for name in names:
-        if name not in available_presets() and (name.startswith("[") or set(name) <= set("LFD")):
-            raise ConfigError(f"--preset {name}: that is a layer layout, not a preset; pass it as --patterns {name} "
-                              "(applied to one --preset)")
+        check_not_a_layout(name)
     return names
+
+
+@contextlib.contextmanager
+def keeps_partial_results(path: Optional[Path], remove_unwritten: bool):
+    """Around a benchmark that rewrites `path` after each shape: stopped part-way (Ctrl-C, an error), say in one
+    line where the shapes measured so far are; if it wrote nothing there, remove the file when `remove_unwritten`
+    (an empty one reserved for it), else leave the file as it was."""
+    before = file_state(path)
+    try:
+        yield
+    except BaseException:
+        if path is not None and file_state(path) != before:
+            err_console.print(f'kept the shapes measured so far in {path} ("complete": false)', markup=False,
+                              highlight=False, soft_wrap=True)
+        elif remove_unwritten and path is not None:
+            path.unlink(missing_ok=True)  # no results: no empty file left behind
+        raise
 
 
 def file_state(path: Optional[Path]) -> Optional[tuple[int, int]]:
@@ -206,8 +213,22 @@ def reserve_speed_path(out: Path) -> Path:
             raise RunError(f"cannot write {path}: {e.strerror}; choose another --out folder") from None
 
 
-def fmt_bytes(n: Optional[float]) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+def fmt_memory(n: Optional[float]) -> str:
+    """Bytes in GiB, or MiB (KiB) below a tenth of one: the memory columns of every benchmark."""
+    if n is None:
+        return "-"
+    if n >= 2**30 / 10:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.3g} MiB" if n >= 2**20 / 10 else f"{n / 2**10:.3g} KiB"
+
+
+def memory_caption(report: dict[str, Any]) -> str:
+    """What the speed table's memory column measured."""
+    if report["device"] != "cpu":
+        return "peak mem: torch.cuda.max_memory_allocated while the shape ran"
+    if all(r.get("rss_scope") != "process" for r in report["results"]):
+        return "peak mem: the process's peak RSS while the shape ran"
+    return "peak mem: the process's peak RSS since it started (cannot be reset here; it only grows down the table)"
 
 
 def speed_table(report: dict[str, Any]) -> Table:
@@ -229,13 +250,13 @@ def speed_table(report: dict[str, Any]) -> Table:
         memory = r["peak_memory_bytes"] if r["peak_memory_bytes"] is not None else r["rss_bytes"]
         step_ms = r["step_ms"]
         cells.append([*head, fmt_count(r["tok_s"]), f"{step_ms:.0f}" if step_ms >= 100 else f"{step_ms:.1f}",
-                      f"{r['tflops']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", fmt_bytes(memory)])
+                      f"{r['tflops']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", fmt_memory(memory)])
     title = f"Speed ({mode}) on {where}" + (f", bf16 peak {peak:g} TFLOP/s" if peak else "")
     table = text_table(headers, cells, title, essential={"arch", "layers", "seq", "batch", "tok/s", "MFU"})
     table.caption = (f"tok/s and TFLOP/s: the {processes} processes together; MFU and memory: per process. "
                      if processes > 1 else "") + (
-        "model FLOPs: train = 3 x forward, causal attention counts (T+1)/2 keys (see README); ") + (
-        "memory: the process's peak RSS" if report["device"] == "cpu" else "memory: torch.cuda.max_memory_allocated")
+        "model FLOPs: train = 3 x forward, causal attention counts (T+1)/2 keys (see docs/benchmarks.md); ") + (
+        memory_caption(report))
     return table
 
 

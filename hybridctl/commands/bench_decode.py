@@ -28,7 +28,7 @@ def decode(
     eager: bool = typer.Option(False, "--eager", help="Time the step as Python launches it, without replaying a CUDA graph."),
 ):
     """Decoding speed and the memory caches and states hold, per architecture (untrained weights)."""
-    from hybridctl.commands.bench import int_list
+    from hybridctl.commands.bench import int_list, keeps_partial_results
     from hybridctl.core.lab.decode_bench import PREFILL_TOKENS, bench_decode, check_decode_counts, default_decode_path
     from hybridctl.core.lab.tables import console, err_console, print_table
     from hybridctl.core.lab.speed import speed_configs
@@ -52,39 +52,33 @@ def decode(
     def on_start(name: str, ctx: int, batch_size: int) -> None:
         err_console.print(f"{name}: context {ctx}, batch {batch_size} ...", highlight=False)
 
-    report = bench_decode(configs, contexts, batches, steps, warmup, dtype, max_bytes, path, force or json_path is None,
-                          on_start, prefill_tokens or PREFILL_TOKENS, cuda_graph=not eager)
+    with keeps_partial_results(path, remove_unwritten=False):
+        report = bench_decode(configs, contexts, batches, steps, warmup, dtype, max_bytes, path,
+                              force or json_path is None, on_start, prefill_tokens or PREFILL_TOKENS,
+                              cuda_graph=not eager)
     print_table(decode_table(report))
     console.print(f"saved {report['path']}", markup=False, highlight=False, soft_wrap=True)
 
 
-def fmt_bytes(n: Optional[float]) -> str:
-    """Bytes in GiB (G), or MiB (M) below a tenth of a GiB."""
-    if n is None:
-        return "-"
-    return f"{n / 2**30:.2f}G" if n >= 2**30 / 10 else f"{n / 2**20:.3g}M"
-
-
 def decode_table(report: dict[str, Any]):
-    from rich.table import Table
-
+    from hybridctl.commands.bench import fmt_memory
     from hybridctl.core.lab.render import fmt_count
+    from hybridctl.core.lab.tables import text_table
 
-    table = Table(title=f"Decoding on {report['device']} ({report['dtype']})", title_justify="left")
     gpu = report["device"] != "cpu"
-    columns = ["arch", "context", "batch", "prefill\ns", "prefill\ntok/s", "decode\ntok/s", "ms/\nstep", "cache",
-               *(["peak\nmem"] if gpu else [])]
-    for column in columns:
-        table.add_column(column, justify="left" if column == "arch" else "right")
+    headers = ["arch", "context", "batch", "prefill s", "prefill tok/s", "decode tok/s", "ms/step", "cache",
+               *(["peak mem"] if gpu else [])]
+    cells = []
     for r in report["results"]:
         head = [r["name"], str(r["context"]), str(r["batch_size"])]
         if r.get("error"):
-            table.add_row(*head, f"[red]{r['error']}[/]", "-", "-", "-", fmt_bytes(r["cache_bytes_expected"]),
-                          *(["-"] if gpu else []))
+            cells.append([*head, r["error"], "-", "-", "-", fmt_memory(r["cache_bytes_expected"]), *(["-"] if gpu else [])])
             continue
-        table.add_row(*head, f"{r['prefill_seconds']:.3g}", fmt_count(r["prefill_tok_s"]), fmt_count(r["decode_tok_s"]),
-                      f"{r['step_ms']:.3g}", fmt_bytes(r["cache_bytes"]),
-                      *([fmt_bytes(r["peak_memory_bytes"])] if gpu else []))
+        cells.append([*head, f"{r['prefill_seconds']:.3g}", fmt_count(r["prefill_tok_s"]), fmt_count(r["decode_tok_s"]),
+                      f"{r['step_ms']:.3g}", fmt_memory(r["cache_bytes"]),
+                      *([fmt_memory(r["peak_memory_bytes"])] if gpu else [])])
+    table = text_table(headers, cells, f"Decoding on {report['device']} ({report['dtype']})",
+                       essential={"arch", "context", "batch", "decode tok/s", "cache"})
     table.caption = ("decode tok/s: batch x steps / time; cache: every KV cache and recurrent state tensor"
                      + ("; peak mem: torch.cuda.max_memory_allocated" if gpu else "")
                      + ("; steps replayed from a CUDA graph (--eager: launched one by one)"

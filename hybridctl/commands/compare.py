@@ -12,7 +12,7 @@ from hybridctl.core.lab.report import curves_chart
 from hybridctl.core.lab.results import METRICS, SORT_KEYS, collect_results, rank_results, ranking_warnings, result_record
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.lab.groups import group_record, group_results, has_repeats, rank_groups
-from hybridctl.core.lab.render import print_chart, results_rows, results_table
+from hybridctl.core.lab.render import fmt_n, print_chart, results_rows, results_table
 from hybridctl.core.lab.tables import console, err_console, markdown_table, print_table
 from hybridctl.core.lab.render_findings import VERDICT_LEGEND, group_rows, print_group_table
 from hybridctl.core.training.runs import ensure_new_file
@@ -67,10 +67,10 @@ def compare(
         return
     ranked = sum(row.rank is not None for row in rows)
     if grouped:
-        count = f"{len(rows)} configurations" if ranked == len(rows) else f"{ranked} of {len(rows)} configurations"
-        print_group_table(rows, metric, title=f"{count} of {len(results)} runs ranked by mean {metric}")
+        count = fmt_n(len(rows), "configuration") if ranked == len(rows) else f"{ranked} of {fmt_n(len(rows), 'configuration')}"
+        print_group_table(rows, metric, title=f"{count} of {fmt_n(len(results), 'run')} ranked by mean {metric}")
     else:
-        count = f"{len(rows)} runs" if ranked == len(rows) else f"{ranked} of {len(rows)} runs"
+        count = fmt_n(len(rows), "run") if ranked == len(rows) else f"{ranked} of {fmt_n(len(rows), 'run')}"
         print_table(results_table(rows, metric, title=f"{count} ranked by {metric}"))
     if plots:
         shown = [r for row in rows for r in row.group.results] if grouped else [row.result for row in rows]

@@ -28,7 +28,9 @@ def eval_command(
     from hybridctl.commands.bench import progress_bar
     from hybridctl.core.lab.tables import console, print_table
     from hybridctl.core.lab.text_eval import eval_text
+    from hybridctl.core.training.runs import check_name_option
 
+    check_name_option(name, "a name made from --data")
     with progress_bar("eval") as update:
         result = eval_text(target, data, checkpoint, name, config, split, text_field, max_tokens, batch_size, device,
                            force, progress=update)

@@ -18,7 +18,7 @@ from hybridctl.core.lab.render import TrainProgress, summary_table
 from hybridctl.core.lab.tables import print_table, text_table
 from hybridctl.core.presets import available_presets, load_preset_dict
 from hybridctl.core.training.processes import launched
-from hybridctl.core.training.runs import RunDir, check_run_name
+from hybridctl.core.training.runs import RunDir, check_name_option, check_run_name
 from hybridctl.core.training.tracking import check_trackers
 
 # torch and the trainer are imported inside the functions that use them: `--help` and `--list-presets` load no torch.
@@ -131,6 +131,7 @@ def train(
         check_gpus(gpus, "train")
     if preset is None:
         raise ConfigError("no preset given; pass --preset NAME (see `hybridctl train --list-presets`)")
+    check_name_option(name, "the preset's name")
     overrides = list(overrides)
     if steps is not None:
         overrides.append(f"train.steps={steps}")

@@ -192,6 +192,14 @@ def parse_layout(item: str) -> str:
     return item
 
 
+def check_not_a_layout(name: str) -> None:
+    """A layer layout given where a preset is named (--preset LLFL, --preset [3]) is pointed to --patterns, for the
+    commands that take it (bench speed, ablate arch)."""
+    if name not in available_presets() and (name.startswith("[") or set(name) <= set(LAYOUT_LETTERS)):
+        raise ConfigError(f"--preset {name}: that is a layer layout, not a preset; pass it as --patterns {name} "
+                          "(applied to one --preset)")
+
+
 def parse_layouts(text: str, warnings: list[str] | None = None) -> list[str]:
     """`LLFL,FFLL` -> ['LLFL', 'FFLL']; `[3,6];[5]` (or `[3,6],[5]`) -> ['[3,6]', '[5]']. A layout given twice is
     kept once (with a line in `warnings`)."""

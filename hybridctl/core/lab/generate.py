@@ -53,6 +53,14 @@ class Sampling:
         return self.greedy or self.temperature == 0
 
 
+def sampling_record(sampling: Sampling) -> dict[str, Any]:
+    """The settings a completion was made with: greedy decoding uses no temperature, cut or seed (null)."""
+    if sampling.is_greedy:
+        return {"greedy": True, "temperature": None, "top_k": None, "top_p": None, "seed": None}
+    return {"greedy": False, "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+            "seed": sampling.seed}
+
+
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens [B] from logits [B, V]: argmax when greedy, else a draw from softmax(logits / temperature) cut
     to the top_k tokens and to the smallest set whose probability reaches top_p."""
@@ -259,8 +267,7 @@ def generate_text(trained: TrainedModel, texts: list[str], max_new_tokens: int, 
     return {
         "run": trained.run.name, "checkpoint": trained.checkpoint.name, "checkpoint_step": trained.step,
         "device": str(trained.model.embed.weight.device), "dtype": str(trained.model.embed.weight.dtype).removeprefix("torch."),
-        "sampling": {"greedy": sampling.is_greedy, "temperature": sampling.temperature, "top_k": sampling.top_k,
-                     "top_p": sampling.top_p, "seed": sampling.seed},
+        "sampling": sampling_record(sampling),
         "max_new_tokens": max_new_tokens, "context_limit": limit,
         "results": [{"prompt": text, "completion": trained.tokenizer.decode([t for t in r.tokens if t != eos]),
                      "prompt_tokens": len(r.prompt), "completion_tokens": len(r.tokens), "stop": r.stop}

@@ -46,6 +46,11 @@ def loss_view(metric: str) -> str:
     return "final" if metric.startswith("final_") else "best"
 
 
+def fmt_n(n: int, noun: str) -> str:
+    """A count and its noun: 1 run, 2 runs."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -300,6 +305,6 @@ def plan_table(plan, actions) -> Table:
         t = planned.cfg.train
         rows.append([planned.name, "".join(planned.cfg.model.layer_types()), fmt_lr(t.lr), str(t.steps),
                      fmt_count(planned.tokens), words.get(action.kind, f"resume from step {action.step}")])
-    title = f"Sweep {plan.name} ({plan.kind}): {len(plan.runs)} runs, {plan.steps} steps each"
+    title = f"Sweep {plan.name} ({plan.kind}): {fmt_n(len(plan.runs), 'run')}, {fmt_n(plan.steps, 'step')} each"
     table = text_table(["run", "layers", "lr", "steps", "tokens", "action"], rows, title, no_wrap_column=0)
     return table

@@ -15,8 +15,8 @@ from hybridctl.core.lab.tables import console, markdown_table, print_table, text
 VERDICT_WORDS = {"best": "best", "not distinguishable from best": "tied", "worse": "worse", "single run": "1 run",
                  "best (single run)": "best", "best is a single run": "untested"}
 VERDICT_LEGEND = ("verdict (Welch's t-test against the best row): tied = not distinguishable\n"
-                  "(p >= 0.05), worse = p < 0.05, 1 run = no spread to test; 95% CI: mean ± this;\n"
-                  "n: finished seeds.")
+                  "(p >= 0.05), worse = p < 0.05, 1 run = no spread to test, untested = the best\n"
+                  "row is a single run; 95% CI: mean ± this; n: finished seeds.")
 DROP_FIRST = ("lr reached", "steps", "lr", "attn", "std")  # left out in this order when a table is too wide
 
 

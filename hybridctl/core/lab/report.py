@@ -164,7 +164,7 @@ def _summary(results: list[RunResult], rows: list[Ranked], groups: list[GroupRow
         return summary
     what = f"{len(results)} runs"
     if len(groups) < len(results):
-        what += f" ({len(groups)} configurations, each over its seeds)"
+        what += f" ({len(groups)} configuration{'s' if len(groups) > 1 else ''}, each over its seeds)"
     if sweep is not None:
         what += f" of the {sweep.get('kind')} sweep '{sweep.get('name')}'"
     if len(tokens) == 1:

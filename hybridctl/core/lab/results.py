@@ -276,7 +276,8 @@ def metric_coverage(results: list[RunResult], metric: str) -> str:
     left_out = [r for r in lacking if r.status == "complete"]
     if not left_out:
         return ""
-    return (f"{len(left_out)} of {len(results)} runs have no {metric} and are not ranked ({_names(left_out)})"
+    verbs = "has no {} and is" if len(left_out) == 1 else "have no {} and are"
+    return (f"{len(left_out)} of {len(results)} runs {verbs.format(metric)} not ranked ({_names(left_out)})"
             + (f"; {source}" if source else ""))
 
 

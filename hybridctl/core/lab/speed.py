@@ -5,6 +5,7 @@ across sequence lengths and batch sizes, on one GPU or several.
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import sys
 import time
@@ -31,8 +32,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process so far (all architectures measured before included)."""
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement: Linux resets this process's high-water mark (VmHWM) to its current
+    resident memory when "5" is written to /proc/self/clear_refs. False where that cannot be done. The C allocator
+    first gives back the memory it holds free (glibc's malloc_trim), which an earlier shape would leave counted."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(since_reset: bool = False) -> int | None:
+    """Peak resident memory of this process: since reset_peak_rss() (VmHWM) if `since_reset`, else since it
+    started (every architecture measured before included)."""
+    if since_reset:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
     try:
         import resource
     except ImportError:  # Windows
@@ -144,6 +170,7 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
     flops_per_step_token = flops["forward" if forward_only else "train"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    rss_reset = device.type == "cpu" and reset_peak_rss()  # each shape its own peak, as on CUDA
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -154,7 +181,7 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
     synchronize(device)
     seconds = time.perf_counter() - start
     peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    rss = peak_rss_bytes() if device.type == "cpu" else None
+    rss = peak_rss_bytes(rss_reset) if device.type == "cpu" else None
     seconds = dist.max_over_ranks(seconds)
     peak_memory, rss = (None if v is None else int(dist.max_over_ranks(v)) for v in (peak_memory, rss))
     tok_s = steps * t.batch_size * t.seq_len / seconds
@@ -166,6 +193,7 @@ def _timed_steps(cfg: Config, device: torch.device, steps: int, warmup: int, for
         "seconds": seconds, "step_ms": 1000 * seconds / steps, "tok_s": tok_s, "tflops": achieved / 1e12,
         "mfu": achieved / (peak * 1e12 * world) if peak else None,
         "peak_memory_bytes": peak_memory, "rss_bytes": rss,
+        "rss_scope": None if rss is None else ("shape" if rss_reset else "process"),
     }
 
 
@@ -243,6 +271,9 @@ def speed_report(rows: list[dict[str, Any]], device: torch.device, forward_only:
         "peak_bf16_tflops": peak_bf16_tflops(name) if device.type == "cuda" else None,
         "mode": "forward" if forward_only else "train",
         "torch": torch.__version__,
+        "memory": "peak_memory_bytes (CUDA): torch.cuda.max_memory_allocated while the shape ran; rss_bytes (CPU): "
+                  "the process's peak resident memory while the shape ran (rss_scope 'shape', Linux) or since it "
+                  "started (rss_scope 'process', where the peak cannot be reset)",
         "flops": "train = 3 * forward; forward = 2 * matmul params + 2 * V_pad * d + causal attention "
                  "4 * d * (T + 1) / 2 per F layer + Gated DeltaNet chunk matmuls and solve per L layer "
                  "(hybridctl/core/lab/flops.py)",

@@ -23,7 +23,8 @@ def peak_lr(cfg: Config) -> float:
 
 def run_warnings(cfg: Config, n_train_windows: int) -> list[str]:
     """What is likely a mistake in the plan: a warmup that takes most of the run or never ends, and training data
-    read more than once."""
+    read more than once. Each suggests a value that would avoid it (a warmup of at least 1 step, shorter than the
+    one given)."""
     t = cfg.train
     notes = []
     if t.warmup_steps > t.steps:
@@ -31,7 +32,7 @@ def run_warnings(cfg: Config, n_train_windows: int) -> list[str]:
             f"train.warmup_steps ({t.warmup_steps}) is more than train.steps ({t.steps}): the LR never reaches its peak "
             f"train.lr = {t.lr:g} (it stops at {peak_lr(cfg):.3g}); lower warmup_steps, e.g. --set train.warmup_steps={max(1, t.steps // 10)}"
         )
-    elif t.warmup_steps and 2 * t.warmup_steps >= t.steps:
+    elif t.warmup_steps > 1 and 2 * t.warmup_steps >= t.steps:  # a warmup of 1 step has the full LR at step 0
         notes.append(
             f"train.warmup_steps ({t.warmup_steps}) is at least half of train.steps ({t.steps}): the LR peaks "
             f"{'at the last step' if t.warmup_steps == t.steps else 'late'} and has little time to decay; "

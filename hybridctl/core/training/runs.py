@@ -92,6 +92,12 @@ def check_run_name(name: str, what: str = "run name") -> None:
         raise RunError(f"{what} '{name}' must be a plain folder name (no '/', not starting with '.'); choose the parent folder with --out")
 
 
+def check_name_option(name: str | None, default: str) -> None:
+    """An empty --name is refused rather than read as "not given": the run or sweep would take `default` silently."""
+    if name is not None and not name.strip():
+        raise RunError(f"--name is empty; give a name, or leave --name out to use {default}")
+
+
 class RunDir:
     def __init__(self, path: Path | str):
         self.path = Path(path)

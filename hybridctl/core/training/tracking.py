@@ -11,8 +11,8 @@ Each metrics record goes to `log(record, kind)`: kind "train" (a log line), "eva
 "<kind>/<key>" (train/loss, eval/val_loss, summary/best_val_loss), the same key and value as in the file.
 
 The trackers' packages are optional extras, imported only when train.log_to names them: `pip install
-hybridctl[tracking]` (TensorBoard), `pip install hybridctl[wandb]`. Only the process that writes the run folder
-(rank 0) makes sinks.
+"hybridctl[tracking]"` (TensorBoard), `pip install "hybridctl[wandb]"` (quoted: zsh reads [...] as a pattern).
+Only the process that writes the run folder (rank 0) makes sinks.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _import(tracker: str):
         return wandb
     except ImportError as e:
         raise ConfigError(f"train.log_to names '{tracker}', but {package} cannot be imported ({e}); "
-                          f"`pip install hybridctl[{extra}]` (or `pip install {package}`), or leave '{tracker}' out of "
+                          f"`pip install \"hybridctl[{extra}]\"` (or `pip install {package}`), or leave '{tracker}' out of "
                           "train.log_to") from None
 
 
