@@ -78,6 +78,34 @@ def all_commands():
     return list(walk(typer.main.get_command(build_app()), []))
 
 
+def help_texts(command) -> list[str]:
+    return [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+
+
+def squeezed(text: str) -> str:
+    return "".join(text.replace("│", " ").split())
+
+
+def test_brackets_in_help_texts_are_printed_as_written(capsys):
+    """Rich renders the help and reads "[word]" as a style tag, dropping it: `pip install "hybridctl[figures]"` would
+    print as `pip install "hybridctl"`. Every bracketed text of a help (an extra, a layout like [3,6]) must be
+    printed literally, and the run of the word before it with it."""
+    missing = []
+    for path, command in all_commands():
+        wanted = [m for text in help_texts(command) for m in re.findall(r"[\w.-]*\[[^\]\s]*\]", text.replace("\\[", "["))]
+        if not wanted:
+            continue
+        assert main([*path, "--help"]) == 0
+        out = squeezed(capsys.readouterr().out)
+        missing += [f"hybridctl {' '.join(path)} --help: {m}" for m in wanted if squeezed(m) not in out]
+    assert not missing, "\n".join(missing)
+
+
+def test_report_help_names_the_figures_extra(capsys):
+    assert main(["report", "--help"]) == 0
+    assert 'pipinstall"hybridctl[figures]"' in squeezed(capsys.readouterr().out)
+
+
 ARGUMENT_NAMES = {"RUN", "CHECKPOINT", "SWEEP", "RUN_OR_CHECKPOINT", "RUN_OR_SWEEP"}
 
 
