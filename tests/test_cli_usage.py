@@ -196,6 +196,23 @@ def test_resume_set_changes_what_leaves_model_and_data_alone(finished_micro_run,
     assert [p.name for p in run.step_checkpoints()] == ["step_000008"]
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.eval_evry=5", "unknown key 'train.eval_evry' (did you mean 'train.eval_every'?); resume --set takes "),
+    ("steps=5", "unknown key 'steps' (did you mean 'train.steps'?); resume --set takes "),
+])
+def test_resume_set_names_a_typo_before_what_resume_may_change(finished_micro_run, tmp_path, capsys, override, message):
+    """A typo'd key is an unknown key (with the key meant), not a setting `resume` keeps: the refusal must not
+    offer `hybridctl train --set <the typo>`, which fails too."""
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_micro_run, run.path)
+    config_before = run.config_path.read_text()
+    code = main(["resume", str(run.path), "--set", override, "--extend-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {message}") and "eval_every, save_every" in err and "hybridctl train" not in err
+    assert run.config_path.read_text() == config_before
+
+
 def test_set_that_replaces_a_presets_layers_says_so():
     notes = []
     cfg = load_config("tiny", ["model.attention_layers=[1]"], notes)
