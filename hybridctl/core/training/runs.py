@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import Config, config_to_toml, load_config_file
 from hybridctl.core.errors import CheckpointError, RunError
+from hybridctl.core.files import cannot_make
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -136,6 +137,8 @@ class RunDir:
                 raise RunError(f"run folder {self.path} already exists but has no checkpoint to resume from; pass --force to start it again, or pick another --name")
             if not force:
                 raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
+        if (problem := cannot_make(self.path)) is not None:  # /proc, a read-only disk: before the free space is looked at
+            raise RunError(f"{problem}; choose another --out folder")
 
     def create(self, cfg: Config, force: bool = False) -> None:
         """Make a fresh run folder; an existing run is kept unless force.
