@@ -100,8 +100,8 @@ class Row:
 ROWS = [
     # presets and --set
     Row("toml-syntax", ["train", "--preset", "{ws}/bad.toml"], "line 3", write("bad.toml", "[train]\nsteps = 3\nlr = \n")),
-    Row("unknown-key-set", ["train", "--preset", "tiny", "--set", "train.stpes=3"], "did you mean 'steps'"),
-    Row("unknown-key-file", ["train", "--preset", "{ws}/k.toml"], "did you mean 'batch_size'", write("k.toml", 'extends = "tiny"\n[train]\nbatch_sise = 4\n')),
+    Row("unknown-key-set", ["train", "--preset", "tiny", "--set", "train.stpes=3"], "did you mean 'train.steps'"),
+    Row("unknown-key-file", ["train", "--preset", "{ws}/k.toml"], "did you mean 'train.batch_size'", write("k.toml", 'extends = "tiny"\n[train]\nbatch_sise = 4\n')),
     Row("unknown-section", ["train", "--preset", "tiny", "--set", "trian.steps=3"], "did you mean 'train'"),
     Row("wrong-type-int", ["train", "--preset", "tiny", "--set", 'train.steps="many"'], "train.steps must be an integer"),
     Row("wrong-type-bool", ["train", "--preset", "tiny", "--set", "train.compile=3"], "must be true or false"),

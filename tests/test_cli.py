@@ -45,7 +45,7 @@ def test_folder_that_is_not_a_run_is_not_replaced_even_with_force(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["train", "--preset", "tiny", "--set", "train.stpes=3"], "did you mean 'steps'"),
+    (["train", "--preset", "tiny", "--set", "train.stpes=3"], "did you mean 'train.steps'"),
     (["train"], "no preset given"),
     (["train", "--preset", "nope_preset"], "unknown preset"),
     (["resume", "/nonexistent/run"], "not a run folder"),

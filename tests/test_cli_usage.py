@@ -78,6 +78,34 @@ def all_commands():
     return list(walk(typer.main.get_command(build_app()), []))
 
 
+def help_texts(command) -> list[str]:
+    return [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+
+
+def squeezed(text: str) -> str:
+    return "".join(text.replace("│", " ").split())
+
+
+def test_brackets_in_help_texts_are_printed_as_written(capsys):
+    """Rich renders the help and reads "[word]" as a style tag, dropping it: `pip install "hybridctl[figures]"` would
+    print as `pip install "hybridctl"`. Every bracketed text of a help (an extra, a layout like [3,6]) must be
+    printed literally, and the run of the word before it with it."""
+    missing = []
+    for path, command in all_commands():
+        wanted = [m for text in help_texts(command) for m in re.findall(r"[\w.-]*\[[^\]\s]*\]", text.replace("\\[", "["))]
+        if not wanted:
+            continue
+        assert main([*path, "--help"]) == 0
+        out = squeezed(capsys.readouterr().out)
+        missing += [f"hybridctl {' '.join(path)} --help: {m}" for m in wanted if squeezed(m) not in out]
+    assert not missing, "\n".join(missing)
+
+
+def test_report_help_names_the_figures_extra(capsys):
+    assert main(["report", "--help"]) == 0
+    assert 'pipinstall"hybridctl[figures]"' in squeezed(capsys.readouterr().out)
+
+
 ARGUMENT_NAMES = {"RUN", "CHECKPOINT", "SWEEP", "RUN_OR_CHECKPOINT", "RUN_OR_SWEEP"}
 
 
@@ -179,6 +207,23 @@ def test_resume_set_changes_what_leaves_model_and_data_alone(finished_micro_run,
     evals = [r["step"] for r in run.read_metrics() if "val_loss" in r]
     assert evals == [3, 6, 7, 8]  # every 3 steps, then every step
     assert [p.name for p in run.step_checkpoints()] == ["step_000008"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.eval_evry=5", "unknown key 'train.eval_evry' (did you mean 'train.eval_every'?); resume --set takes "),
+    ("steps=5", "unknown key 'steps' (did you mean 'train.steps'?); resume --set takes "),
+])
+def test_resume_set_names_a_typo_before_what_resume_may_change(finished_micro_run, tmp_path, capsys, override, message):
+    """A typo'd key is an unknown key (with the key meant), not a setting `resume` keeps: the refusal must not
+    offer `hybridctl train --set <the typo>`, which fails too."""
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(finished_micro_run, run.path)
+    config_before = run.config_path.read_text()
+    code = main(["resume", str(run.path), "--set", override, "--extend-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {message}") and "eval_every, save_every" in err and "hybridctl train" not in err
+    assert run.config_path.read_text() == config_before
 
 
 def test_set_that_replaces_a_presets_layers_says_so():

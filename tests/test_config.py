@@ -93,7 +93,7 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["train.stpes=3"], "did you mean 'steps'"),
+        (["train.stpes=3"], "did you mean 'train.steps'"),
         (["train.steps=-1"], "train.steps must be >= 1"),
         (["train.steps=\"ten\""], "train.steps must be an integer"),
         (["model.attention_layers=[12]"], "out of range"),
@@ -109,6 +109,28 @@ def test_resolved_config_round_trips(tmp_path):
 def test_bad_config_values(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config("tiny", overrides)
+
+
+@pytest.mark.parametrize("override, key, meant", [
+    ("train.stpes=3", "train.stpes", "train.steps"),  # a typo: the closest dotted key, whole
+    ("train.eval_evry=5", "train.eval_evry", "train.eval_every"),
+    ("steps=5", "steps", "train.steps"),  # a key without its section: the one section that has it
+    ("d_model=64", "d_model", "model.d_model"),
+    ("d_modl=64", "d_modl", "model.d_model"),
+    ("model.lr=1e-3", "model.lr", "train.lr"),  # a key in the wrong section
+    ("model.gdn.headdim=8", "model.gdn.headdim", "model.gdn.head_dim"),
+    ("trian.steps=3", "trian", "train"),
+])
+def test_unknown_key_suggests_the_whole_dotted_key(override, key, meant):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert str(e.value).startswith(f"unknown key '{key}' (did you mean '{meant}'?); valid keys here: ")
+
+
+def test_unknown_key_far_from_any_suggests_nothing():
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["frobnicate=1"])
+    assert str(e.value) == "unknown key 'frobnicate'; valid keys here: data, description, model, name, train"
 
 
 def test_unknown_preset_suggests():

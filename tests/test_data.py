@@ -347,6 +347,22 @@ def test_hub_dataset_offline_fails_fast_in_one_line():
     assert "point data.dataset at local files" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("spec,local", [
+    ("owner/name", False), ("HuggingFaceTB/smollm-corpus", False), ("wikitext", False),
+    ("nofolder/", True), ("a/b/c", True), ("a//b", True), ("/owner", True), ("owner\\name", True), ("own?r/name", True),
+])
+def test_a_hub_name_is_owner_slash_name_and_any_other_path_is_local(spec, local):
+    assert sources.is_local(spec) is local
+
+
+@pytest.mark.parametrize("spec", ["no-such-folder/", "no-such-folder/sub/part", "./no-such-folder"])
+def test_a_missing_local_folder_is_no_such_folder_not_a_hub_problem(spec, tmp_path):
+    result = run_cli("data", "prepare", "--preset", "tiny", "--set", f'data.dataset="{spec}"', cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: data.dataset '{spec}': no such file or folder; give a path to .txt, .jsonl "
+                                     "or .parquet files or a glob like 'data/*.txt'")
+
+
 def test_bad_tokenizer_specs():
     with pytest.raises(DataError, match="bpe:N with N >= 260"):
         subword.load_tokenizer("bpe:100", cfg_for("builtin:stdlib"))

@@ -334,6 +334,34 @@ def test_too_little_space_is_caught_before_force_replaces_a_run(monkeypatch, tmp
     preflight.check_room_for_a_checkpoint(need, tmp_path / "r", freed=need)  # the space of the run it replaces counts
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_an_out_folder_that_cannot_be_made_is_named_not_its_free_space(capsys):
+    assert main(["train", "--preset", "tiny", "--out", "/proc/nope", *cli_args_for_micro()]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: cannot create folder /proc/nope (No such file or directory); choose another --out folder"
+    assert not Path("/proc/nope").exists()
+
+
+def test_an_out_folder_without_write_permission_is_refused_before_the_data(monkeypatch, tmp_path, capsys):
+    """The check makes (and removes) a folder in the nearest existing one, which is where a missing permission or
+    a read-only disk shows (as root every permission is granted, so the refusal is simulated)."""
+    from hybridctl.core import files
+
+    def refused(parent, prefix):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(parent))
+
+    monkeypatch.setattr(files, "make_temp_dir", refused)
+    monkeypatch.setattr(preflight, "load_run_data", lambda cfg: pytest.fail("the data was read first"))
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "a" / "b"), "--name", "r", *cli_args_for_micro()]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: cannot create folder {tmp_path / 'a'} (Permission denied); "
+                                               "choose another --out folder")
+    (tmp_path / "r").mkdir()
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path), "--name", "r", *cli_args_for_micro()]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: cannot write to folder {tmp_path / 'r'} (Permission denied); "
+                                               "choose another --out folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["r"] and not any((tmp_path / "r").iterdir())
+
+
 def assert_stopped_by_full_disk(err: str, run: RunDir) -> None:
     line = err.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: cannot write checkpoint \S+: No space left on device.*; earlier checkpoints are intact; "

@@ -117,6 +117,29 @@ def test_result_is_kept_without_force_and_shown_by_compare(scored_run, capsys, t
     assert cells["kept ppl"].strip() == f"{first['ppl']:.2f}"
 
 
+@pytest.mark.parametrize("data, message", [
+    ("{root}/data/wikitext-2/test.txt", "error: --data '{data}': no such file or folder; give a path to .txt, .jsonl or "
+                                        ".parquet files or a glob like 'data/*.txt'"),
+    ("{root}/data/*.txt", "error: --data '{data}' matches no .txt, .jsonl or .parquet files; check the path or glob"),
+    ("builtin:nope", "error: --data 'builtin:nope' is not a built-in corpus; choose one of: builtin:stdlib, builtin:python"),
+])
+def test_missing_text_is_reported_before_an_existing_result(scored_run, tmp_path, capsys, data, message):
+    """The text --data names is checked before the result file it would go to: a missing text is the problem to
+    hear about, not the result of an earlier eval of another text under the same name."""
+    run, _, _ = scored_run
+    data = data.format(root=tmp_path)
+    done = run.path / "eval" / "wikitext-2-test.json"
+    done.parent.mkdir(exist_ok=True)
+    done.write_text("{}")
+    try:
+        code, out, err = cli(capsys, "eval", run.path, "--data", data, "--name", "wikitext-2-test")
+        assert code == 1 and out == ""
+        assert err.strip() == message.format(data=data)
+        assert done.read_text() == "{}"
+    finally:
+        done.unlink()
+
+
 def test_default_name_follows_the_data_spec(tmp_path):
     assert default_name("data/wikitext-2/test.txt") == "wikitext-2-test"
     assert default_name("data/*.jsonl") == "data"

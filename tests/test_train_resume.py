@@ -1,10 +1,12 @@
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import StopAfter, micro_config
+from hybridctl.cli import main
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import load_config_file
 from hybridctl.core.lab.results import load_result
@@ -123,6 +125,24 @@ def test_plain_resume_keeps_a_best_checkpoint_newer_than_latest(full_run, tmp_pa
     monkeypatch.setattr(resume_command, "TrainProgress", StopAtStart)
     assert main(["resume", str(run.path)]) != 0
     assert seen == {"best": True} and checkpoint_files.read_state(run.best_dir)["step"] == 6
+
+
+@pytest.mark.parametrize("which", ["step_000003", "step_3", "3", "003"])
+def test_a_step_checkpoint_is_named_in_any_of_its_forms(finished_micro_run, which):
+    assert RunDir(finished_micro_run).resolve_checkpoint(which).name == "step_000003"
+
+
+def test_a_step_checkpoint_by_its_short_name_on_the_command_line(finished_micro_run, tmp_path, capsys):
+    shutil.copytree(finished_micro_run, tmp_path / "run")
+    run = tmp_path / "run"
+    code = main(["eval", str(run), "--checkpoint", "step_3", "--data", "builtin:stdlib", "--max-tokens", "300", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["checkpoint"] == "step_000003"
+    assert main(["resume", str(run), "--from", "step_7"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: run {run} has no checkpoint 'step_7'; available: step_000003, step_000006, best, latest "
+        "(a step may be given as step_000200, step_200 or 200)")
 
 
 def test_schedule_warmup_cosine_and_extension():

@@ -21,7 +21,8 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="Markdown file (.md) to write; plots go to <name>_plots/ beside it (default: PATH/report.md)."),
     metric: str = typer.Option("best_val_loss", "--metric", help=f"Value that ranks the runs: {', '.join(METRICS)}."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report file and its plots."),
-    figures: Optional[str] = typer.Option(None, "--figures", help="Also draw each chart as an image for papers: png, svg or pdf (needs matplotlib: pip install \"hybridctl[figures]\")."),
+    # "\\[" keeps Rich, which renders the help, from reading "[figures]" as a style tag and dropping it
+    figures: Optional[str] = typer.Option(None, "--figures", help="Also draw each chart as an image for papers: png, svg or pdf (needs matplotlib: pip install \"hybridctl\\[figures]\")."),
 ):
     """Winner and margin, ranking, loss vs attention share, throughput vs quality, LR sensitivity, curves."""
     check_metric(metric)

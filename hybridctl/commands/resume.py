@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from hybridctl.commands.train import GPUS_HELP, check_config_for_gpus, check_gpus, launch_on_gpus
-from hybridctl.core.config import Config, config_from_dict
+from hybridctl.core.config import Config, config_from_dict, config_keys, suggest_key
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.lab.render import TrainProgress, summary_table
 from hybridctl.core.lab.tables import console, err_console, print_table
@@ -28,13 +28,15 @@ RESUMABLE_KEYS = (
 
 def with_resume_overrides(cfg: Config, overrides: list[str]) -> Config:
     """The run's config with `--set` overrides of RESUMABLE_KEYS applied; any other key is refused in one line."""
+    takes = f"resume --set takes {', '.join(k.split('.', 1)[1] for k in RESUMABLE_KEYS)} (as train.KEY)"
     for text in overrides:
         key = ".".join(parse_override(text)[0])
+        if key not in config_keys():  # a typo: no command takes it, so none is offered
+            raise ConfigError(f"unknown key '{key}'{suggest_key(key)}; {takes}")
         if key not in RESUMABLE_KEYS:
             raise ConfigError(
                 f"resume --set cannot change {key}: a resumed run keeps its model, data and optimisation; "
-                f"resume --set takes {', '.join(k.split('.', 1)[1] for k in RESUMABLE_KEYS)} (as train.KEY), "
-                f"or start a new run with `hybridctl train --set {text}`"
+                f"{takes}, or start a new run with `hybridctl train --set {text}`"
             )
     return config_from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg
 

@@ -8,6 +8,7 @@ ConfigError with one line that names the problem and how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -194,6 +195,38 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {typ}")  # a bug in this file, not user input
 
 
+def config_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted key of a config, tables too: name, ..., model, model.d_model, ..., model.gdn, model.gdn.head_dim."""
+    keys = []
+    for f in dataclasses.fields(cls or Config):
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        typ = get_type_hints(cls or Config)[f.name]
+        if dataclasses.is_dataclass(typ):
+            keys += config_keys(typ, f"{dotted}.")
+    return keys
+
+
+def suggest_key(dotted: str) -> str:
+    """A ' (did you mean ...?)' hint naming a whole dotted key, or '': the one key a bare or misplaced name is the
+    last part of (steps -> train.steps, model.lr -> train.lr), else the closest dotted key (train.stpes ->
+    train.steps), else the one key whose last part is closest to the name's (d_modl -> model.d_model)."""
+    keys = config_keys()
+    if dotted in keys:
+        return ""
+    leaf = dotted.rsplit(".", 1)[-1]
+    by_leaf: dict[str, list[str]] = {}
+    for key in keys:
+        by_leaf.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    if len(by_leaf.get(leaf, [])) == 1:
+        return f" (did you mean '{by_leaf[leaf][0]}'?)"
+    hint = suggest(dotted, keys) if "." in dotted else ""
+    if hint:
+        return hint
+    close = [name for name in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75) if len(by_leaf[name]) == 1]
+    return f" (did you mean '{by_leaf[close[0]][0]}'?)" if close else ""
+
+
 def build_dataclass(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"[{where}] must be a table, got {data!r}")
@@ -203,7 +236,7 @@ def build_dataclass(cls, data: dict, where: str):
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown key '{dotted}'{suggest(key, names)}; valid keys here: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown key '{dotted}'{suggest_key(dotted)}; valid keys here: {', '.join(sorted(names))}")
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             kwargs[key] = build_dataclass(typ, value, dotted)

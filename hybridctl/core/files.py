@@ -32,3 +32,20 @@ def move_into_place(finished: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(finished, dest)
+
+
+
+def cannot_make(folder: Path) -> str | None:
+    """Why `folder` cannot be made (or written in, where it exists), as "cannot create folder X (reason)" naming
+    the first folder to be made; None where it can. Found by making a folder in the nearest existing one and
+    removing it at once: /proc, a read-only disk or a folder without write permission refuse it, so the error
+    names the folder before a later check (free space) speaks of it."""
+    folder = Path(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    nearest = folder.parents[len(missing) - 1] if missing else folder
+    try:
+        make_temp_dir(nearest, ".write-test-").rmdir()
+    except OSError as e:
+        why = e.strerror or str(e)
+        return f"cannot create folder {missing[-1]} ({why})" if missing else f"cannot write to folder {folder} ({why})"
+    return None

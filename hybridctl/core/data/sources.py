@@ -28,13 +28,21 @@ BATCH_ROWS = 1000
 LOCAL_HINT = "or point data.dataset at local files (.txt, .jsonl, .parquet, a folder or a glob)"
 
 
+def is_hub_name(spec: str) -> bool:
+    """`owner/name`: two non-empty parts around one '/' (or one bare name, which the hub still serves for a few
+    old datasets), without backslashes or glob characters."""
+    parts = spec.split("/")
+    return len(parts) <= 2 and all(parts) and "\\" not in spec and not glob.has_magic(spec)
+
+
 def is_local(spec: str) -> bool:
-    """Local when it exists, is a glob, or looks like a file path; anything else is a hub name."""
+    """Local when it exists, is a glob, or looks like a file path (`nofolder/`, `a/b/c`); anything else is a hub name."""
     return (
         Path(spec).expanduser().exists()
         or glob.has_magic(spec)
         or spec.startswith((".", "/", "~"))
         or Path(spec).suffix in LOCAL_BUILDERS
+        or not is_hub_name(spec)
     )
 
 

@@ -67,10 +67,25 @@ def check_name(name: str) -> None:
         raise ConfigError(f"--name '{name}' must be a plain file name (no '/', not starting with '.')")
 
 
-def text_documents(spec: str, config: str = "", split: str = "test", text_field: str = "text") -> Iterator[str]:
-    """The documents of --data, in order, read as training reads a dataset (and named `--data` in errors)."""
+def check_source(spec: str) -> None:
+    """Refuse a --data that names no text (a generated task, an unknown built-in corpus, a path that matches no
+    file) before anything else is checked: a missing input is the first thing to hear about. A hub name is only
+    asked for when it is read."""
+    from hybridctl.core.data import sources
+    from hybridctl.core.data.corpora import BUILTIN_CORPORA
+
     if spec.startswith("synthetic:"):
         raise ConfigError(f"--data '{spec}' is a generated task, not text; give a text file, a glob or a hub dataset")
+    if spec.startswith("builtin:"):
+        if spec.split(":", 1)[1] not in BUILTIN_CORPORA:
+            raise ConfigError(f"--data '{spec}' is not a built-in corpus; choose one of: {', '.join('builtin:' + n for n in BUILTIN_CORPORA)}")
+    elif sources.is_local(spec):
+        sources.local_files(spec, key="--data")
+
+
+def text_documents(spec: str, config: str = "", split: str = "test", text_field: str = "text") -> Iterator[str]:
+    """The documents of --data, in order, read as training reads a dataset (and named `--data` in errors)."""
+    check_source(spec)
     if spec.startswith("builtin:"):
         from hybridctl.core.data.corpora import builtin_documents
 
@@ -149,13 +164,14 @@ def eval_text(target: Path, data: str, which: str | None = None, name: str | Non
               split: str = "test", text_field: str = "text", max_tokens: int = 0, batch_size: int | None = None,
               device: str = "auto", force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Score a run's checkpoint on the text of `data` and write RUN/eval/<name>.json; returns what was written and
-    its path. Everything that can refuse (run, checkpoint, an existing result, the text and its length) is checked
-    before the model is loaded, and nothing is written unless the scoring finished."""
+    its path. Everything that can refuse (run, checkpoint, the text, an existing result, the text's length) is
+    checked, in that order, before the model is loaded, and nothing is written unless the scoring finished."""
     if (batch_size is not None and batch_size < 1) or max_tokens < 0:
         raise ConfigError("--batch-size must be a positive integer and --max-tokens >= 0 (0: all the text)")
     name = name if name is not None else default_name(data, config, split)
     check_name(name)
     run, checkpoint = locate_checkpoint(target, which)
+    check_source(data)
     out = eval_result_path(run, name)
     ensure_new_file(out, force)
     cfg = run.load_config()

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import Config, config_to_toml, load_config_file
 from hybridctl.core.errors import CheckpointError, RunError
+from hybridctl.core.files import cannot_make
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -142,6 +143,8 @@ class RunDir:
                 raise RunError(f"run folder {self.path} already exists but has no checkpoint to resume from; pass --force to start it again, or pick another --name")
             if not force:
                 raise RunError(f"run folder {self.path} already exists; pick another --name, resume it with `hybridctl resume {self.path}`, or pass --force to replace it")
+        if (problem := cannot_make(self.path)) is not None:  # /proc, a read-only disk: before the free space is looked at
+            raise RunError(f"{problem}; choose another --out folder")
 
     def create(self, cfg: Config, force: bool = False) -> None:
         """Make a fresh run folder; an existing run is kept unless force.
@@ -288,7 +291,7 @@ class RunDir:
         return sorted(found, key=lambda p: p.name)
 
     def resolve_checkpoint(self, which: str = "latest", on_skip: Callable[[Path, str], None] | None = None) -> Path:
-        """'latest', 'best', 'step_000200' (or just 200) -> a complete checkpoint folder.
+        """'latest', 'best', 'step_000200' (or step_200, or just 200) -> a complete checkpoint folder.
 
         'latest' is the newest step checkpoint that passes verification; each newer one that fails is reported
         to on_skip(path, reason) and passed over, so one damaged file does not cost the run."""
@@ -311,12 +314,13 @@ class RunDir:
                     on_skip(bad, reason)
                 return path
             raise RunError(f"run {self.path} has no intact checkpoint ({', '.join(p.name for p in steps)} are damaged); start it again with `hybridctl train --force`")
-        name = which if which.startswith("step_") else (checkpoint_files.step_dir_name(int(which)) if which.isdigit() else which)
+        digits = which.removeprefix("step_")
+        name = checkpoint_files.step_dir_name(int(digits)) if digits.isascii() and digits.isdigit() else which
         for p in steps:
             if p.name == name:
                 return p
         have = ", ".join(p.name for p in steps) or "none"
-        raise RunError(f"run {self.path} has no checkpoint '{which}'; available: {have}, best, latest")
+        raise RunError(f"run {self.path} has no checkpoint '{which}'; available: {have}, best, latest (a step may be given as step_000200, step_200 or 200)")
 
     def checkpoints_after(self, step: int) -> list[Path]:
         """The step checkpoints, and best/, saved after `step`: what resuming from `step` abandons."""
