@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 def make_temp_dir(parent: Path, prefix: str) -> Path:
@@ -49,3 +51,18 @@ def cannot_make(folder: Path) -> str | None:
         why = e.strerror or str(e)
         return f"cannot create folder {missing[-1]} ({why})" if missing else f"cannot write to folder {folder} ({why})"
     return None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

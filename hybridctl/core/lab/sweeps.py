@@ -21,12 +21,12 @@ from typing import Any, Callable
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.data.token_cache import cache_key, load_token_data
 from hybridctl.core.errors import Diverged, HybridctlError, RunError, TrainingError
+from hybridctl.core.files import write_json_atomic
 from hybridctl.core.lab.render import fmt_lr
 from hybridctl.core.lab.sweep_plans import (  # noqa: F401  (planning lives there; these names stay importable here)
     ARCH_GROUPS, DEFAULT_LRS, DEFAULT_STEPS, STUDY_A, STUDY_C, PlannedRun, SweepPlan, parse_lr_values,
     parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, resolve_steps)
-from hybridctl.core.training.runs import (SWEEP_FILE, SWEEP_LOCK, RunDir, check_run_name, is_run_dir,
-                                 write_json_atomic)
+from hybridctl.core.training.runs import SWEEP_FILE, SWEEP_LOCK, RunDir, check_run_name, is_run_dir
 
 
 SWEEPS_DIR = "ablations"

@@ -17,7 +17,8 @@ from hybridctl.core.config import Config
 from hybridctl.core.data.tokenizer import Tokenizer, get_tokenizer
 from hybridctl.core.errors import HybridctlError, RunError
 from hybridctl.core.model.hybrid_lm import HybridLM, build_model
-from hybridctl.core.training.runs import RunDir, ensure_new_file, write_json_atomic
+from hybridctl.core.files import write_json_atomic
+from hybridctl.core.training.runs import RunDir, ensure_new_file
 
 
 BENCH_DIR = "bench"

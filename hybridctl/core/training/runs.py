@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import Config, config_to_toml, load_config_file
 from hybridctl.core.errors import CheckpointError, RunError
-from hybridctl.core.files import cannot_make
+from hybridctl.core.files import cannot_make, write_json_atomic, write_text_atomic
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -30,21 +30,6 @@ SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
 SWEEP_FILE = "sweep.json"  # a sweep folder's plan and status (lab/sweeps.py)
 SWEEP_LOCK = "sweep.lock"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """A crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # Locks this process holds, by run folder: {real path: open file descriptor of its run.lock}. flock belongs to the
