@@ -366,8 +366,9 @@ def test_a_missing_local_folder_is_no_such_folder_not_a_hub_problem(spec, tmp_pa
 def test_bad_tokenizer_specs():
     with pytest.raises(DataError, match="bpe:N with N >= 260"):
         subword.load_tokenizer("bpe:100", cfg_for("builtin:stdlib"))
-    with pytest.raises(DataError, match="no such file"):
-        subword.load_tokenizer("./nowhere/tokenizer.json")
+    for spec in ("./nowhere/tokenizer.json", "nowhere/", "no/where/deep"):  # a path, not a hub name to fetch
+        with pytest.raises(DataError, match="no such file"):
+            subword.load_tokenizer(spec)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from hybridctl.core.data import hub
 from hybridctl.core.config import DataConfig
 from hybridctl.core.errors import DataError
 from hybridctl.core.data.corpora import corpus_key, training_documents
+from hybridctl.core.data.sources import is_hub_name
 from hybridctl.core.data.tokens import cache_root, write_error
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -151,7 +152,10 @@ def bpe_tokenizer(spec: str, data_cfg: DataConfig, texts: Iterable[str] | None) 
 
 
 def is_local_path(spec: str) -> bool:
-    return spec.endswith(".json") or spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
+    """A tokenizer.json or a folder holding one; a hub name is `owner/name` (sources.is_hub_name), so `nofolder/`
+    is a missing folder, not a model to fetch."""
+    return (spec.endswith(".json") or spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
+            or not is_hub_name(spec))
 
 
 def load_tokenizer(spec: str, data_cfg: DataConfig | None = None, texts: Iterable[str] | None = None) -> HFTokenizer:
