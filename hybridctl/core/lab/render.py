@@ -33,8 +33,11 @@ def fmt_count(n: float | None) -> str:
     return f"{n:.0f}"
 
 
-def fmt_lr(value: float) -> str:
-    """1.5e-3 -> '1.5e-3', 0.0003 -> '3e-4': short, exact, and safe in a folder name."""
+def fmt_lr(value: float, digits: int | None = None) -> str:
+    """1.5e-3 -> '1.5e-3', 0.0003 -> '3e-4': short, exact, and safe in a folder name; rounded to `digits`
+    significant digits when given (0.0028454 -> '2.8e-3' with 2)."""
+    if digits:
+        value = float(f"{value:.{digits}g}")
     mantissa, exponent = f"{value:e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
@@ -227,7 +230,7 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
         if show_lr:
             cells.append(fmt_lr(r.get("lr")) if r.get("lr") else "-")
         if show_reached:
-            cells.append(fmt_lr(r.get("peak_lr")) if r.get("peak_lr") else "-")
+            cells.append(fmt_lr_reached(r.get("peak_lr")))
         if show_steps:
             cells.append(fmt_num(r.get("steps")))
         cells += [
@@ -246,10 +249,15 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     return headers, table
 
 
+def fmt_lr_reached(peak: float | None) -> str:
+    """The highest LR a schedule reached (results.py's peak_lr) as the lr column shows an LR, to 2 digits."""
+    return fmt_lr(peak, 2) if peak else "-"
+
+
 def lr_short_of_peak(lr: float | None, peak: float | None) -> bool:
-    """Whether a run's schedule never reached its configured LR (warmup as long as the run, or longer): the highest
-    LR it logged is well below train.lr."""
-    return bool(lr and peak and peak < 0.95 * lr)
+    """Whether a run's schedule stopped short of its configured LR (the run ended during warmup): the highest LR
+    it reached (results.py's peak_lr) shows below train.lr."""
+    return bool(lr and peak and peak < lr and fmt_lr_reached(peak) != fmt_lr_reached(lr))
 
 
 def results_table(rows, metric: str, title: str | None = None) -> Table:

@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 from hybridctl.core.lab.results import METRICS
-from hybridctl.core.lab.render import fmt_lr, fmt_num, fmt_pct, lr_short_of_peak, print_chart, results_rows, results_table
+from hybridctl.core.lab.render import (fmt_lr, fmt_lr_reached, fmt_num, fmt_pct, lr_short_of_peak, print_chart, results_rows,
+                                      results_table)
 from hybridctl.core.lab.tables import console, markdown_table, print_table, text_table
 
 
@@ -53,7 +54,7 @@ def group_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
         cells += [g.first("layer_types") or "-"] if show_layers else []
         cells.append(fmt_pct(g.first("attention_fraction")))
         cells += [fmt_lr(g.first("lr")) if g.first("lr") else "-"] if show_lr else []
-        cells += [fmt_lr(g.mean_of("peak_lr")) if g.mean_of("peak_lr") else "-"] if show_reached else []
+        cells += [fmt_lr_reached(g.mean_of("peak_lr"))] if show_reached else []
         cells += [fmt_num(g.first("planned_steps"))] if show_steps else []
         cells += [str(s.n) if s else "0", fmt_stat(s.mean if s else None), fmt_stat(s.std if s else None),
                   "-" if s is None or s.ci_half is None else "±" + fmt_stat(s.ci_half),
