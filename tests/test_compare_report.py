@@ -282,3 +282,53 @@ def test_a_run_stopped_before_its_first_eval_is_partial_at_its_checkpoint(finish
     run.truncate_metrics(2)  # the evals at steps 3 and 6 and the log lines after step 2 never made it
     result = load_result(run)
     assert (result.status, result.get("steps")) == ("partial", 6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the LR a run's schedule reached
+
+
+@pytest.fixture(scope="module")
+def warmups(tmp_path_factory):
+    """Two finished micro runs at train.lr 2e-3, logged every 5 steps: 'short' warms up over 2 of its 8 steps (its
+    log lines at steps 1 and 5 both show less than the peak it reached at step 2), 'long' over 7 steps of its 4
+    (its LR stops at 2e-3 * 4 / 7)."""
+    root = tmp_path_factory.mktemp("warmups")
+    settings = {"short": ["train.steps=8", "train.warmup_steps=2"], "long": ["train.steps=4", "train.warmup_steps=7"]}
+    for name, extra in settings.items():
+        cfg = micro_config(["train.lr=2e-3", "train.log_every=5", "train.eval_every=4", *extra])
+        run = RunDir(root / name)
+        run.create(cfg)
+        try:
+            train(cfg, run)
+        finally:
+            run.release_lock()
+    return root
+
+
+def test_lr_reached_is_the_schedules_peak_not_the_largest_logged_lr(warmups, tmp_path):
+    logged = max(r["lr"] for r in RunDir(warmups / "short").read_metrics() if "lr" in r)
+    assert logged < 0.95 * 2e-3  # the log lines miss the end of warmup
+    records = {r["name"]: r for r in strict_json(run_cli("compare", str(warmups), "--json").stdout)}
+    assert records["short"]["peak_lr"] == 2e-3  # exactly train.lr
+    assert records["long"]["peak_lr"] == pytest.approx(2e-3 * 4 / 7)
+
+    # a run that reached its LR needs no "lr reached" column
+    alone = tmp_path / "alone"
+    shutil.copytree(warmups / "short", alone / "short")
+    result = run_cli("compare", str(alone), "--no-plots")
+    assert result.returncode == 0, result.stderr
+    assert "lr reached" not in result.stdout
+
+    # beside one that did not, it shows its LR reached as the lr column shows an LR, to 2 significant digits
+    result = run_cli("compare", str(warmups), "--no-plots", env={"COLUMNS": "60"})
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("#"))
+    lr, reached = header.index(" lr "), header.index("lr reached")
+    rows = table_rows(result.stdout, ["short", "long"])
+    assert rows["short"][3:5] == ["2e-3", "2e-3"] and rows["long"][3:5] == ["2e-3", "1.1e-3"], (header, rows)
+    assert 0 < lr < reached and "not shown" not in result.stdout
+
+    md = tmp_path / "long.md"
+    assert run_cli("report", str(warmups / "long"), "--out", str(md)).returncode == 0
+    assert "| lr reached | 1.1e-3 |" in md.read_text()

@@ -8,7 +8,10 @@ import re
 from rich.console import Console
 
 from conftest import MICRO_SPEED, cli_args_for_micro, run_cli
-from hybridctl.core.lab.render import TrainProgress, fmt_clock
+from hybridctl.core.lab import render as render_module, render_findings
+from hybridctl.core.lab.charts import Chart, Series
+from hybridctl.core.lab.render import TrainProgress, fmt_clock, print_chart
+from hybridctl.core.lab.render_findings import VERDICT_LEGEND, fit_columns, print_group_table
 from hybridctl.core.lab.tables import print_table, text_table
 
 HEADERS = ["#", "run", "attn", "val loss", "acc", "ppl", "time", "tok/s", "Δ vs best", "ARC acc", "status"]
@@ -68,6 +71,85 @@ def test_terminal_table_that_fits_is_printed_whole():
     assert "left out" not in text
 
 
+# Configurations ranked over seeds: an architecture sweep (layers and attention share vary, the LR does not) and an
+# LR sweep (the LR varies; attention share, and the LR reached, do not).
+GROUP_HEADERS = ["#", "config", "layers", "attn", "lr", "lr reached", "n", "mean", "std", "95% CI", "Δ best", "p", "verdict"]
+ARCH_ROWS = [
+    ["1", "tiny_LLLL", "LLLL", "0.0%", "3e-3", "2.7e-3", "2", "2.6150", "0.0745", "±0.6693", "-", "-", "best"],
+    ["2", "tiny_FFFF", "FFFF", "100.0%", "3e-3", "2.7e-3", "2", "2.9277", "0.0237", "±0.2125", "+0.3127", "0.083", "tied"],
+]
+LR_HEADERS = ["#", "config", "attn", "lr", "n", "mean", "std", "95% CI", "Δ best", "p", "verdict"]
+LR_ROWS = [
+    ["1", "tiny_lr3e-3", "25.0%", "3e-3", "2", "2.5094", "0.0217", "±0.1947", "-", "-", "best"],
+    ["2", "tiny_lr1e-3", "25.0%", "1e-3", "2", "3.0662", "0.0064", "±0.0575", "+0.5567", "0.010", "worse"],
+]
+
+
+def test_narrow_group_tables_keep_the_name_what_the_sweep_varied_the_mean_std_and_verdict():
+    kept, rows, dropped = fit_columns(GROUP_HEADERS, ARCH_ROWS, 60)
+    assert dropped[:2] == ["lr reached", "lr"]  # settings the rows share go first
+    assert {"#", "config", "layers", "attn", "mean", "std", "verdict"} <= set(kept)
+    assert sum(max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(kept)) + len(kept) - 1 <= 60
+    kept, _, dropped = fit_columns(LR_HEADERS, LR_ROWS, 45)
+    assert dropped[0] == "attn" and {"#", "config", "lr", "mean", "std", "verdict"} <= set(kept)
+    kept, _, _ = fit_columns(GROUP_HEADERS, ARCH_ROWS, 10)  # too narrow for anything: the essentials stay
+    assert kept == ["#", "config", "layers", "attn", "mean", "std", "verdict"]
+    assert fit_columns(GROUP_HEADERS, ARCH_ROWS, 200)[2] == []
+
+
+def render_group_table(monkeypatch, terminal: bool, width: int, headers=GROUP_HEADERS, rows=ARCH_ROWS) -> str:
+    monkeypatch.setattr(render_findings, "group_rows", lambda ranked, metric: (list(headers), [list(r) for r in rows]))
+    buffer = io.StringIO()
+    print_group_table([], "best_val_loss", "ranked by mean best_val_loss over seeds",
+                      Console(file=buffer, force_terminal=terminal, width=width, color_system=None))
+    return buffer.getvalue()
+
+
+def test_piped_group_table_is_whole_whatever_the_width(monkeypatch):
+    text = render_group_table(monkeypatch, terminal=False, width=60)
+    assert_rows_whole(text, GROUP_HEADERS, ARCH_ROWS)  # "lr reached" and all: COLUMNS does not matter in a pipe
+    assert VERDICT_LEGEND in text.splitlines()  # the legend on one line of its own
+    assert "not shown" not in text
+
+
+def test_terminal_group_table_fits_and_wraps_its_legend_once(monkeypatch):
+    text = render_group_table(monkeypatch, terminal=True, width=60)
+    lines = text.splitlines()
+    assert all(len(line) <= 60 for line in lines) and "…" not in text
+    header = table_lines(text, "#")[0].split()
+    assert header[:4] == ["#", "config", "layers", "attn"] and {"mean", "std", "verdict"} <= set(header)
+    start = next(i for i, line in enumerate(lines) if line.startswith("verdict ("))
+    end = next(i for i, line in enumerate(lines) if line.startswith("not shown"))
+    legend = [line.rstrip() for line in lines[start:end]]
+    assert " ".join(legend) == VERDICT_LEGEND
+    for line, after in zip(legend, legend[1:]):  # wrapped where the width ends, not earlier as well
+        assert len(line) + 1 + len(after.split()[0]) > 60, (line, after)
+    assert " ".join(lines[end:]).startswith("not shown at 60 columns: lr reached, lr,")
+    text = render_group_table(monkeypatch, terminal=True, width=45, headers=LR_HEADERS, rows=LR_ROWS)
+    assert {"config", "lr", "mean", "std", "verdict"} <= set(table_lines(text, "#")[0].split())
+
+
+def test_terminal_ranking_leaves_out_a_setting_the_runs_share_before_one_they_differ_in(monkeypatch):
+    headers = ["#", "run", "attn", "lr", "val loss", "acc", "ppl", "time", "tok/s", "Δ vs best"]
+    rows = [["1", "tiny_lr3e-3", "25.0%", "3e-3", "2.6330", "36.17%", "13.91", "5.7s", "7.9K", "best"],
+            ["2", "tiny_lr1e-3", "25.0%", "1e-3", "3.0264", "36.13%", "20.62", "7.3s", "8.1K", "+14.94%"]]
+    monkeypatch.setattr(render_module, "results_rows", lambda ranked, metric: (headers, rows))
+    text = render(render_module.results_table([], "best_val_loss"), terminal=True, width=40)
+    assert table_lines(text, "#")[0].split() == ["#", "run", "lr", "val", "loss", "Δ", "vs", "best"]
+    note = text[text.index("not shown"):].split()
+    assert " ".join(note) == "not shown at 40 columns: attn, acc, ppl, time, tok/s"
+
+
+def test_chart_legend_shows_at_60_columns():
+    labels = [f"tiny_{layers}_s{seed}" for layers in ("LLLL", "LLFL", "FFFF") for seed in (0, 1)]
+    chart = Chart("train_loss", "training loss vs steps", "step", "training loss",
+                  [Series(label, [1, 10, 20, 30], [5.4 - i / 10, 3.8, 2.8, 2.6]) for i, label in enumerate(labels)])
+    buffer = io.StringIO()
+    print_chart(chart, Console(file=buffer, force_terminal=True, width=60, color_system=None))
+    text = buffer.getvalue()
+    assert all(label in text for label in labels) and max(len(line) for line in text.splitlines()) <= 60
+
+
 class FakeClock:
     def __init__(self):
         self.now = 100.0
@@ -113,6 +195,28 @@ def test_progress_bar_advances_every_step_on_a_terminal():
     progress("log", {"step": 5, "loss": 2.5, "lr": 1e-3, "tok_s": 70.0})
     assert task.fields["loss"] == "2.5000" and task.completed == 5
     progress.close()
+
+
+def progress_line(width: int) -> str:
+    progress = TrainProgress("run", Console(file=io.StringIO(), force_terminal=True, width=width), clock=FakeClock())
+    progress("start", {**START, "steps": 10000})
+    progress("step", {"step": 1234, "tokens": 64 * 1234})
+    progress("log", {"step": 1234, "loss": 2.5, "lr": 1e-3, "tok_s": 8100.0})
+    out = Console(file=io.StringIO(), force_terminal=True, width=width, color_system=None)
+    with out.capture() as captured:
+        out.print(progress.progress.make_tasks_table(progress.progress.tasks))
+    progress.close()
+    return captured.get().rstrip("\n")
+
+
+def test_progress_bar_keeps_the_step_count_and_eta_on_a_narrow_terminal():
+    wide = progress_line(120)
+    assert "━" in wide and all(word in wide for word in ("1234/10000", "loss 2.5000", "lr 1.00e-03", "8.1K tok/s", "ETA"))
+    for width in (80, 60, 40, 30):
+        line = progress_line(width)
+        assert len(line) <= width and "…" not in line, (width, line)
+        assert "1234/10000" in line and re.search(r"ETA (-:--:--|\d+:\d\d:\d\d)$", line), (width, line)
+    assert "━" not in progress_line(60) and "loss 2.5000" in progress_line(60)  # the bar goes first
 
 
 def test_fmt_clock():

@@ -46,6 +46,15 @@ def test_warmup_of_half_the_run_or_more(steps, warmup):
     assert f"train.warmup_steps ({warmup}) is at least half of train.steps ({steps})" in note
 
 
+@pytest.mark.parametrize("warmup,steps,trained", [(3, 30, 30), (3, 30, 2), (0, 10, 10), (20, 10, 10), (5, 10, 0)])
+def test_lr_reached_is_the_highest_lr_of_the_steps_trained(warmup, steps, trained):
+    schedule = Schedule(3e-3, warmup, steps, 0.1)
+    assert schedule.reached(trained) == pytest.approx(max((schedule(s) for s in range(trained)), default=0.0))
+    assert schedule.reached(trained) <= 3e-3 and Schedule(3e-3, 3, 30, 0.1).reached(30) == 3e-3  # exactly train.lr
+    schedule.extend(7, 40)  # an extension that starts before warmup ends decays from where it began
+    assert schedule.reached(40) == pytest.approx(max(schedule(s) for s in range(40)))
+
+
 def test_warmup_under_half_the_run_is_fine():
     assert run_warnings(plan(steps=10, warmup=4), n_train_windows=10**6) == []
 

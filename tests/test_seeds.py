@@ -120,16 +120,17 @@ def test_runs_that_differ_in_more_than_the_seed_stay_apart(seeded, tmp_path):
 def test_compare_table_prints_whole_in_a_pipe(seeded, tmp_path):
     _, path, _ = seeded
     md = tmp_path / "ranking.md"
-    result = run_cli("compare", str(path), "--no-plots", "--markdown", str(md), env={"COLUMNS": "80"})
+    result = run_cli("compare", str(path), "--no-plots", "--markdown", str(md), env={"COLUMNS": "50"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    # a pipe gets the table at full width (only a terminal needs it to fit), and the path whole, however long
+    # a pipe gets the table at full width whatever COLUMNS says (only a terminal needs it to fit), and the path
+    # whole, however long
     assert "…" not in result.stdout and f"wrote {md}" in lines
     printed = [line.split() for line in lines if re.match(r"^\d\s+tiny_lr", line)]
     headers, cells = group_rows(rank_groups(group_results(collect_results([path]))), "best_val_loss")
     assert printed == cells  # every cell whole, on its row's line: nothing cut, nothing wrapped
     assert all(h in result.stdout for h in headers) and "not shown at this width" not in result.stdout
-    assert all(line in lines for line in VERDICT_LEGEND.splitlines())  # the legend is not wrapped either
+    assert VERDICT_LEGEND in lines  # the legend is not wrapped either
     table = [line for line in md.read_text().splitlines() if line.startswith("|")]
     assert table[0] == "| " + " | ".join(headers) + " |" and [r.split(" | ")[1] for r in table[2:]] == [c[1] for c in cells]
 
@@ -281,12 +282,14 @@ def test_layouts_apply_to_one_base_preset():
 
 def test_wide_tables_leave_out_columns_in_order_rather_than_wrap():
     headers = ["#", "config", "layers", "attn", "lr", "n", "mean", "std", "95% CI", "Δ best", "p", "verdict"]
-    row = ["10", "hybrid_alternating", "LFLFLFLFLFLF", "50.0%", "1.5e-3", "3", "3.1234", "0.0123", "±0.0306",
-           "+0.0123", "<0.001", "worse"]
-    kept, rows, dropped = fit_columns(headers, [row], 80)
-    assert dropped == ["lr", "attn", "std"] and kept == [h for h in headers if h not in dropped]
-    assert sum(max(len(h), len(c)) for h, c in zip(kept, rows[0])) + len(kept) - 1 <= 80
-    assert fit_columns(headers, [row], 200)[2] == []
+    rows = [["1", "hybrid_alternating", "LFLFLFLFLFLF", "50.0%", "1.5e-3", "3", "3.1234", "0.0123", "±0.0306", "-",
+             "-", "best"],
+            ["10", "hybrid_sparse_top", "LLLLLLLLLLLF", "8.3%", "1.5e-3", "3", "3.2357", "0.0123", "±0.0306",
+             "+0.1123", "<0.001", "worse"]]
+    kept, cut, dropped = fit_columns(headers, rows, 80)
+    assert dropped == ["lr", "95% CI"] and kept == [h for h in headers if h not in dropped]  # the LR they share
+    assert all(sum(max(len(h), len(c)) for h, c in zip(kept, row)) + len(kept) - 1 <= 80 for row in cut)
+    assert fit_columns(headers, rows, 200)[2] == []
 
 
 def test_arch_dry_run_with_layouts_and_seeds(tmp_path):

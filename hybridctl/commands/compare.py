@@ -57,7 +57,7 @@ def compare(
     if markdown is not None:
         lines = "".join(f"{note[0].upper()}{note[1:]}.\n\n" for note in notes)
         if grouped:
-            table = markdown_table(*group_rows(rows, metric)) + f"\n{VERDICT_LEGEND.replace(chr(10), ' ')}\n"
+            table = markdown_table(*group_rows(rows, metric)) + f"\n{VERDICT_LEGEND}\n"
         else:
             table = markdown_table(*results_rows(rows, metric))
         ranked_by = f"mean {metric} over seeds" if grouped else metric

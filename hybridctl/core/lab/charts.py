@@ -33,8 +33,10 @@ class Chart:
         return not any(s.xs for s in self.series)
 
 
-def chart_size(console_width: int | None) -> tuple[int, int]:
-    """Width follows the console (capped), 80 columns when unknown; height in proportion."""
+def chart_size(console_width: int | None, series: int = 1) -> tuple[int, int]:
+    """Width follows the console (capped), 80 columns when unknown; height in proportion, and tall enough for the
+    legend of `series` series (two rows each; plotext leaves out a legend taller than the plot)."""
     width = min(console_width or DEFAULT_WIDTH, MAX_WIDTH)
     width = max(width, 40)
-    return width, max(12, min(24, width // 4))
+    legend = 2 * series + 5 if series > 1 else 0
+    return width, max(12, min(24, width // 4), legend)

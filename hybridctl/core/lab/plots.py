@@ -133,7 +133,7 @@ def _draw(chart: Chart, width: int, height: int, color: bool = True) -> None:
 
 def render_chart(chart: Chart, width: int = DEFAULT_WIDTH, height: int | None = None, color: bool = True) -> str:
     """The chart as text, `width` columns wide (ANSI colours unless color=False)."""
-    height = height or chart_size(width)[1]
+    height = height or chart_size(width, len(chart.series))[1]
     _draw(chart, width, height, color)
     return _build_text(color)
 
@@ -143,6 +143,6 @@ def save_chart(chart: Chart, folder: Path, width: int = DEFAULT_WIDTH) -> list[P
     folder.mkdir(parents=True, exist_ok=True)
     txt, html = folder / f"{chart.name}.txt", folder / f"{chart.name}.html"
     txt.write_text(render_chart(chart, width, color=False) + "\n")
-    _draw(chart, width, chart_size(width)[1])
+    _draw(chart, width, chart_size(width, len(chart.series))[1])
     _save_html(html)
     return [txt, html]

@@ -8,13 +8,15 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from hybridctl.core import streams
 from hybridctl.core.lab.charts import chart_size
-from hybridctl.core.lab.tables import console, err_console, key_value_table, print_table, text_table
+from hybridctl.core.lab.tables import (SETTING_HEADERS, UNBOUNDED, console, err_console, is_essential, key_value_table,
+                                      print_table, text_table, varied_settings)
 
 
 def fmt_num(value: Any, digits: int = 4) -> str:
@@ -34,8 +36,11 @@ def fmt_count(n: float | None) -> str:
     return f"{n:.0f}"
 
 
-def fmt_lr(value: float) -> str:
-    """1.5e-3 -> '1.5e-3', 0.0003 -> '3e-4': short, exact, and safe in a folder name."""
+def fmt_lr(value: float, digits: int | None = None) -> str:
+    """1.5e-3 -> '1.5e-3', 0.0003 -> '3e-4': short, exact, and safe in a folder name; rounded to `digits`
+    significant digits when given (0.0028454 -> '2.8e-3' with 2)."""
+    if digits:
+        value = float(f"{value:.{digits}g}")
     mantissa, exponent = f"{value:e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
@@ -66,6 +71,37 @@ def fmt_clock(seconds: float | None) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class FittingProgress(Progress):
+    """A Rich progress line that fits its console at every refresh: the first of `layouts` (lists of columns, the
+    fullest first) that fits, with a bar in the room the fullest leaves (up to 40 columns, none under 5). On a
+    narrow terminal the bar goes first, then the fields the later layouts leave out; the last should keep what
+    matters most (the step count and the ETA)."""
+
+    def __init__(self, *layouts, **kwargs):
+        self.layouts, self.bar = layouts, BarColumn()
+        super().__init__(*layouts[0], **kwargs)
+
+    def _width(self, table: Table) -> int:
+        return Measurement.get(self.console, self.console.options.update_width(UNBOUNDED), table).maximum
+
+    def make_tasks_table(self, tasks) -> Table:
+        tasks = list(tasks)
+        if not tasks:  # nothing to show (as when Progress.__init__ makes its first frame, before self.console works)
+            return super().make_tasks_table(tasks)
+        width = self.console.width
+        for columns in self.layouts:
+            self.columns = tuple(columns)
+            table = super().make_tasks_table(tasks)
+            used = self._width(table)
+            if used <= width:
+                if columns is self.layouts[0] and width - used - 1 >= 5:
+                    self.bar.bar_width = min(40, width - used - 1)
+                    self.columns = (columns[0], self.bar, *columns[1:])
+                    table = super().make_tasks_table(tasks)
+                return table
+        return table
 
 
 class TrainProgress:
@@ -116,11 +152,13 @@ class TrainProgress:
         for note in r.get("warnings") or []:
             self.print(f"warning: {note}", style="yellow")
         if self.live:
-            self.progress = Progress(
-                TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                TextColumn("{task.fields[tok_s]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=self.console, transient=False,
+            name, steps = TextColumn("[bold blue]{task.description}"), MofNCompleteColumn()
+            loss, lr = TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}")
+            tok_s, elapsed = TextColumn("{task.fields[tok_s]} tok/s"), TimeElapsedColumn()
+            eta = [TextColumn("ETA"), TimeRemainingColumn()]
+            self.progress = FittingProgress(  # narrower: no bar, then no lr or elapsed, no name or tok/s, no loss
+                [name, steps, loss, lr, tok_s, elapsed, *eta], [name, steps, loss, tok_s, *eta], [steps, loss, *eta],
+                [steps, *eta], console=self.console, transient=False,
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=r["steps"], completed=r["step"], loss="-", lr="-", tok_s="-")
@@ -242,7 +280,7 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
         if show_lr:
             cells.append(fmt_lr(r.get("lr")) if r.get("lr") else "-")
         if show_reached:
-            cells.append(fmt_lr(r.get("peak_lr")) if r.get("peak_lr") else "-")
+            cells.append(fmt_lr_reached(r.get("peak_lr")))
         if show_steps:
             cells.append(fmt_num(r.get("steps")))
         cells += [
@@ -261,15 +299,23 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     return headers, table
 
 
+def fmt_lr_reached(peak: float | None) -> str:
+    """The highest LR a schedule reached (results.py's peak_lr) as the lr column shows an LR, to 2 digits."""
+    return fmt_lr(peak, 2) if peak else "-"
+
+
 def lr_short_of_peak(lr: float | None, peak: float | None) -> bool:
-    """Whether a run's schedule never reached its configured LR (warmup as long as the run, or longer): the highest
-    LR it logged is well below train.lr."""
-    return bool(lr and peak and peak < 0.95 * lr)
+    """Whether a run's schedule stopped short of its configured LR (the run ended during warmup): the highest LR
+    it reached (results.py's peak_lr) shows below train.lr."""
+    return bool(lr and peak and peak < lr and fmt_lr_reached(peak) != fmt_lr_reached(lr))
 
 
 def results_table(rows, metric: str, title: str | None = None) -> Table:
+    """The ranking as a table whose essential columns are the rank, the run, the metric, Δ and the settings the
+    runs differ in (a setting they share may be left out on a narrow terminal)."""
     headers, cells = results_rows(rows, metric)
-    return text_table(headers, cells, title)
+    essential = {h for i, h in enumerate(headers) if is_essential(h, i) and h not in SETTING_HEADERS}
+    return text_table(headers, cells, title, essential=essential | varied_settings(headers, cells))
 
 
 def chart_table(chart) -> Table:
@@ -291,7 +337,7 @@ def print_chart(chart, out: Console = console) -> None:
     if chart.is_empty():
         return
     if out.is_terminal:
-        width, height = chart_size(out.width)
+        width, height = chart_size(out.width, len(chart.series))
         out.print(Text.from_ansi(render_chart(chart, width, height)), soft_wrap=True)
     else:
         print_table(chart_table(chart), out)

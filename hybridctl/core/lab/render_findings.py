@@ -8,16 +8,19 @@ from pathlib import Path
 from rich.console import Console
 
 from hybridctl.core.lab.results import METRICS
-from hybridctl.core.lab.render import fmt_lr, fmt_num, fmt_pct, lr_short_of_peak, print_chart, results_rows, results_table
-from hybridctl.core.lab.tables import console, markdown_table, print_table, text_table
+from hybridctl.core.lab.render import (fmt_lr, fmt_lr_reached, fmt_num, fmt_pct, lr_short_of_peak, print_chart, results_rows,
+                                      results_table)
+from hybridctl.core.lab.tables import UNBOUNDED, console, markdown_table, print_table, text_table, varied_settings
 
 
 VERDICT_WORDS = {"best": "best", "not distinguishable from best": "tied", "worse": "worse", "single run": "1 run",
                  "best (single run)": "best", "best is a single run": "untested"}
-VERDICT_LEGEND = ("verdict (Welch's t-test against the best row): tied = not distinguishable\n"
-                  "(p >= 0.05), worse = p < 0.05, 1 run = no spread to test, untested = the best\n"
-                  "row is a single run; 95% CI: mean ± this; n: finished seeds.")
-DROP_FIRST = ("lr reached", "steps", "lr", "attn", "std")  # left out in this order when a table is too wide
+VERDICT_LEGEND = ("verdict (Welch's t-test against the best row): tied = not distinguishable (p >= 0.05), "
+                  "worse = p < 0.05, 1 run = no spread to test, untested = the best row is a single run; "
+                  "95% CI: mean ± this; n: finished seeds.")
+# Left out in this order when a table is too wide for the terminal; a setting only where the rows share it (what a
+# sweep varied stays), and never the rank, the configuration, mean, std, verdict or status.
+DROP_FIRST = ("lr reached", "steps", "lr", "attn", "layers", "95% CI", "p", "n", "Δ best")
 
 
 def fmt_stat(value: float | None, signed: bool = False) -> str:
@@ -53,7 +56,7 @@ def group_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
         cells += [g.first("layer_types") or "-"] if show_layers else []
         cells.append(fmt_pct(g.first("attention_fraction")))
         cells += [fmt_lr(g.first("lr")) if g.first("lr") else "-"] if show_lr else []
-        cells += [fmt_lr(g.mean_of("peak_lr")) if g.mean_of("peak_lr") else "-"] if show_reached else []
+        cells += [fmt_lr_reached(g.mean_of("peak_lr"))] if show_reached else []
         cells += [fmt_num(g.first("planned_steps"))] if show_steps else []
         cells += [str(s.n) if s else "0", fmt_stat(s.mean if s else None), fmt_stat(s.std if s else None),
                   "-" if s is None or s.ci_half is None else "±" + fmt_stat(s.ci_half),
@@ -65,16 +68,17 @@ def group_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
 
 
 def fit_columns(headers: list[str], rows: list[list[str]], width: int) -> tuple[list[str], list[list[str]], list[str]]:
-    """Leave out columns of DROP_FIRST, in order, until the table fits `width` (one space between columns); returns
-    the headers and rows kept and the names left out."""
+    """Leave out columns of DROP_FIRST, in order, until the table fits `width` (one space between columns), but
+    not the settings the rows differ in; returns the headers and rows kept and the names left out."""
     def table_width(hs, rs):
         return sum(max([len(h)] + [len(r[i]) for r in rs]) for i, h in enumerate(hs)) + len(hs) - 1
 
+    varied = varied_settings(headers, rows)
     dropped = []
     for name in DROP_FIRST:
         if table_width(headers, rows) <= width:
             break
-        if name in headers:
+        if name in headers and name not in varied:
             i = headers.index(name)
             headers = headers[:i] + headers[i + 1:]
             rows = [r[:i] + r[i + 1:] for r in rows]
@@ -82,15 +86,22 @@ def fit_columns(headers: list[str], rows: list[list[str]], width: int) -> tuple[
     return headers, rows, dropped
 
 
+def print_note(text: str, out: Console = console) -> None:
+    """A line of prose: wrapped to a terminal's width, one line anywhere else (a pager or editor wraps it)."""
+    out.print(text, markup=False, highlight=False, soft_wrap=not out.is_terminal)
+
+
 def print_group_table(rows, metric: str, title: str, out: Console = console) -> None:
-    """The grouped ranking, narrowed to the console's width (no cell wraps), and what its words mean."""
+    """The grouped ranking, narrowed to a terminal's width (no cell wraps) and whole anywhere else, and what its
+    words mean."""
     headers, cells = group_rows(rows, metric)
-    headers, cells, dropped = fit_columns(headers, cells, out.width)
-    print_table(text_table(headers, cells, title, no_wrap_column=1), out)
-    out.print(VERDICT_LEGEND, markup=False, highlight=False)
+    headers, cells, dropped = fit_columns(headers, cells, out.width if out.is_terminal else UNBOUNDED)
+    # the columns kept are all essential: print_table leaves out no more (if they are too wide even so, names fold)
+    print_table(text_table(headers, cells, title, no_wrap_column=1, essential=headers), out)
+    print_note(VERDICT_LEGEND, out)
     if dropped:
-        out.print(f"not shown at this width: {', '.join(dropped)} (widen the terminal, or see --json)", markup=False,
-                  highlight=False)
+        print_note(f"not shown at {out.width} columns: {', '.join(dropped)} (widen the terminal, or see compare --json)",
+                   out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,7 +114,7 @@ def print_report(report, out: Console = console) -> None:
         out.print()
         out.print(section.heading, style="bold underline")
         for paragraph in section.paragraphs:
-            out.print(paragraph, markup=False, highlight=False)
+            print_note(paragraph, out)
         if section.ranking is not None:
             print_table(results_table(section.ranking, report.metric), out)
         if section.groups is not None:
@@ -150,7 +161,7 @@ def report_markdown(report, plot_files: dict[str, list[str]] | None = None, widt
         if section.ranking is not None:
             parts.append(markdown_table(*results_rows(section.ranking, report.metric)))
         if section.groups is not None:
-            parts.append(markdown_table(*group_rows(section.groups, report.metric)) + f"\n{VERDICT_LEGEND.replace(chr(10), ' ')}\n")
+            parts.append(markdown_table(*group_rows(section.groups, report.metric)) + f"\n{VERDICT_LEGEND}\n")
         for table in (section.table, section.heatmap):
             if table is not None:
                 parts.append(markdown_table(*table))

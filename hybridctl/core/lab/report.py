@@ -13,7 +13,7 @@ from typing import Any
 from hybridctl.core.lab.charts import Chart, Series
 from hybridctl.core.lab.groups import SAME, GroupRow, group_results, has_repeats, rank_groups
 from hybridctl.core.lab.placements import heat_grid, layer_position_table, placement_values, ranked_placements
-from hybridctl.core.lab.render import fmt_count, fmt_lr
+from hybridctl.core.lab.render import fmt_count, fmt_lr, fmt_lr_reached
 from hybridctl.core.lab.render_findings import fmt_p
 from hybridctl.core.lab.results import METRICS, Ranked, RunResult, comparability_warning, metric_coverage, rank_results, sweep_divergence_advice
 from hybridctl.core.lab.stats import ALPHA
@@ -331,7 +331,7 @@ def single_run_table(r: RunResult, metric: str) -> tuple[list[str], list[list[st
     rows = [[key, num(key)] for key in metrics]
     rows += [["layers", f"{r.get('layer_types') or '-'} ({_pct(r.get('attention_fraction'))} attention)"],
              ["lr", fmt_lr(r.get("lr")) if r.get("lr") else "-"],
-             ["lr reached", fmt_lr(r.get("peak_lr")) if r.get("peak_lr") else "-"],
+             ["lr reached", fmt_lr_reached(r.get("peak_lr"))],
              ["steps", f"{r.get('steps')} of {r.get('planned_steps') or '?'} ({r.status})"],
              ["tokens", fmt_count(r.get("tokens"))], ["tok/s", fmt_count(r.get("tok_s"))],
              ["seed", "-" if r.get("seed") is None else str(r.get("seed"))]]

@@ -15,6 +15,7 @@ from hybridctl.core.data import synthetic
 from hybridctl.core.config import DataConfig
 from hybridctl.core.errors import ConfigError, HybridctlError, RunError, suggest
 from hybridctl.core.training.runs import (SWEEP_FILE, RunDir, find_runs)
+from hybridctl.core.training.schedule import lr_reached
 from hybridctl.core.lab.sweeps import ARC_FILE, divergence_advice
 
 
@@ -117,8 +118,6 @@ def load_result(run: RunDir) -> RunResult:
         "layer_types": "".join(cfg.model.layer_types()) if cfg else summary.get("layer_types"),
         "attention_fraction": cfg.model.attention_fraction() if cfg else summary.get("attention_fraction"),
         "lr": cfg.train.lr if cfg else summary.get("lr"),
-        # the highest LR the schedule reached: below train.lr when warmup outlasts the run
-        "peak_lr": max((r["lr"] for r in logs if isinstance(r.get("lr"), (int, float))), default=None),
         "seed": cfg.train.seed if cfg else None,
         "planned_steps": cfg.train.steps if cfg else None,
         "params": summary.get("params"),
@@ -157,6 +156,8 @@ def load_result(run: RunDir) -> RunResult:
             if finite:  # min() over a NaN answers by position
                 best = min(finite, key=lambda r: r["val_loss"])
                 values.update(best_val_loss=best["val_loss"], best_step=best["step"])
+    # the highest LR the schedule reached in the steps trained: below train.lr when warmup outlasts them
+    values["peak_lr"] = lr_reached(cfg.train, values["steps"]) if cfg and values.get("steps") else None
     best_eval = next((r for r in evals if r["step"] == values.get("best_step")), None)
     if values.get("best_val_loss") is not None:
         values["best_val_ppl"] = math.exp(min(values["best_val_loss"], 50.0))

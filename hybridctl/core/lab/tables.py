@@ -3,8 +3,9 @@
 - One style: a rule under the header, columns one space apart, no outer edge (ten columns fit in 80), title on
   the left.
 - On a terminal the table fits the window: its essential columns (no_wrap: rank, run, layers or attention share,
-  metric, Δ) stay whole; the other columns fold their text, and if the table still does not fit they are left out,
-  last first, and a line under the table names them.
+  metric, Δ; in a ranking, the settings its rows differ in rather than those they share) stay whole; the other
+  columns fold their text, and if the table still does not fit they are left out, last first, and a line under the
+  table names them.
 - Piped or redirected (a file, `less`, a scheduler's log) the table prints at its natural width: no "…", no cell
   wrapped over two lines, whatever COLUMNS says. Titles and captions print as lines of their own, unwrapped.
 """
@@ -27,6 +28,17 @@ err_console = Console(stderr=True)
 # Columns that a results table keeps whole and never leaves out (by header; the first column always).
 ESSENTIAL_HEADERS = {"#", "rank", "run", "arch", "layers", "attn", "attention", "preset", "metric", "value", "val loss",
                      "final loss", "mean", "verdict", "name"}
+
+
+# Columns of a ranking that say what a run or configuration was: essential where the rows differ in them (what a
+# sweep varied: the LR of an LR sweep, the layers and attention share of an architecture sweep), not where they share
+# them.
+SETTING_HEADERS = ("layers", "attn", "lr", "steps")
+
+
+def varied_settings(headers: list[str], rows: list[list[str]]) -> set[str]:
+    """The setting columns (SETTING_HEADERS) whose cells differ between rows."""
+    return {h for i, h in enumerate(headers) if h in SETTING_HEADERS and len({row[i] for row in rows}) > 1}
 
 
 class HouseTable(Table):

@@ -5,6 +5,7 @@ the training data (torch-free)."""
 from __future__ import annotations
 
 from hybridctl.core.config import Config
+from hybridctl.core.training.schedule import lr_reached
 
 
 def train_windows(train_tokens: int, seq_len: int) -> int:
@@ -13,12 +14,8 @@ def train_windows(train_tokens: int, seq_len: int) -> int:
 
 
 def peak_lr(cfg: Config) -> float:
-    """The highest LR the schedule reaches: train.lr, unless the warmup outlasts the run (linear warmup: step s
-    has lr * (s + 1) / warmup_steps, and the last step is steps - 1)."""
-    t = cfg.train
-    if t.warmup_steps <= t.steps:
-        return t.lr
-    return t.lr * t.steps / t.warmup_steps
+    """The highest LR the schedule reaches over the planned steps: train.lr, unless the warmup outlasts the run."""
+    return lr_reached(cfg.train, cfg.train.steps)
 
 
 def run_warnings(cfg: Config, n_train_windows: int) -> list[str]:

@@ -41,6 +41,15 @@ class Schedule:
                 return floor + 0.5 * (start_lr - floor) * (1 + math.cos(math.pi * progress))
         return self._base(step)
 
+    def reached(self, steps: int) -> float:
+        """The highest LR of the first `steps` steps (0.0 for none): the last step of warmup, or the last step when
+        the run stops before it; an extension starts its decay at the LR it began with, so may only lower it."""
+        if steps <= 0:
+            return 0.0
+        candidates = [max(0, min(self.warmup_steps, steps) - 1)]
+        candidates += [start for start, _, _ in self.extensions if start < steps]
+        return min(self.lr, max(self(step) for step in candidates))  # never above train.lr (float rounding)
+
     def extend(self, from_step: int, to_step: int) -> None:
         self.extensions.append((from_step, self(from_step), to_step))
 
@@ -50,3 +59,9 @@ class Schedule:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Schedule":
         return cls(**{**d, "extensions": [tuple(e) for e in d.get("extensions", [])]})
+
+
+def lr_reached(train, steps: int) -> float:
+    """The highest LR that the schedule a run's config plans (its TrainConfig: lr, warmup_steps, steps,
+    min_lr_ratio) reaches in the run's first `steps` steps: train.lr once warmup is over, less before."""
+    return Schedule(train.lr, train.warmup_steps, train.steps, train.min_lr_ratio).reached(steps)
