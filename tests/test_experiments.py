@@ -472,8 +472,8 @@ def test_unfinished_runs_and_arc_columns(sweep, tmp_path):
     assert [(r.result.label, r.rank) for r in rows] == [(other, 1), (best, None)]  # an unfinished run is not ranked
     assert rows[1].result.status == "partial" and rows[1].value == summaries[best]["best_val_loss"]
     headers, cells = results_rows(rows, "best_val_loss")
-    assert headers[-3:] == ["ARC acc", "ARC acc_norm", "status"]
-    assert cells[0][-3:] == ["23.12%", "26.54%", "complete"] and cells[1][-3:-1] == ["-", "-"]
+    assert headers[-4:] == ["ARC acc", "ARC acc_norm", "ARC n", "status"]  # n: how many questions were scored
+    assert cells[0][-4:] == ["23.12%", "26.54%", "1172", "complete"] and cells[1][-4:-1] == ["-", "-", "-"]
     assert cells[1][0] == "-" and cells[1][-1].startswith("partial")
     assert rank_results(collect_results([copy]), "arc_acc")[0].value == arc["acc"]
     with pytest.raises(ConfigError, match="did you mean 'final_val_loss'"):

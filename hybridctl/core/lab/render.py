@@ -268,7 +268,7 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
     headers = ["#", "run"] + (["layers"] if show_layers else []) + ["attn"] + (["lr"] if show_lr else [])
     headers += (["lr reached"] if show_reached else []) + (["steps"] if show_steps else [])
     headers += ["val loss" if view == "best" else "final loss", "acc", "ppl", "time", "tok/s", "Δ vs best" if metric == shown_loss else f"Δ {metric}"]
-    headers += ["ARC acc", "ARC acc_norm"] if show_arc else []
+    headers += ["ARC acc", "ARC acc_norm", "ARC n"] if show_arc else []  # n: a --limit or a file of one's own
     headers += ["recall acc"] if show_mqar else []
     headers += [f"{name} ppl" for name in text_evals]
     headers += ["status"] if show_status else []
@@ -289,7 +289,7 @@ def results_rows(rows, metric: str) -> tuple[list[str], list[list[str]]]:
             "best" if row.rank == 1 else ("-" if row.delta_pct is None else f"{row.delta_pct:+.2f}%"),
         ]
         if show_arc:
-            cells += [fmt_pct(r.get("arc_acc"), 2), fmt_pct(r.get("arc_acc_norm"), 2)]
+            cells += [fmt_pct(r.get("arc_acc"), 2), fmt_pct(r.get("arc_acc_norm"), 2), fmt_num(r.get("arc_n"))]
         if show_mqar:
             cells.append(fmt_pct(r.get("final_val_mqar_acc"), 2))
         cells += [fmt_num(((r.get("text_evals") or {}).get(name) or {}).get("ppl"), 2) for name in text_evals]
