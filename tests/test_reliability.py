@@ -342,6 +342,25 @@ def test_an_out_folder_that_cannot_be_made_is_named_not_its_free_space(capsys):
     assert not Path("/proc/nope").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_outputs_that_cannot_be_made_are_refused_in_one_line(finished_micro_run, capsys):
+    """A report, a compare file or an export into a folder that cannot be made: refused before the work, in one
+    line, instead of an unexpected error after it."""
+    run = str(finished_micro_run)
+    for argv, message in (
+        (["report", run, "--out", "/proc/nope/r.md"], "cannot create folder /proc/nope (No such file or directory); "
+                                                      "choose another file than /proc/nope/r.md"),
+        (["compare", run, "--json-out", "/proc/x.json"], "cannot write to folder /proc"),
+        (["export", run, "--out", "/proc/nope/hf"], "--out: cannot create folder /proc/nope (No such file or directory); "
+                                                    "choose another folder"),
+    ):
+        assert main(argv) == 1, argv
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+        assert "# " not in out  # nothing was rendered first
+    assert not Path("/proc/nope").exists()
+
+
 def test_an_out_folder_without_write_permission_is_refused_before_the_data(monkeypatch, tmp_path, capsys):
     """The check makes (and removes) a folder in the nearest existing one, which is where a missing permission or
     a read-only disk shows (as root every permission is granted, so the refusal is simulated)."""

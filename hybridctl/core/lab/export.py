@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hybridctl.core.errors import CheckpointError, ConfigError, RunError
-from hybridctl.core.files import move_into_place
+from hybridctl.core.files import cannot_make, move_into_place
 from hybridctl.core.lab.hf_export import check_exportable, from_hf_tensors, hf_config, model_config_from_hf, to_hf_tensors
 from hybridctl.core.lab.trained_model import check_finite, locate_checkpoint
 from hybridctl.core.training import checkpoint as ckpt
@@ -61,6 +61,9 @@ def check_out_dir(out: Path, force: bool) -> None:
                            "(--force replaces only an earlier export)")
         if not force:
             raise RunError(f"--out {out} already holds an export; pass --force to replace it or choose another folder")
+    why = cannot_make(out)
+    if why:
+        raise RunError(f"--out: {why}; choose another folder")
 
 
 def check_format(fmt: str) -> None:

@@ -69,6 +69,9 @@ def ensure_new_file(path: Path, force: bool) -> None:
         raise RunError(f"{path} is one of the files of {path.parent}; choose another file")
     if path.exists() and not force:
         raise RunError(f"{path} already exists; pass --force to replace it or choose another file")
+    why = cannot_make(path.parent)
+    if why:
+        raise RunError(f"{why}; choose another file than {path}")
 
 
 def check_run_name(name: str, what: str = "run name") -> None:
