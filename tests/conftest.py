@@ -91,12 +91,13 @@ class StopAfter:
             raise KeyboardInterrupt
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the real `hybridctl` entry point in a child process."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `hybridctl` entry point in a child process (`input`: its standard input)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "hybridctl", *args], cwd=cwd, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, input=input,
     )
 
 

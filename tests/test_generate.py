@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import micro_config
+from conftest import micro_config, run_cli
 from hybridctl.cli import main
 from hybridctl.core.lab.decode_bench import cache_nbytes, measure_decode
 from hybridctl.core.lab.generate import Sampling, TextStream, context_limit, generate, prefill, sample
@@ -264,6 +264,10 @@ def test_generate_streams_text_and_batches(micro_run, tmp_path, capsys):
     code, out, _ = cli(capsys, "generate", str(micro_run), "--prompt-file", str(prompts), "-n", "6", "--seed", "3", "--json")
     assert [r["prompt"] for r in json.loads(out)["results"]] == ["class A:", "  return", "x = 1"]
     assert json.loads(out)["sampling"] == {"greedy": False, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "seed": 3}
+    piped = run_cli("generate", str(micro_run), "--prompt-file", "-", "-n", "6", "--seed", "3", "--json",
+                    input=prompts.read_text())  # `--prompt-file -` reads standard input
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["results"] == json.loads(out)["results"]
     code, out, _ = cli(capsys, "generate", str(micro_run), "--prompt", "x", "-n", "2", "--temperature", "0", "--json")
     assert code == 0 and json.loads(out)["sampling"]["greedy"] is True and json.loads(out)["sampling"]["top_p"] is None
 

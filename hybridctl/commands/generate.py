@@ -23,7 +23,10 @@ def read_prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str
             raise ConfigError("the prompt is empty; give some text to continue with --prompt TEXT")
         return [prompt]
     try:
-        lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
+        if str(prompt_file) == "-":  # `... | hybridctl generate RUN --prompt-file -`
+            lines = sys.stdin.buffer.read().decode("utf-8").splitlines()
+        else:
+            lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise ConfigError(f"prompt file {prompt_file} does not exist; pass a text file with one prompt per line") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -37,7 +40,7 @@ def read_prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str
 def generate(
     target: Path = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="A run folder, or a checkpoint folder inside one (best/, checkpoints/step_NNNNNN)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to continue."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file of prompts, one per line, completed as one batch (blank lines skipped)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file of prompts, one per line, completed as one batch (blank lines skipped); - reads standard input."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to add to each prompt at most (fewer at end of document)."),
     temperature: float = typer.Option(0.8, "--temperature", help="Softmax temperature; 0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the K most likely tokens only (0: all)."),
