@@ -547,14 +547,15 @@ def test_hub_names_say_what_a_run_would_fetch(tmp_path):
     files, bytes / bpe:N, or data whose tokens are cached."""
     local = tmp_path / "corpus.txt"
     local.write_text("\n\n".join(f"local document {i}" for i in range(200)))
-    assert token_cache.hub_names(DataConfig(dataset="owner/corpus", tokenizer="owner/tokenizer")) == [
-        "owner/corpus", "owner/tokenizer"]
-    assert token_cache.hub_names(DataConfig(dataset="builtin:stdlib", tokenizer="owner/tokenizer")) == ["owner/tokenizer"]
-    assert token_cache.hub_names(DataConfig(dataset=str(local), tokenizer="bpe:300")) == []
-    assert token_cache.hub_names(DataConfig(dataset="synthetic:mqar", tokenizer="bytes")) == []
+    assert token_cache.hub_names(DataConfig(dataset="owner/corpus", tokenizer="owner/tokenizer")) == {
+        "data.dataset": "owner/corpus", "data.tokenizer": "owner/tokenizer"}
+    assert token_cache.hub_names(DataConfig(dataset="builtin:stdlib", tokenizer="owner/tokenizer")) == {
+        "data.tokenizer": "owner/tokenizer"}
+    assert token_cache.hub_names(DataConfig(dataset=str(local), tokenizer="bpe:300")) == {}
+    assert token_cache.hub_names(DataConfig(dataset="synthetic:mqar", tokenizer="bytes")) == {}
     cached = DataConfig(dataset=str(local), tokenizer="bytes", max_tokens=1000)
     token_cache.load_token_data(cached)
-    assert token_cache.hub_names(cached) == []
+    assert token_cache.hub_names(cached) == {}
 
 
 def test_dry_run_says_the_data_needs_the_hub(tmp_path):
@@ -562,6 +563,9 @@ def test_dry_run_says_the_data_needs_the_hub(tmp_path):
             "--dry-run"]
     hub = run_cli(*args, "--set", 'data.dataset="owner/corpus"')
     assert hub.returncode == 0, hub.stderr
-    assert "comes from the Hugging Face hub (owner/corpus)" in hub.stdout
+    assert "fetch from the Hugging Face hub: data.dataset owner/corpus; without the network, set data.dataset to " \
+           "local files or builtin:python" in hub.stdout
+    tokenizer_only = run_cli(*args, "--set", 'data.tokenizer="owner/tokenizer"').stdout
+    assert "hub: data.tokenizer owner/tokenizer; without the network, set data.tokenizer to bpe:16384" in tokenizer_only
     assert "Hugging Face hub" not in run_cli(*args).stdout  # tiny: the offline standard library
     assert not (tmp_path / "runs").exists()

@@ -121,11 +121,13 @@ def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str)
                       markup=False, highlight=False)
         from hybridctl.core.data.token_cache import hub_names
 
-        for names in dict.fromkeys(tuple(hub_names(planned.cfg.data)) for planned in plan.runs):
+        offline = {"data.dataset": "local files or builtin:python", "data.tokenizer": "bpe:16384 or bytes"}
+        for names in dict.fromkeys(tuple(hub_names(planned.cfg.data).items()) for planned in plan.runs):
             if names:
-                console.print(f"note: the data is not cached here and comes from the Hugging Face hub ({', '.join(names)}); "
-                              "without the network, set data.dataset to local files or builtin:python (docs/data.md)",
-                              markup=False, highlight=False, soft_wrap=True)
+                fetched = ", ".join(f"{key} {name}" for key, name in names)
+                fix = " and ".join(f"{key} to {offline[key]}" for key, _ in names)
+                console.print(f"note: not cached here, so the runs fetch from the Hugging Face hub: {fetched}; without "
+                              f"the network, set {fix} (docs/data.md)", markup=False, highlight=False, soft_wrap=True)
         conflict = sweep_conflict(plan, path)
         if conflict:
             console.print(f"note: {conflict}; running this plan needs --force or another --name", markup=False,

@@ -166,17 +166,20 @@ def open_token_cache(folder: Path, data_cfg: DataConfig) -> TokenData:
     return TokenData(train, val, tokenizer, {**meta, "cache": str(folder), "cache_bytes": size})
 
 
-def hub_names(data_cfg: DataConfig) -> list[str]:
-    """The Hugging Face hub names (dataset, tokenizer) that loading this data would fetch: none once its tokens
-    are cached here, and none for built-in, synthetic and local corpora with bytes, bpe:N or local tokenizers."""
+def hub_names(data_cfg: DataConfig) -> dict[str, str]:
+    """The Hugging Face hub names that loading this data would fetch, by key (data.dataset, data.tokenizer): none
+    once its tokens are cached here, and none for built-in, synthetic and local corpora with bytes, bpe:N or local
+    tokenizers."""
     from hybridctl.core.data.sources import is_local
 
     if data_cfg.dataset.startswith("synthetic:") or cache_is_complete(token_cache_dir(data_cfg)):
-        return []
-    names = [] if data_cfg.dataset.startswith("builtin:") or is_local(data_cfg.dataset) else [data_cfg.dataset]
+        return {}
+    names = {}
+    if not data_cfg.dataset.startswith("builtin:") and not is_local(data_cfg.dataset):
+        names["data.dataset"] = data_cfg.dataset
     tokenizer = data_cfg.tokenizer
     if tokenizer != "bytes" and not tokenizer.startswith("bpe:") and not Path(tokenizer).expanduser().exists():
-        names.append(tokenizer)
+        names["data.tokenizer"] = tokenizer
     return names
 
 
