@@ -82,7 +82,8 @@ def print_export(result: dict[str, Any]) -> None:
         f"layers {result['layers']}, {fmt_count(result['params'])} parameters in {result['tensors']} tensors, "
         f"vocabulary {result['vocab_size']}{padding}, {'tied' if result['tied'] else 'separate'} embeddings, "
         f"tokenizer {result['tokenizer']}", highlight=False, soft_wrap=True)
-    console.print(f"load: import fla, then transformers.AutoModelForCausalLM.from_pretrained('{result['out']}')",
+    console.print(f"load: on a CUDA machine with fla (and flash-attn for attention layers), import fla, then "
+                  f"transformers.AutoModelForCausalLM.from_pretrained('{result['out']}') (docs/export.md)",
                   markup=False, highlight=False, soft_wrap=True)
 
 
