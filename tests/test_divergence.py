@@ -5,6 +5,7 @@ broken checkpoints in one line, naming an earlier one when there is one."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,18 @@ def test_train_says_the_run_diverged_and_records_it(tmp_path, capsys):
     summary = strict_json(out / "big" / "summary.json")  # no bare NaN
     assert (summary["status"], summary["diverged_at"], summary["steps"]) == ("diverged", 2, 3)
     assert summary["final_val_loss"] is None and summary["final_val_ppl"] is None and summary["best_val_loss"] is None
+
+
+def test_resuming_a_diverged_run_is_refused_unless_an_earlier_checkpoint_is_named(diverged_run, tmp_path, capsys):
+    """Resume keeps the LR and the batches, so the newest checkpoint of a diverged run would diverge again."""
+    run = tmp_path / "big"
+    shutil.copytree(diverged_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    code, _, err = run_main(capsys, "resume", run, "--extend-steps", "5")
+    assert code == 1
+    assert err.strip() == (f"error: run {run} diverged at step 2, and resuming keeps its LR (1e+09) and batches; "
+                           "train it again with a lower train.lr and --force, or pick an earlier checkpoint with --from")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 def test_compare_shows_a_diverged_run(diverged_run, capsys):

@@ -41,6 +41,18 @@ def with_resume_overrides(cfg: Config, overrides: list[str]) -> Config:
     return config_from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg
 
 
+def check_not_diverged(run: RunDir, cfg: Config, from_: str) -> None:
+    """A diverged run continued from its newest checkpoint would replay the same batches at the same LR (which
+    resume keeps): refused, unless --from names an earlier checkpoint on purpose."""
+    summary = run.read_summary()
+    if summary.get("status") != "diverged" or from_ != "latest":
+        return
+    at = summary.get("diverged_at")
+    where = f" at step {at}" if isinstance(at, int) else ""
+    raise RunError(f"run {run.path} diverged{where}, and resuming keeps its LR ({cfg.train.lr:g}) and batches; train it "
+                   "again with a lower train.lr and --force, or pick an earlier checkpoint with --from")
+
+
 def resume(
     run_path: Path = typer.Argument(..., metavar="RUN", help="The run folder, e.g. runs/tiny."),
     extend_steps: int = typer.Option(
@@ -66,6 +78,7 @@ def resume(
         raise RunError(f"--extend-steps must be >= 0, got {extend_steps}")
     run = RunDir(run_path)
     cfg = with_resume_overrides(run.load_config(), list(overrides))
+    check_not_diverged(run, cfg, from_)
     check_trackers(cfg)
     if gpus is not None:
         check_config_for_gpus(cfg, gpus)
