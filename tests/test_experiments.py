@@ -23,7 +23,7 @@ from hybridctl.core.config import load_config, load_config_file
 from hybridctl.core.errors import ConfigError, RunError, TrainingError
 from hybridctl.core.lab.charts import Chart, Series, chart_size
 from hybridctl.core.lab.plots import render_chart
-from hybridctl.core.lab.render import fmt_lr, print_chart, results_rows
+from hybridctl.core.lab.render import fmt_count, fmt_lr, print_chart, results_rows
 from hybridctl.core.training.runs import RunDir
 
 LRS = ["1e-3", "3e-3"]
@@ -107,6 +107,9 @@ def test_dry_run_writes_nothing(sweep, tmp_path):
     per_run = STEPS * 4 * 32  # steps * batch * seq of MICRO
     assert f"{2 * per_run:,}" in result.stdout and all(n in result.stdout for n in run_names())
     assert result.stdout.count(" train ") + result.stdout.count(" train\n") == 2
+    assert f"estimated tokens to train: {fmt_count(2 * per_run)} ({2 * per_run:,}) in 2 runs\n" in result.stdout
+    finished = run_cli(*SWEEP_ARGS, "--out", str(out), "--dry-run", *cli_args_for_micro())  # the same, trained
+    assert "estimated tokens to train: 0 (0) in 0 runs; 2 skipped (finished or diverged)" in finished.stdout
 
     # a different plan under the same sweep name is refused, one line, and nothing changes
     before = snapshot(out)

@@ -116,9 +116,14 @@ def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str)
     for text in plan.warnings:
         warn(text)
     if dry_run:
-        print_table(plan_table(plan, preview_actions(plan, path)))
-        console.print(f"estimated tokens: {fmt_count(plan.tokens)} ({plan.tokens:,}) in {fmt_n(len(plan.runs), 'run')}",
-                      markup=False, highlight=False)
+        actions = preview_actions(plan, path)
+        print_table(plan_table(plan, actions))
+        # what is left to train: whole runs to start, the rest of runs to resume; finished and diverged runs nothing
+        left = [(r, a) for r, a in zip(plan.runs, actions) if a.kind in ("start", "resume")]
+        tokens = sum(r.tokens // r.cfg.train.steps * (r.cfg.train.steps - a.step) for r, a in left)
+        skipped = len(plan.runs) - len(left)
+        console.print(f"estimated tokens to train: {fmt_count(tokens)} ({tokens:,}) in {fmt_n(len(left), 'run')}"
+                      + (f"; {skipped} skipped (finished or diverged)" if skipped else ""), markup=False, highlight=False)
         from hybridctl.core.data.token_cache import hub_names
 
         offline = {"data.dataset": "local files or builtin:python", "data.tokenizer": "bpe:16384 or bytes"}
