@@ -57,6 +57,7 @@ def test_train_says_the_run_diverged_and_records_it(tmp_path, capsys):
     summary = strict_json(out / "big" / "summary.json")  # no bare NaN
     assert (summary["status"], summary["diverged_at"], summary["steps"]) == ("diverged", 2, 3)
     assert summary["final_val_loss"] is None and summary["final_val_ppl"] is None and summary["best_val_loss"] is None
+    assert summary["final_val_acc"] is None  # an argmax of overflowed outputs is no accuracy
 
 
 def test_resuming_a_diverged_run_is_refused_unless_an_earlier_checkpoint_is_named(diverged_run, tmp_path, capsys):

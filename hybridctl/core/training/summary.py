@@ -21,6 +21,9 @@ def build_summary(cfg: Config, run: RunDir, state: TrainState, n_params: int, la
     seconds in the loop."""
     segment_time = state.train_time_s - state.prior_time_s
     previous = run.read_summary()
+    loss = last_eval.get("val_loss")
+    if loss is not None and not math.isfinite(loss):  # outputs that overflowed: their argmax "accuracy" means nothing
+        last_eval = {key: None if key.endswith("_acc") else value for key, value in last_eval.items()}
     summary = {
         "name": run.name,
         "status": "complete",
