@@ -141,7 +141,7 @@ ROWS = [
     Row("name-with-slash", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "a/b", *MICRO], "must be a plain folder name"),
     Row("name-parent", ["train", "--preset", "tiny", "--out", "{ws}/runs", "--name", "..", "--force", *MICRO], "must be a plain folder name"),
     Row("sweep-name-parent", ["ablate", "lr", "--preset", "tiny", "--out", "{ws}/runs", "--name", "..", "--force", "--values", "1e-3"], "sweep name '..' must be a plain folder name", existing_run_named("keep")),
-    Row("compare-json-out-under-a-file", ["compare", "{run}", "--json-out", "{ws}/afile/rank.json"], "cannot make the folder of", write("afile", "x")),
+    Row("compare-json-out-under-a-file", ["compare", "{run}", "--json-out", "{ws}/afile/rank.json"], "/afile is a file; choose another file than", write("afile", "x")),
     Row("compare-metric-no-run-has", ["compare", "{run}", "--metric", "arc_acc"], "has no arc_acc; measure it with `hybridctl bench arc RUN`"),
     Row("name-absolute", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "{ws}/run", "--force", *MICRO], "must be a plain folder name"),
     Row("name-empty", ["train", "--preset", "tiny", "--out", "{ws}", "--name", "", *MICRO], "--name is empty; give a name, or leave --name out to use the preset's name"),

@@ -43,6 +43,9 @@ def cannot_make(folder: Path) -> str | None:
     removing it at once: /proc, a read-only disk or a folder without write permission refuse it, so the error
     names the folder before a later check (free space) speaks of it."""
     folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"cannot create folder {folder}: {blocker} is a file"
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     nearest = folder.parents[len(missing) - 1] if missing else folder
     try:
