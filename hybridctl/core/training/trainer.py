@@ -37,7 +37,6 @@ from typing import Any, Callable
 
 import torch
 
-from hybridctl.core import streams
 from hybridctl.core.config import Config
 from hybridctl.core.data.batches import BatchSampler, windows_to_batch
 from hybridctl.core.data.token_cache import load_token_data
@@ -350,7 +349,7 @@ class Trainer:
         stopped = TrainingError(
             f"stopped {how} at step {self.state.step}; checkpoint saved, continue with `hybridctl resume {self.run.path}`",
         )
-        stopped.exit_code = streams.EXIT_PIPE if caught == "SIGPIPE" else 128 + signal.Signals[caught]
+        stopped.exit_code = 128 + signal.Signals[caught]  # 130, 143, or 141 (streams.EXIT_PIPE) for SIGPIPE
         raise dist.shared(stopped)
 
     def finish(self, wall: float, diverged: Diverged | None = None) -> dict[str, Any]:
