@@ -1,11 +1,11 @@
 """The decoding benchmark: prefill time, decoding tok/s and the memory that caches and states hold, per architecture,
 context length and batch size, on untrained weights.
 
-Each shape: after an untimed short prompt and step (kernel compilation), a random prompt of `context` tokens per
-row goes through the prefill (parallel passes, chunked recurrence), then `warmup` untimed and `steps` timed
-decoding steps, each feeding back the argmax (no host sync). On CUDA the steps are replayed from a CUDA graph
-where the model allows (GraphedStep; its capture is untimed), as `generate` decodes; `cuda_graph=False` times
-the eager step.
+Each shape: a random prompt of `context` tokens per row goes through the prefill (parallel passes, chunked
+recurrence) twice, untimed then timed (the first compiles and autotunes the kernels for its pass shapes), then
+`warmup` untimed and `steps` timed decoding steps run, each feeding back the argmax (no host sync). On CUDA the
+steps are replayed from a CUDA graph where the model allows (GraphedStep; its capture is untimed), as `generate`
+decodes; `cuda_graph=False` times the eager step.
 Contexts may exceed the preset's train.seq_len: RoPE's tables are made for any position, and untrained weights
 have nothing to lose there, so the speed and memory are those of a model trained that long.
 """
@@ -84,10 +84,10 @@ def _timed_decode(cfg: Config, context: int, batch_size: int, device: torch.devi
     torch.manual_seed(cfg.train.seed)
     model = cast_for_inference(build_model(cfg.model).to(device), dtype).eval()
     prompt = torch.randint(0, cfg.model.vocab_size, (batch_size, context), device=device)
-    # Untimed: a short prompt in two passes and a step compile (and autotune) the kernels of every path timed below
-    warm_length = min(context, 128)
-    warm = model.new_cache(warm_length + 1)
-    logits = prefill(model, prompt[:, :warm_length], warm, 64 * batch_size)
+    # Untimed: the same prompt in the same passes, and a step, compile (and autotune) the kernels timed below.
+    # Triton autotunes per pass shape, so a shorter warm-up prompt left seconds of tuning inside the timed prefill.
+    warm = model.new_cache(context + 1)
+    logits = prefill(model, prompt, warm, prefill_tokens)
     model.forward_cached(logits[:, -1].argmax(-1, keepdim=True), warm)
     del warm, logits
     if device.type == "cuda":
