@@ -250,6 +250,12 @@ def test_generate_json(micro_run, capsys):
     trained = load_trained_model(micro_run)
     expected = recompute_greedy(trained.model, trained.tokenizer.encode("def f(x):"), row["completion_tokens"])
     assert trained.tokenizer.decode([t for t in expected if t != trained.tokenizer.eos_id]) == row["completion"]
+    # no CUDA graph on a CPU; --eager asks for none and decodes the same tokens
+    code, out, err = cli(capsys, "generate", str(micro_run), "--prompt", "def f(x):", "-n", "12", "--greedy", "--json", "--eager")
+    assert code == 0, err
+    eager = json.loads(out)
+    assert result["cuda_graph"] is False and eager["cuda_graph"] is False
+    assert eager["results"][0]["completion"] == row["completion"]
 
 
 def test_generate_streams_text_and_batches(micro_run, tmp_path, capsys):

@@ -133,6 +133,9 @@ def test_generate_replays_a_graph_on_cuda(monkeypatch):
     model = cast_for_inference(model_for("LFLF").cuda(), torch.bfloat16)
     rows, timing = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], 12, Sampling(greedy=True))
     assert captured == [1] and timing.decode_steps == 11 and all(len(r.tokens) == 12 for r in rows)
+    assert timing.cuda_graph
+    eager_rows, eager_timing = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], 12, Sampling(greedy=True), cuda_graph=False)
+    assert captured == [1] and not eager_timing.cuda_graph and [r.tokens for r in eager_rows] == [r.tokens for r in rows]
 
 
 def test_decode_bench_row_on_cuda():

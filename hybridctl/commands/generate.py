@@ -51,6 +51,7 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights and caches: fp32 or bf16 (auto: bf16 on CUDA, fp32 on CPU)."),
     allow_long_context: bool = typer.Option(False, "--allow-long-context", help="Let a model with full attention read past its trained train.seq_len (quality drops)."),
+    eager: bool = typer.Option(False, "--eager", help="Launch each decoding step from Python instead of replaying a CUDA graph (CUDA; faster for attention-only models at long contexts)."),
     as_json: bool = typer.Option(False, "--json", help="Print prompts, completions, token counts and tok/s as JSON instead of streaming text."),
 ):
     """Continue a prompt with a trained run's model (best/ by default), streaming the text as it comes."""
@@ -71,7 +72,7 @@ def generate(
     on_token = None
     if not as_json:
         on_token = stream_one(texts[0], trained.tokenizer) if len(texts) == 1 else print_in_order(texts, trained.tokenizer)
-    result = generate_text(trained, texts, max_new_tokens, sampling, allow_long_context, on_token)
+    result = generate_text(trained, texts, max_new_tokens, sampling, allow_long_context, on_token, cuda_graph=not eager)
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return

@@ -117,6 +117,7 @@ class Timing:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0
+    cuda_graph: bool = False  # whether the decoding steps were replayed from a CUDA graph
 
 
 def synchronize(device: torch.device) -> None:
@@ -176,6 +177,7 @@ def generate(model: HybridLM, prompts: list[list[int]], max_new_tokens: int, sam
         timing.decode_steps += 1
     synchronize(device)
     timing.decode_seconds = time.perf_counter() - start
+    timing.cuda_graph = graphed and step_from_graph is not None
     return rows, timing
 
 
@@ -250,9 +252,9 @@ def encode_prompts(texts: list[str], trained: TrainedModel, allow_long: bool) ->
 
 
 def generate_text(trained: TrainedModel, texts: list[str], max_new_tokens: int, sampling: Sampling,
-                  allow_long: bool = False, on_token: OnToken | None = None) -> dict[str, Any]:
+                  allow_long: bool = False, on_token: OnToken | None = None, cuda_graph: bool = True) -> dict[str, Any]:
     """Complete each text with the run's model and tokenizer; the JSON-ready result (prompt, completion, token
-    counts and why each stopped; timings and tok/s for the batch)."""
+    counts and why each stopped; timings and tok/s for the batch). cuda_graph=False launches every step eagerly."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     sampling.check()
@@ -260,7 +262,7 @@ def generate_text(trained: TrainedModel, texts: list[str], max_new_tokens: int, 
     if sampling.seed is None and not sampling.is_greedy:
         sampling.seed = random.randrange(2**31)
     eos = trained.tokenizer.eos_id
-    rows, timing = generate(trained.model, prompts, max_new_tokens, sampling, eos, limit, on_token)
+    rows, timing = generate(trained.model, prompts, max_new_tokens, sampling, eos, limit, on_token, cuda_graph)
     new_tokens = sum(len(r.tokens) for r in rows)
     seconds = timing.prefill_seconds + timing.decode_seconds
     decode_tokens = new_tokens - len(rows)  # the first token of each row comes out of the prefill
@@ -273,6 +275,6 @@ def generate_text(trained: TrainedModel, texts: list[str], max_new_tokens: int, 
                      "prompt_tokens": len(r.prompt), "completion_tokens": len(r.tokens), "stop": r.stop}
                     for text, r in zip(texts, rows)],
         "prefill_seconds": timing.prefill_seconds, "decode_seconds": timing.decode_seconds,
-        "tok_s": new_tokens / seconds if seconds > 0 else None,
+        "cuda_graph": timing.cuda_graph, "tok_s": new_tokens / seconds if seconds > 0 else None,
         "decode_tok_s": decode_tokens / timing.decode_seconds if timing.decode_seconds > 0 and decode_tokens > 0 else None,
     }
