@@ -216,6 +216,19 @@ def test_diverged_run_is_shown_as_diverged(diverged_sweep, tmp_path):
     assert result.status == "diverged" and result.get("best_val_loss") is None
 
 
+def test_a_sweep_stopped_before_some_runs_says_which_are_not_started(diverged_sweep, tmp_path):
+    folder = tmp_path / "div"
+    shutil.copytree(diverged_sweep, folder)
+    assert run_cli("compare", str(folder), "--no-plots").stderr == ""  # every planned run has its folder
+    shutil.rmtree(folder / "tiny_lr1e-3")
+    note = ("1 planned run of the sweep not started yet (tiny_lr1e-3); run the same `hybridctl ablate` command "
+            "again to train them")
+    result = run_cli("compare", str(folder), "--no-plots")
+    assert result.returncode == 0 and f"warning: {note}" in result.stderr
+    assert run_cli("report", str(folder)).returncode == 0
+    assert f"{note[0].upper()}{note[1:]}." in (folder / "report.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # files written
 

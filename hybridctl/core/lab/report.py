@@ -15,7 +15,8 @@ from hybridctl.core.lab.groups import SAME, GroupRow, group_results, has_repeats
 from hybridctl.core.lab.placements import heat_grid, layer_position_table, placement_values, ranked_placements
 from hybridctl.core.lab.render import fmt_count, fmt_lr, fmt_lr_reached
 from hybridctl.core.lab.render_findings import fmt_p
-from hybridctl.core.lab.results import METRICS, Ranked, RunResult, comparability_warning, metric_coverage, rank_results, sweep_divergence_advice
+from hybridctl.core.lab.results import (METRICS, Ranked, RunResult, comparability_warning, metric_coverage, rank_results,
+                                        sweep_divergence_advice, unstarted_runs)
 from hybridctl.core.lab.stats import ALPHA
 
 
@@ -156,11 +157,14 @@ def _summary(results: list[RunResult], rows: list[Ranked], groups: list[GroupRow
     ranked = [g for g in groups if g.rank is not None]
     tokens = sorted({r.get("tokens") for r in results if r.get("tokens")})
     summary = Section("Summary")
+    unstarted = unstarted_runs(results)
+    unstarted = f"{unstarted[0].upper()}{unstarted[1:]}." if unstarted else ""
     if len(results) == 1:
         r = results[0]
         value = f"{metric} {r.get(metric):.4f}" if isinstance(r.get(metric), (int, float)) else f"no {metric} yet"
         summary.paragraphs.append(f"A single run ({r.label}, {r.status}), so there is no winner and no ranking: "
                                   f"{value}.")
+        summary.paragraphs += [unstarted] if unstarted else []
         return summary
     what = f"{len(results)} runs"
     if len(groups) < len(results):
@@ -201,6 +205,8 @@ def _summary(results: list[RunResult], rows: list[Ranked], groups: list[GroupRow
     mixed = comparability_warning(results, metric)
     if mixed:
         summary.paragraphs.append(f"Not comparable: {mixed}.")
+    if unstarted:
+        summary.paragraphs.append(unstarted)
     if coverage:
         summary.paragraphs.append(f"{coverage}.")
     unfinished = [r for r in rows if r.rank is None and r.result.status not in ("complete", "diverged")]
