@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The rest of the study-A plan on one CUDA GPU, on the data and tokenizer of run.sh (builtin:python, bpe:16384).
 # Each part is its own sweep; running a part again resumes it.
-#   usage: bash docs/results/study_a_300/run_more.sh lr|long|placements
+#   usage: bash docs/results/study_a_300/run_more.sh lr|tuned|long|placements
 #   lr          LR at 300 steps: hybrid_sparse, deltanet, transformer over 5e-4..3e-3, one seed (12 runs)
+#   tuned       the same three at the best LR of `lr` (../study_a_lr300), three seeds (9 runs), compared together
 #   long        700 steps: the two best hybrids of run.sh, deltanet and transformer, 2 seeds (8 runs). 700 steps
 #               take 34.4M tokens: a 40M-token set of the same corpus (the BPE depends on the corpus alone, so
 #               the tokenizer is the same; the validation split is cut from the larger set)
@@ -19,6 +20,15 @@ case "$PART" in
       hybridctl ablate lr --preset $p --values 5e-4,1e-3,2e-3,3e-3 --steps 300 --name lr300_$p --out "$OUT" "${S[@]}"
     done
     sweeps=(lr300_hybrid_sparse lr300_deltanet lr300_transformer) ;;
+  tuned)
+    for preset_lr in hybrid_sparse:1e-3 deltanet:2e-3 transformer:1e-3; do
+      preset=${preset_lr%%:*}
+      hybridctl ablate lr --preset $preset --values ${preset_lr#*:} --seeds 0,1,2 --steps 300 --name tuned300_$preset \
+        --out "$OUT" "${S[@]}"
+    done
+    sweeps=(tuned300_hybrid_sparse tuned300_deltanet tuned300_transformer)
+    hybridctl compare "${sweeps[@]/#/$OUT/ablations/}" --no-plots --json-out "$OUT/ablations/tuned300.json" \
+      --markdown "$OUT/ablations/tuned300.md" --force ;;
   long)
     hybridctl ablate arch --preset hybrid_late,hybrid_sparse_5_11,deltanet,transformer --seeds 0,1 --steps 700 \
       --name study_a_700 --out "$OUT" "${S[@]}" --set data.max_tokens=40000000
@@ -27,7 +37,7 @@ case "$PART" in
     hybridctl ablate arch --preset hybrid_sparse --attention 2 --placements 12 --seed 0 --steps 300 \
       --name placements300 --out "$OUT" "${S[@]}"
     sweeps=(placements300) ;;
-  *) echo "unknown part '$PART': give lr, long or placements" >&2; exit 2 ;;
+  *) echo "unknown part '$PART': give lr, tuned, long or placements" >&2; exit 2 ;;
 esac
 for sweep in "${sweeps[@]}"; do
   hybridctl compare "$OUT/ablations/$sweep" --no-plots --json-out "$OUT/ablations/$sweep/compare.json" --markdown "$OUT/ablations/$sweep/compare.md" --force
