@@ -58,6 +58,11 @@ def test_train_says_the_run_diverged_and_records_it(tmp_path, capsys):
     assert (summary["status"], summary["diverged_at"], summary["steps"]) == ("diverged", 2, 3)
     assert summary["final_val_loss"] is None and summary["final_val_ppl"] is None and summary["best_val_loss"] is None
     assert summary["final_val_acc"] is None  # an argmax of overflowed outputs is no accuracy
+    # metrics.jsonl too: a loss that is not finite is null, each line strict JSON (jq reads it)
+    lines = (out / "big" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
+    last_eval = [r for r in records if "val_loss" in r][-1]
+    assert last_eval["step"] == 3 and last_eval["val_loss"] is None and last_eval["val_ppl"] is None
 
 
 def test_resuming_a_diverged_run_is_refused_unless_an_earlier_checkpoint_is_named(diverged_run, tmp_path, capsys):

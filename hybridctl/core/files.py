@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -65,6 +66,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with each float that is not finite (a diverged run's loss) as None: JSON has no NaN, and jq and
+    other strict readers refuse the bare NaN that json.dumps writes."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from hybridctl.core.training import checkpoint_files
 from hybridctl.core.config import Config, config_to_toml, load_config_file
 from hybridctl.core.errors import CheckpointError, RunError
-from hybridctl.core.files import cannot_make, write_json_atomic, write_text_atomic
+from hybridctl.core.files import cannot_make, finite_or_null, write_json_atomic, write_text_atomic
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -232,7 +232,7 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_null(record)) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from hybridctl.core.config import Config
+from hybridctl.core.files import finite_or_null
 from hybridctl.core.training.runs import RunDir
 from hybridctl.core.training.state import TrainState
 
@@ -47,4 +48,4 @@ def build_summary(cfg: Config, run: RunDir, state: TrainState, n_params: int, la
         # Synthetic recall tasks also score the answer positions alone (e.g. val_mqar_acc).
         **{f"final_{key}": value for key, value in last_eval.items() if key.endswith("_acc") and key != "val_acc"},
     }
-    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}
+    return finite_or_null(summary)
