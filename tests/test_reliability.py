@@ -551,3 +551,45 @@ def test_sigterm_while_the_data_is_tokenised_cleans_up(monkeypatch, tmp_path, ca
     assert code == 143 and capsys.readouterr().err.strip().splitlines()[-1] == "error: stopped by SIGTERM"
     assert [p.name for p in (tmp_path / "cache" / "tokens").iterdir()] == []
     assert signal.getsignal(signal.SIGTERM) is not None  # main() put the previous handler back
+
+
+def test_a_step_out_of_gpu_memory_says_how_to_split_the_batch(monkeypatch, tmp_path, capsys):
+    """A pass that does not fit in GPU memory (simulated: the CPU has no such error) ends the run with one line
+    naming train.grad_accum, and resuming with it set trains the rest of the run on the same batches."""
+    real = trainer.forward_backward
+
+    def forward_backward(model, x, y, micro, grad_accum, *args):
+        if micro > 2 and x.device.type == "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, x, y, micro, grad_accum, *args)
+
+    monkeypatch.setattr(trainer, "forward_backward", forward_backward)
+    run = RunDir(tmp_path / "r")
+    assert main(train_argv(tmp_path)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("error: out of GPU memory at step 1 (cpu): a pass of 4 rows x 32 tokens does not fit; split each "
+                   "batch into more passes: train it again with --force --set train.grad_accum=2 (the same batch of "
+                   "4 rows, 2 a pass)")
+    assert main([*train_argv(tmp_path), "--force", "--set", "train.grad_accum=2"]) == 0
+    assert json.loads(run.summary_path.read_text())["steps"] == 6
+
+
+def test_out_of_memory_after_a_checkpoint_is_resumed_with_more_passes(monkeypatch, tmp_path, capsys):
+    real, calls = trainer.forward_backward, []
+
+    def forward_backward(model, x, y, micro, grad_accum, *args):
+        calls.append(micro)
+        if len(calls) == 5 and micro > 2:  # step 5, after step 3's checkpoint
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, x, y, micro, grad_accum, *args)
+
+    monkeypatch.setattr(trainer, "forward_backward", forward_backward)
+    run = RunDir(tmp_path / "r")
+    assert main(train_argv(tmp_path)) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"at step 5 (cpu): a pass of 4 rows x 32 tokens does not fit; split each batch into more passes: continue "
+        f"with hybridctl resume {run.path} --set train.grad_accum=2 (the same batch of 4 rows, 2 a pass)")
+    assert main(["resume", str(run.path), "--set", "train.grad_accum=2"]) == 0
+    summary = json.loads(run.summary_path.read_text())
+    assert summary["steps"] == 6 and summary["status"] == "complete"
+    assert calls[5:] == [2, 2, 2]  # steps 4-6 from step 3's checkpoint, two rows a pass

@@ -67,6 +67,23 @@ def micro_batch_size(cfg: Config, world: int = 1) -> int:
     return t.batch_size // parts
 
 
+def out_of_memory_advice(cfg: Config, world: int, device: torch.device, step: int, then: str) -> str:
+    """What to do when a step ran out of GPU memory: more, smaller passes for the same batch (train.grad_accum),
+    or, where a pass is one row already, shorter rows or a smaller model. `then` says how to carry on the run
+    with a setting changed ("hybridctl resume RUN", or a fresh start)."""
+    t = cfg.train
+    micro = t.batch_size // (world * t.grad_accum)
+    where = str(device)
+    if device.type == "cuda":
+        where += f", {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
+    head = f"out of GPU memory at step {step} ({where}): a pass of {micro} row{'s' if micro > 1 else ''} x {t.seq_len} tokens does not fit"
+    if micro == 1:
+        return f"{head}; lower train.seq_len or use a smaller model, then start the run again with --force"
+    accum = next(g for g in range(t.grad_accum + 1, t.batch_size + 1) if t.batch_size % (world * g) == 0)
+    return (f"{head}; split each batch into more passes: {then} --set train.grad_accum={accum} (the same batch of "
+            f"{t.batch_size} rows, {t.batch_size // (world * accum)} a pass)")
+
+
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Norm weights, biases and the Gated DeltaNet gate parameters are not weight-decayed."""
     return param.dim() < 2 or name.endswith(("A_log", "dt_bias"))

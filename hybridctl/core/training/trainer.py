@@ -58,7 +58,8 @@ from hybridctl.core.training.runs import RunDir
 from hybridctl.core.training.schedule import Schedule
 from hybridctl.core.training.state import TrainState
 from hybridctl.core.training.steps import (autocast_for, build_optimizer, forward_backward, micro_batch_size,
-                                           optimizer_step, resolve_device, seed_everything, wrap_for_training)
+                                           optimizer_step, out_of_memory_advice, resolve_device, seed_everything,
+                                           wrap_for_training)
 from hybridctl.core.training.summary import build_summary
 from hybridctl.core.training.tracking import make_sinks
 
@@ -175,6 +176,11 @@ class Trainer:
                     self.loop()
                 except Diverged as e:  # the run ends here, as a result: finish() writes its summary, then raises it
                     diverged = e
+                except torch.OutOfMemoryError:
+                    then = (f"continue with hybridctl resume {self.run.path}" if self.run.step_checkpoints()
+                            else "train it again with --force")
+                    error = TrainingError(out_of_memory_advice(self.cfg, self.world, self.device, self.state.step + 1, then))
+                    raise dist.abandon_group(error) from None
             self.wait_for_checkpoints()  # the last writes count in the run's wall time, and precede summary.json
             return self.finish(time.perf_counter() - wall_start, diverged)
         finally:
