@@ -177,7 +177,8 @@ class Trainer:
                 except Diverged as e:  # the run ends here, as a result: finish() writes its summary, then raises it
                     diverged = e
                 except torch.OutOfMemoryError:
-                    then = (f"continue with hybridctl resume {self.run.path}" if self.run.step_checkpoints()
+                    gpus = f" --gpus {self.world}" if self.world > 1 else ""
+                    then = (f"continue with hybridctl resume {self.run.path}{gpus}" if self.run.step_checkpoints()
                             else "train it again with --force")
                     error = TrainingError(out_of_memory_advice(self.cfg, self.world, self.device, self.state.step + 1, then))
                     raise dist.abandon_group(error) from None
