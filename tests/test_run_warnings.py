@@ -96,6 +96,11 @@ def test_data_repeats_as_the_sampler_counts_epochs():
     assert f"read {sampler.epoch_of(30):.1f} epochs of the {sampler.n_windows} training windows" in note
 
 
+def test_data_read_a_little_over_once_shows_by_how_much():
+    (note,) = run_warnings(plan(steps=1000, warmup=50, batch=32, seq=512), n_train_windows=31249)
+    assert "1000 steps x 32 rows read 1.02 epochs of the 31249 training windows" in note
+
+
 def test_several_warnings_at_once():
     notes = run_warnings(plan(steps=10, warmup=30, max_tokens=0), n_train_windows=5)
     assert len(notes) == 2 and "never reaches" in notes[0] and "use more data" in notes[1]

@@ -40,8 +40,9 @@ def run_warnings(cfg: Config, n_train_windows: int) -> list[str]:
         epochs = rows / n_train_windows
         if epochs > 1:
             more = "raise data.max_tokens or use" if cfg.data.max_tokens else "use"
+            shown = f"{epochs:.2f}" if epochs < 1.1 else f"{epochs:.1f}"  # 1.02, not a puzzling "1.0 epochs"
             notes.append(
-                f"training repeats its data: {t.steps} steps x {t.batch_size} rows read {epochs:.1f} epochs of the "
+                f"training repeats its data: {t.steps} steps x {t.batch_size} rows read {shown} epochs of the "
                 f"{n_train_windows} training windows (seq_len {t.seq_len}); {more} more data, or lower train.steps "
                 "to read it once"
             )
