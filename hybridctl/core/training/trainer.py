@@ -177,6 +177,9 @@ class Trainer:
                 except Diverged as e:  # the run ends here, as a result: finish() writes its summary, then raises it
                     diverged = e
                 except torch.OutOfMemoryError:
+                    if self.main:  # a checkpoint still being written counts: the advice may resume from it
+                        with self.checkpoint_errors():  # (no collective: the other ranks may be inside one)
+                            self.writer.wait()
                     gpus = f" --gpus {self.world}" if self.world > 1 else ""
                     then = (f"continue with hybridctl resume {self.run.path}{gpus}" if self.run.step_checkpoints()
                             else "train it again with --force")
