@@ -139,6 +139,25 @@ def test_forced_replan_keeps_identical_runs_and_drops_the_rest(sweep, tmp_path):
     assert [a.kind for a in actions] == ["done", "start"]
 
 
+def test_the_same_settings_written_another_way_are_the_same_plan(sweep, tmp_path):
+    """--steps N and --set train.steps=N (which the plan records twice), or an override given again, plan the
+    same runs: no conflict, nothing retrained, not even with --force."""
+    _, path, _ = sweep
+    copy = tmp_path / "lr_tiny"
+    shutil.copytree(path, copy)
+    marker = copy / "tiny_lr1e-3" / "marker"
+    marker.write_text("kept")
+    again = [*MICRO, f"train.steps={STEPS}", MICRO[0]]  # steps by --set, not --steps; one override twice
+    plan = plan_lr_sweep("tiny", [float(v) for v in LRS], None, again, name="lr_tiny")
+    assert plan.runs[0].overrides != read_sweep(copy)["plan"][0]["overrides"]  # written otherwise...
+    assert sweep_conflict(plan, copy) == ""  # ...planned the same
+    assert [a.kind for a in preview_actions(plan, copy)] == ["done", "done"]
+    prepare_sweep(plan, copy, force=True)
+    assert marker.read_text() == "kept"
+    changed = plan_lr_sweep("tiny", [float(v) for v in LRS], None, [*again, "train.warmup_steps=1"], name="lr_tiny")
+    assert "settings of tiny_lr1e-3" in sweep_conflict(changed, copy)
+
+
 def test_a_sweep_that_trained_nothing_takes_a_new_plan(tmp_path):
     """A sweep that failed before its first run (say the data could not be loaded) left only sweep.json: running
     it again with other options is no conflict, since no run would be lost."""

@@ -23,6 +23,7 @@ from hybridctl.core.data.token_cache import cache_key, load_token_data
 from hybridctl.core.errors import Diverged, HybridctlError, RunError, TrainingError
 from hybridctl.core.files import write_json_atomic
 from hybridctl.core.lab.render import fmt_lr
+from hybridctl.core.presets import parse_override
 from hybridctl.core.lab.sweep_plans import (  # noqa: F401  (planning lives there; these names stay importable here)
     ARCH_GROUPS, DEFAULT_LRS, DEFAULT_STEPS, STUDY_A, STUDY_C, PlannedRun, SweepPlan, parse_lr_values,
     parse_presets, parse_seeds, plan_arch_sweep, plan_lr_sweep, resolve_steps)
@@ -48,6 +49,23 @@ def read_sweep(path: Path) -> dict[str, Any] | None:
         raise RunError(f"{f} is corrupt (not valid JSON); delete it and re-run with --force") from None
 
 
+def _settings(entry: dict[str, Any]) -> dict[str, Any]:
+    """A plan entry as its settings: overrides as key -> value, the last of a key winning, so `--steps 20` and
+    `--set train.steps=20` (or the same override twice) plan the same run."""
+    overrides = {}
+    for text in entry.get("overrides", []):
+        try:
+            key, value = parse_override(text)
+        except HybridctlError:
+            key, value = [text], None
+        overrides[".".join(key)] = value
+    return {**entry, "overrides": overrides}
+
+
+def same_run(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    return old is not None and _settings(old) == _settings(new)
+
+
 def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """A short description of how two plans differ ('' when they are the same, or when the new plan only adds
     runs, such as more seeds or values: the sweep grows and its finished runs stay)."""
@@ -63,7 +81,7 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
                 else f"it ran with --seeds {','.join(map(str, old['seeds']))}")
     if removed:
         return ", ".join([*(f"+{n}" for n in added), *(f"-{n}" for n in removed)])
-    changed = [n for n in before if before[n] != after[n]]
+    changed = [n for n in before if not same_run(before[n], after[n])]
     if changed:
         return f"settings of {', '.join(changed)} changed"
     return ""
@@ -199,7 +217,7 @@ def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str,
             keep = {r["name"] for r in new["runs"]} if state.get("steps") == new["steps"] else set()
             old_entries = {r["name"]: r for r in state.get("plan", [])}
             for r in new["runs"]:
-                if old_entries.get(r["name"]) != r:
+                if not same_run(old_entries.get(r["name"]), r):
                     keep.discard(r["name"])
             _remove_runs(path, keep)
             state = None
