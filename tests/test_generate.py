@@ -282,7 +282,9 @@ def test_generate_streams_text_and_batches(micro_run, tmp_path, capsys):
     (["--prompt", ""], "the prompt is empty"),
     ([], "give the text to continue"),
     (["--prompt", "x" * 40], "more than the 32 the model was trained on"),
-    (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be a number >= 0"),
+    (["--prompt", "x", "--temperature", "inf"], "--temperature must be a number >= 0 (0 is greedy), got inf"),
+    (["--prompt", "x", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--prompt", "x", "--top-p", "2"], "--top-p must be in (0, 1]"),
     (["--prompt", "x", "--top-k", "-3"], "--top-k must be >= 0"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
@@ -311,6 +313,10 @@ def test_generate_run_without_checkpoint(tmp_path, capsys):
     code, out, err = cli(capsys, "generate", str(run.path), "--prompt", "x")
     assert code != 0 and "has no checkpoint yet" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(capsys, "generate", str(tmp_path / "nothing"), "--prompt", "x")
+    assert code != 0 and err.strip() == (f"error: {tmp_path / 'nothing'} does not exist; pass a run folder made by "
+                                         "`hybridctl train`, or a checkpoint folder in one")
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli(capsys, "generate", str(tmp_path / "empty"), "--prompt", "x")
     assert code != 0 and "neither a run folder" in err
 
 

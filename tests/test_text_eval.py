@@ -140,6 +140,12 @@ def test_missing_text_is_reported_before_an_existing_result(scored_run, tmp_path
         done.unlink()
 
 
+def test_a_device_that_is_no_device_is_one_line(scored_run, capsys):
+    run, _, text = scored_run
+    code, out, err = cli(capsys, "eval", run.path, "--data", text, "--device", "gpu")
+    assert code != 0 and out == "" and err.strip() == "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'"
+
+
 def test_default_name_follows_the_data_spec(tmp_path):
     assert default_name("data/wikitext-2/test.txt") == "wikitext-2-test"
     assert default_name("data/*.jsonl") == "data"

@@ -65,7 +65,7 @@ def generate(
     sampling.check()
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "--device")
     torch_dtype = inference_dtype(dtype, torch_device)
     locate_checkpoint(target, checkpoint)  # a missing run or checkpoint is reported before the model is read
     trained = load_generator(target, checkpoint, torch_device, torch_dtype)

@@ -237,7 +237,7 @@ def bench_arc(target: Path, which: str | None = None, split: str = "test", data:
     path = Path(out) if out is not None else bench_result_path(run, "arc")
     ensure_new_file(path, force)
     questions = load_arc(split, data)[:limit]
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "--device")
     trained = load_trained_model(checkpoint, device=torch_device)
     max_len = max_len or trained.cfg.train.seq_len
     scores = score_arc(trained.model, trained.tokenizer, questions, torch_device, trained.cfg.train.dtype,

@@ -7,6 +7,7 @@ document, at --max-new-tokens, or where the model's context ends (`context_limit
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
@@ -41,8 +42,8 @@ class Sampling:
     seed: int | None = None  # None: a fresh one, reported in the results
 
     def check(self) -> None:
-        if not self.temperature >= 0:
-            raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # inf would sample every token alike: noise, not text
+            raise ConfigError(f"--temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0 (0 keeps every token), got {self.top_k}")
         if not 0 < self.top_p <= 1:

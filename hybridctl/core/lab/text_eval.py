@@ -184,7 +184,7 @@ def eval_text(target: Path, data: str, which: str | None = None, name: str | Non
         cap = f" (cut at --max-tokens {max_tokens})" if max_tokens and len(tokens) >= max_tokens else ""
         raise DataError(f"--data '{data}' gives {len(tokens)} tokens{cap} with the run's tokenizer ({cfg.data.tokenizer}), "
                         f"fewer than one window of train.seq_len + 1 = {seq_len + 1}; give more text")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "--device")
     trained = load_trained_model(checkpoint, device=torch_device)
     rows = batch_size or micro_batch_size(cfg)
     scores = score_windows(trained.model, tokens, seq_len, torch_device, cfg.train.dtype, rows, progress)

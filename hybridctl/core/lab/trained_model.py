@@ -53,6 +53,8 @@ def locate_checkpoint(path: Path, which: str | None = None) -> tuple[RunDir, Pat
         if not run.exists():
             raise RunError(f"checkpoint {path} is not inside a run folder (no config.toml above it); pass the run folder made by `hybridctl train`")
         return run, path
+    if not path.exists():
+        raise RunError(f"{path} does not exist; pass a run folder made by `hybridctl train`, or a checkpoint folder in one")
     raise RunError(f"{path} is neither a run folder (config.toml) nor a checkpoint (state.json); pass a folder made by `hybridctl train`")
 
 

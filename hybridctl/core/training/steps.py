@@ -21,11 +21,16 @@ from hybridctl.core.model.hybrid_lm import HybridLM
 from hybridctl.core.training import distributed as dist
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, setting: str = "train.device") -> torch.device:
+    """The torch device for auto, cpu, cuda or cuda:N; `setting` names where the value came from in errors
+    (train.device, or a command's --device)."""
+    if not (spec in ("auto", "cpu", "cuda") or (spec.startswith("cuda:") and spec[5:].isdigit())):
+        raise ConfigError(f"{setting} must be auto, cpu, cuda or cuda:N, got '{spec}'")
     if spec == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is '{spec}' but CUDA is not available here; use --device cpu (or --set train.device=cpu)")
+        alternative = " (or --set train.device=cpu)" if setting == "train.device" else ""
+        raise ConfigError(f"{setting} is '{spec}' but CUDA is not available here; use --device cpu{alternative}")
     else:
         device = torch.device(spec)
     if device.type != "cuda" or not dist.launched():
