@@ -506,6 +506,28 @@ def test_unfinished_runs_and_arc_columns(sweep, tmp_path):
 # report
 
 
+def test_report_names_no_winner_while_configurations_are_unfinished(sweep, tmp_path):
+    """A sweep stopped part-way: the best finished run leads, but a run still to finish, or not started, may beat
+    it, so the report says so instead of naming a winner."""
+    _, path, _ = sweep
+    copy = tmp_path / "lr_tiny"
+    shutil.copytree(path, copy)
+    best, _ = best_by_summary(copy)
+    other = next(n for n in run_names() if n != best)
+    (copy / other / "summary.json").unlink()  # stopped after its last checkpoint, before its summary
+    assert run_cli("report", str(copy), "--force").returncode == 0
+    text = (copy / "report.md").read_text()
+    assert f"Leading so far: {best} " in text and f"No winner yet: {other} has no finished run." in text
+    assert "Winner:" not in text
+    stale = copy / "report_plots" / "val_loss_vs_tokens.txt"  # drawn by an earlier report, not by the next
+    stale.write_text("old curves")
+    shutil.rmtree(copy / other)
+    assert run_cli("report", str(copy), "--force").returncode == 0
+    text = (copy / "report.md").read_text()
+    assert "A single run" in text and "1 planned run of the sweep not started yet" in text
+    assert not stale.exists() and (copy / "report_plots" / "val_loss_vs_steps.txt").is_file()
+
+
 def test_report_markdown_and_plots(sweep, tmp_path):
     _, path, _ = sweep
     md = tmp_path / "out" / "findings.md"

@@ -140,6 +140,7 @@ def test_more_seeds_train_only_the_new_runs(seeded, tmp_path):
     copy = tmp_path / "runs"
     shutil.copytree(out, copy)
     path = copy / "ablations" / "lr_tiny"
+    assert run_cli("report", str(path)).returncode == 0  # a report of the first part
     before = snapshot(path)
     args = [*SWEEP_ARGS, "--seeds", "4", "--out", str(copy), *cli_args_for_micro()]
     dry = run_cli(*args, "--dry-run")
@@ -149,6 +150,7 @@ def test_more_seeds_train_only_the_new_runs(seeded, tmp_path):
     assert result.returncode == 0, result.stderr
     trained = re.findall(r"\] (\S+): training", result.stderr)
     assert trained == ["tiny_lr1e-3_s3", "tiny_lr3e-3_s3"]
+    assert f"report with `hybridctl report {path} --force`" in result.stdout  # the report to redo is there
     after = snapshot(path)
     assert {k: v for k, v in after.items() if k in before and "sweep.json" not in k} == \
         {k: v for k, v in before.items() if "sweep.json" not in k}

@@ -159,7 +159,8 @@ def execute(plan: SweepPlan, out: Path, dry_run: bool, force: bool, metric: str)
         show_seeded(plan, results, metric, path)
     else:
         show_single(plan, results, metric, path)
-    console.print(f"sweep folder: {path} (compare it with `hybridctl compare {path}`, report with `hybridctl report {path}`)",
+    again = " --force" if (path / "report.md").exists() else ""  # a report of an earlier part is there to replace
+    console.print(f"sweep folder: {path} (compare it with `hybridctl compare {path}`, report with `hybridctl report {path}{again}`)",
                   markup=False, highlight=False, soft_wrap=True)
 
 

@@ -199,6 +199,10 @@ def write_report(report, md_path: Path, figures: str | None = None) -> list[Path
                     paths.append(save_figure(chart, plots_dir, figures))
                 written += paths
                 files[chart.name] = [p.relative_to(md_path.parent).as_posix() for p in paths]
+    if plots_dir.is_dir():  # an earlier report's plots that this one does not redraw (say, against tokens) would mislead
+        for stale in plots_dir.iterdir():
+            if stale.is_file() and stale.suffix in (".txt", ".html", ".png", ".svg", ".pdf") and stale not in written:
+                stale.unlink()
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(report_markdown(report, files))
     return written

@@ -182,9 +182,15 @@ def _summary(results: list[RunResult], rows: list[Ranked], groups: list[GroupRow
     elif ranked:
         win = ranked[0]
         lr = win.group.first("lr")
+        # configurations still training, or not started, may yet beat it: no winner before they finish
+        waiting = [g.group.label for g in groups
+                   if g.rank is None and any(r.status not in ("complete", "diverged") for r in g.group.results)]
+        reasons = [f"{', '.join(waiting)} {'has' if len(waiting) == 1 else 'have'} no finished run"] if waiting else []
+        reasons += ["planned runs have not started"] if unstarted else []
         summary.paragraphs.append(
-            f"Winner: {win.group.label} ({_pct(win.group.first('attention_fraction'))} attention, "
-            f"LR {fmt_lr(lr) if lr else '-'}) with {metric} {value_text(win)}.")
+            f"{'Leading so far' if reasons else 'Winner'}: {win.group.label} "
+            f"({_pct(win.group.first('attention_fraction'))} attention, LR {fmt_lr(lr) if lr else '-'}) with {metric} "
+            f"{value_text(win)}." + (f" No winner yet: {' and '.join(reasons)}." if reasons else ""))
         if len(ranked) > 1:
             second = ranked[1]
             summary.paragraphs.append(f"Margin over the runner-up {second.group.label} ({value_text(second)}): "
