@@ -221,7 +221,7 @@ def test_a_sweep_stopped_before_some_runs_says_which_are_not_started(diverged_sw
     shutil.copytree(diverged_sweep, folder)
     assert run_cli("compare", str(folder), "--no-plots").stderr == ""  # every planned run has its folder
     shutil.rmtree(folder / "tiny_lr1e-3")
-    note = ("1 planned run of the sweep not started yet (tiny_lr1e-3); run the same `hybridctl ablate` command "
+    note = ("1 planned run of sweep div not started yet (tiny_lr1e-3); run the same `hybridctl ablate` command "
             "again to train them")
     result = run_cli("compare", str(folder), "--no-plots")
     assert result.returncode == 0 and f"warning: {note}" in result.stderr

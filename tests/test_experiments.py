@@ -524,7 +524,7 @@ def test_report_names_no_winner_while_configurations_are_unfinished(sweep, tmp_p
     shutil.rmtree(copy / other)
     assert run_cli("report", str(copy), "--force").returncode == 0
     text = (copy / "report.md").read_text()
-    assert "A single run" in text and "1 planned run of the sweep not started yet" in text
+    assert "A single run" in text and "1 planned run of sweep lr_tiny not started yet" in text
     assert not stale.exists() and (copy / "report_plots" / "val_loss_vs_steps.txt").is_file()
 
 

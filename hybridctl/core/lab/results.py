@@ -303,17 +303,18 @@ def ranking_warnings(results: list[RunResult], metric: str, strict: bool = True)
 def unstarted_runs(results: list[RunResult]) -> str:
     """A note naming the runs that the sweeps of these runs plan but have not started ('' when none): a ranking of
     a sweep stopped part-way must not read as the whole sweep."""
-    missing = []
+    notes = []
     for folder in sorted({r.run.path.parent for r in results}):
         plan = (_read_json(folder / SWEEP_FILE) or {}).get("plan")
         names = [e.get("name") for e in plan if isinstance(e, dict)] if isinstance(plan, list) else []
-        missing += [name for name in names if isinstance(name, str) and name and not (folder / name).exists()]
-    if not missing:
+        missing = [name for name in names if isinstance(name, str) and name and not (folder / name).exists()]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            notes.append(f"{len(missing)} planned run{'s' if len(missing) > 1 else ''} of sweep {folder.name} not "
+                         f"started yet ({shown})")
+    if not notes:
         return ""
-    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-    runs = "run" if len(missing) == 1 else "runs"
-    return (f"{len(missing)} planned {runs} of the sweep not started yet ({shown}); run the same `hybridctl ablate` "
-            "command again to train them")
+    return "; ".join(notes) + "; run the same `hybridctl ablate` command again to train them"
 
 
 def comparability_warning(results: list[RunResult], metric: str = "best_val_loss") -> str:
