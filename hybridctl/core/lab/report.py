@@ -197,7 +197,7 @@ def _summary(results: list[RunResult], rows: list[Ranked], groups: list[GroupRow
                                       f"{margin_text(second)}. {noise_text(second, win)}")
             tied = [g.group.label for g in ranked if g.verdict == SAME]
             if len(tied) > 1 or (tied and tied[0] != second.group.label):
-                summary.paragraphs.append(f"Not distinguishable from the winner: {', '.join(tied)}.")
+                summary.paragraphs.append(f"Not distinguishable from the {'leader' if reasons else 'winner'}: {', '.join(tied)}.")
         stds = [g for g in ranked if g.stats.std is not None]
         if stds:
             noisiest = max(stds, key=lambda g: g.stats.std)
