@@ -171,21 +171,33 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+interrupted: list[int] = []  # SIGINTs that reached the CLI's own handler (a training run handles its own)
+
+
+def _note_interrupt(signum, frame):
+    interrupted.append(signum)
+    signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without this handler
+
+
 @contextlib.contextmanager
-def sigterm_unwinds():
+def signals_unwind():
+    """SIGTERM raises Terminated; SIGINT raises KeyboardInterrupt as usual and is noted, since Typer turns a
+    KeyboardInterrupt inside a command into a silent exit code 130."""
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+                    signal.SIGINT: signal.signal(signal.SIGINT, _note_interrupt)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
-    with sigterm_unwinds(), streams.pipe_safe():
+    with signals_unwind(), streams.pipe_safe():
         code = _main(argv)
         streams.flush()  # output still buffered: a pipe closed before its end counts too
         return streams.EXIT_PIPE if code == 0 and streams.closed() else code
@@ -204,7 +216,10 @@ def _main(argv: list[str] | None) -> int:
     current_args[:] = ([DEBUG_FLAG] if debug else []) + args
     try:
         app = build_app()
+        interrupted.clear()
         result = app(args=args, prog_name="hybridctl", standalone_mode=False)
+        if result == EXIT_INTERRUPTED and interrupted and processes.reports(KeyboardInterrupt()):
+            print("error: interrupted", file=sys.stderr)  # what Typer left unsaid
         return result if isinstance(result, int) else 0
     except EXIT_ERRORS as e:
         return e.exit_code

@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import signal
 import socket
 import statistics
 import time
@@ -339,7 +340,7 @@ def test_speed_stopped_part_way_keeps_the_shapes_it_measured(tmp_path, capsys, m
     def measure_until_stopped(*a, **k):
         stop_at[0] -= 1
         if stop_at[0] == 0:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, through the CLI's own handler
         return measure(*a, **k)
 
     monkeypatch.setattr(speed, "measure_speed", measure_until_stopped)
@@ -350,11 +351,13 @@ def test_speed_stopped_part_way_keeps_the_shapes_it_measured(tmp_path, capsys, m
     (path,) = (tmp_path / "a" / "bench").glob("speed-*.json")
     report = json.loads(path.read_text())
     assert report["complete"] is False and [r["layer_types"] for r in report["results"]] == ["LL"]
-    assert capsys.readouterr().err.splitlines()[-1] == f'kept the shapes measured so far in {path} ("complete": false)'
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f'kept the shapes measured so far in {path} ("complete": false)', "error: interrupted"]
 
     stop_at[:] = [1]
     assert main([*args, "--out", str(tmp_path / "b")]) == 130
     assert not list((tmp_path / "b").rglob("*.json"))
+    assert capsys.readouterr().err.splitlines()[-1] == "error: interrupted"  # said even with nothing measured
     kept = tmp_path / "kept.json"
     kept.write_text("an earlier result")
     stop_at[:] = [1]
