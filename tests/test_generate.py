@@ -297,6 +297,14 @@ def test_generate_bad_input(micro_run, capsys, args, message):
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_batch_says_which_prompts_reached_the_trained_length(micro_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("x" * 30 + "\nimport os\n")  # 30 of the 32 positions the micro run was trained on
+    code, out, err = cli(capsys, "generate", str(micro_run), "--prompt-file", str(prompts), "-n", "8", "--greedy")
+    assert code == 0, err
+    assert "warning: prompt 1 stopped where the model has read 32 tokens, the length it was trained on" in err
+
+
 def test_long_prompt_allowed_when_asked(micro_run, capsys):
     code, out, err = cli(capsys, "generate", str(micro_run), "--prompt", "x" * 40, "-n", "3", "--allow-long-context",
                          "--json")

@@ -79,13 +79,15 @@ def generate(
     rows = result["results"]
     tokens = sum(r["completion_tokens"] for r in rows)
     tok_s = f", {result['tok_s']:.1f} tok/s" if result["tok_s"] else ""
-    err_console.print(f"[dim]{tokens} tokens in {result['prefill_seconds'] + result['decode_seconds']:.2f} s{tok_s} "
+    err_console.print(f"[dim]{tokens} token{'s' if tokens != 1 else ''} in {result['prefill_seconds'] + result['decode_seconds']:.2f} s{tok_s} "
                       f"({trained.run.name} @ {trained.checkpoint.name}, {result['device']}, {result['dtype']})[/]",
                       highlight=False, soft_wrap=True)
-    if any(r["stop"] == "context" for r in rows):
-        err_console.print(f"warning: stopped where the model has read {result['context_limit']} tokens, the length "
-                          "it was trained on (train.seq_len); pass --allow-long-context to go on", highlight=False,
-                          soft_wrap=True)
+    stopped = [i + 1 for i, r in enumerate(rows) if r["stop"] == "context"]
+    if stopped:
+        which = "" if len(rows) == 1 else f"prompt{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} "
+        err_console.print(f"warning: {which}stopped where the model has read {result['context_limit']} tokens, the "
+                          "length it was trained on (train.seq_len); pass --allow-long-context to go on",
+                          highlight=False, soft_wrap=True)
 
 
 def stream_one(text: str, tokenizer):
