@@ -305,6 +305,15 @@ def test_a_batch_says_which_prompts_reached_the_trained_length(micro_run, tmp_pa
     assert "warning: prompt 1 stopped where the model has read 32 tokens, the length it was trained on" in err
 
 
+def test_greedy_says_which_sampling_options_it_does_not_use(micro_run, capsys):
+    code, out, err = cli(capsys, "generate", str(micro_run), "--prompt", "x", "-n", "2", "--greedy",
+                         "--temperature", "1.5", "--seed", "4", "--json")
+    assert code == 0 and json.loads(out)["sampling"]["temperature"] is None
+    assert "warning: --greedy takes the most likely token every time; --temperature, --seed are not used" in err
+    code, _, err = cli(capsys, "generate", str(micro_run), "--prompt", "x", "-n", "2", "--greedy", "--json")
+    assert code == 0 and "warning" not in err
+
+
 def test_long_prompt_allowed_when_asked(micro_run, capsys):
     code, out, err = cli(capsys, "generate", str(micro_run), "--prompt", "x" * 40, "-n", "3", "--allow-long-context",
                          "--json")

@@ -63,6 +63,11 @@ def generate(
     texts = read_prompts(prompt, prompt_file)
     sampling = Sampling(temperature, top_k, top_p, greedy, seed)
     sampling.check()
+    unused = [name for name, value, default in (("--temperature", temperature, 0.8), ("--top-k", top_k, 0),
+                                                 ("--top-p", top_p, 0.95), ("--seed", seed, None)) if value != default]
+    if greedy and unused:
+        err_console.print(f"warning: --greedy takes the most likely token every time; {', '.join(unused)} "
+                          f"{'is' if len(unused) == 1 else 'are'} not used", highlight=False, soft_wrap=True)
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     torch_device = resolve_device(device, "--device")
