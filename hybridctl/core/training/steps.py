@@ -77,7 +77,7 @@ def out_of_memory_advice(cfg: Config, world: int, device: torch.device, step: in
     or, where a pass is one row already, shorter rows or a smaller model. `then` says how to carry on the run
     with a setting changed ("hybridctl resume RUN", or a fresh start)."""
     t = cfg.train
-    micro = t.batch_size // (world * t.grad_accum)
+    micro = micro_batch_size(cfg, world)
     where = str(device)
     if device.type == "cuda":
         where += f", {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"

@@ -177,14 +177,7 @@ class Trainer:
                 except Diverged as e:  # the run ends here, as a result: finish() writes its summary, then raises it
                     diverged = e
                 except torch.OutOfMemoryError:
-                    if self.main:  # a checkpoint still being written counts: the advice may resume from it
-                        with self.checkpoint_errors():  # (no collective: the other ranks may be inside one)
-                            self.writer.wait()
-                    gpus = f" --gpus {self.world}" if self.world > 1 else ""
-                    then = (f"continue with hybridctl resume {self.run.path}{gpus}" if self.run.step_checkpoints()
-                            else "train it again with --force")
-                    error = TrainingError(out_of_memory_advice(self.cfg, self.world, self.device, self.state.step + 1, then))
-                    raise dist.abandon_group(error) from None
+                    raise dist.abandon_group(self.out_of_memory()) from None
             self.wait_for_checkpoints()  # the last writes count in the run's wall time, and precede summary.json
             return self.finish(time.perf_counter() - wall_start, diverged)
         finally:
@@ -312,13 +305,29 @@ class Trainer:
                 with self.checkpoint_errors():
                     self.writer.wait()
 
+    def resume_command(self) -> str | None:
+        """The command that continues this run from its newest checkpoint; None before one is saved."""
+        if not self.run.step_checkpoints():
+            return None
+        return f"hybridctl resume {self.run.path}" + (f" --gpus {self.world}" if self.world > 1 else "")
+
     @contextlib.contextmanager
     def checkpoint_errors(self):
         try:
             yield
         except CheckpointError as e:  # e.g. the disk filled up: say how to carry on once there is room
-            then = f"continue with `hybridctl resume {self.run.path}`" if self.run.step_checkpoints() else "start the run again with --force"
+            command = self.resume_command()
+            then = f"continue with `{command}`" if command else "start the run again with --force"
             raise TrainingError(f"{e}; free some space, then {then}") from e
+
+    def out_of_memory(self) -> TrainingError:
+        """The error for a step that did not fit in GPU memory, saying how to split the batch (steps.py)."""
+        if self.main:  # a checkpoint still being written counts: the advice may resume from it
+            with self.checkpoint_errors():  # (no collective: the other ranks may be inside one)
+                self.writer.wait()
+        command = self.resume_command()
+        then = f"continue with {command}" if command else "train it again with --force"
+        return TrainingError(out_of_memory_advice(self.cfg, self.world, self.device, self.state.step + 1, then))
 
     def checkpoint_state(self) -> dict[str, Any]:
         """state.json's content: the TrainState and what it was trained with."""
