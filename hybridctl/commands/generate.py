@@ -56,6 +56,7 @@ def generate(
 ):
     """Continue a prompt with a trained run's model (best/ by default), streaming the text as it comes."""
     from hybridctl.core.lab.generate import Sampling, generate_text, inference_dtype, load_generator
+    from hybridctl.core.lab.render import fmt_n
     from hybridctl.core.lab.trained_model import locate_checkpoint
     from hybridctl.core.lab.tables import err_console
     from hybridctl.core.training.steps import resolve_device
@@ -63,9 +64,8 @@ def generate(
     texts = read_prompts(prompt, prompt_file)
     sampling = Sampling(temperature, top_k, top_p, greedy, seed)
     sampling.check()
-    unused = [name for name, value, default in (("--temperature", temperature, 0.8), ("--top-k", top_k, 0),
-                                                 ("--top-p", top_p, 0.95), ("--seed", seed, None)) if value != default]
-    if greedy and unused:
+    unused = sampling.unused_by_greedy()
+    if unused:
         err_console.print(f"warning: --greedy takes the most likely token every time; {', '.join(unused)} "
                           f"{'is' if len(unused) == 1 else 'are'} not used", highlight=False, soft_wrap=True)
     if max_new_tokens < 1:
@@ -84,7 +84,7 @@ def generate(
     rows = result["results"]
     tokens = sum(r["completion_tokens"] for r in rows)
     tok_s = f", {result['tok_s']:.1f} tok/s" if result["tok_s"] else ""
-    err_console.print(f"[dim]{tokens} token{'s' if tokens != 1 else ''} in {result['prefill_seconds'] + result['decode_seconds']:.2f} s{tok_s} "
+    err_console.print(f"[dim]{fmt_n(tokens, 'token')} in {result['prefill_seconds'] + result['decode_seconds']:.2f} s{tok_s} "
                       f"({trained.run.name} @ {trained.checkpoint.name}, {result['device']}, {result['dtype']})[/]",
                       highlight=False, soft_wrap=True)
     stopped = [i + 1 for i, r in enumerate(rows) if r["stop"] == "context"]

@@ -37,7 +37,6 @@ def move_into_place(finished: Path, dest: Path) -> None:
         os.replace(finished, dest)
 
 
-
 def cannot_make(folder: Path) -> str | None:
     """Why `folder` cannot be made (or written in, where it exists), as "cannot create folder X (reason)" naming
     the first folder to be made; None where it can. Found by making a folder in the nearest existing one and

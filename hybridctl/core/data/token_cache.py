@@ -171,6 +171,7 @@ def hub_names(data_cfg: DataConfig) -> dict[str, str]:
     once its tokens are cached here, and none for built-in, synthetic and local corpora with bytes, bpe:N or local
     tokenizers."""
     from hybridctl.core.data.sources import is_local
+    from hybridctl.core.data.subword import is_local_path
 
     if data_cfg.dataset.startswith("synthetic:") or cache_is_complete(token_cache_dir(data_cfg)):
         return {}
@@ -178,7 +179,7 @@ def hub_names(data_cfg: DataConfig) -> dict[str, str]:
     if not data_cfg.dataset.startswith("builtin:") and not is_local(data_cfg.dataset):
         names["data.dataset"] = data_cfg.dataset
     tokenizer = data_cfg.tokenizer
-    if tokenizer != "bytes" and not tokenizer.startswith("bpe:") and not Path(tokenizer).expanduser().exists():
+    if tokenizer != "bytes" and not tokenizer.startswith("bpe:") and not is_local_path(tokenizer):
         names["data.tokenizer"] = tokenizer
     return names
 

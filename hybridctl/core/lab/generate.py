@@ -11,7 +11,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +52,13 @@ class Sampling:
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
+
+    def unused_by_greedy(self) -> list[str]:
+        """The sampling options set away from their defaults that --greedy leaves unused, as options (--top-k)."""
+        if not self.greedy:
+            return []
+        return [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                if f.name != "greedy" and getattr(self, f.name) != f.default]
 
 
 def sampling_record(sampling: Sampling) -> dict[str, Any]:

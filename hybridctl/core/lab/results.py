@@ -16,6 +16,7 @@ from hybridctl.core.config import DataConfig
 from hybridctl.core.errors import ConfigError, HybridctlError, RunError, suggest
 from hybridctl.core.training.runs import (SWEEP_FILE, RunDir, find_runs)
 from hybridctl.core.training.schedule import lr_reached
+from hybridctl.core.lab.render import fmt_n
 from hybridctl.core.lab.sweeps import ARC_FILE, divergence_advice
 
 
@@ -310,8 +311,7 @@ def unstarted_runs(results: list[RunResult]) -> str:
         missing = [name for name in names if isinstance(name, str) and name and not (folder / name).exists()]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            notes.append(f"{len(missing)} planned run{'s' if len(missing) > 1 else ''} of sweep {folder.name} not "
-                         f"started yet ({shown})")
+            notes.append(f"{fmt_n(len(missing), 'planned run')} of sweep {folder.name} not started yet ({shown})")
     if not notes:
         return ""
     return "; ".join(notes) + "; run the same `hybridctl ablate` command again to train them"
