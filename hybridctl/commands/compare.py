@@ -12,7 +12,7 @@ from hybridctl.core.lab.report import curves_chart
 from hybridctl.core.lab.results import METRICS, SORT_KEYS, collect_results, rank_results, ranking_warnings, result_record
 from hybridctl.core.errors import ConfigError, RunError
 from hybridctl.core.lab.groups import group_record, group_results, has_repeats, rank_groups
-from hybridctl.core.lab.render import fmt_n, print_chart, results_rows, results_table
+from hybridctl.core.lab.render import as_sentence, fmt_n, print_chart, results_rows, results_table
 from hybridctl.core.lab.tables import console, err_console, markdown_table, print_table
 from hybridctl.core.lab.render_findings import VERDICT_LEGEND, group_rows, print_group_table
 from hybridctl.core.training.runs import ensure_new_file
@@ -55,7 +55,7 @@ def compare(
     if json_out is not None:
         json_out.write_text(json.dumps(records, indent=2) + "\n")
     if markdown is not None:
-        lines = "".join(f"{note[0].upper()}{note[1:]}.\n\n" for note in notes)
+        lines = "".join(f"{as_sentence(note)}\n\n" for note in notes)
         if grouped:
             table = markdown_table(*group_rows(rows, metric)) + f"\n{VERDICT_LEGEND}\n"
         else:

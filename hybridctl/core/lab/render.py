@@ -51,6 +51,11 @@ def loss_view(metric: str) -> str:
     return "final" if metric.startswith("final_") else "best"
 
 
+def as_sentence(note: str) -> str:
+    """A lower-case note (as warnings print it) as a sentence of a document: capitalised, with a full stop."""
+    return f"{note[:1].upper()}{note[1:]}." if note else ""
+
+
 def fmt_n(n: int, noun: str) -> str:
     """A count and its noun: 1 run, 2 runs."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

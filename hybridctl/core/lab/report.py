@@ -13,7 +13,7 @@ from typing import Any
 from hybridctl.core.lab.charts import Chart, Series
 from hybridctl.core.lab.groups import SAME, GroupRow, group_results, has_repeats, rank_groups
 from hybridctl.core.lab.placements import heat_grid, layer_position_table, placement_values, ranked_placements
-from hybridctl.core.lab.render import fmt_count, fmt_lr, fmt_lr_reached
+from hybridctl.core.lab.render import as_sentence, fmt_count, fmt_lr, fmt_lr_reached
 from hybridctl.core.lab.render_findings import fmt_p
 from hybridctl.core.lab.results import (METRICS, Ranked, RunResult, _finite, comparability_warning, metric_coverage,
                                         rank_results, sweep_divergence_advice, unstarted_runs)
@@ -158,8 +158,7 @@ def _summary(results: list[RunResult], rows: list[Ranked], groups: list[GroupRow
     ranked = [g for g in groups if g.rank is not None]
     tokens = sorted({r.get("tokens") for r in results if r.get("tokens")})
     summary = Section("Summary")
-    unstarted = unstarted_runs(results)
-    unstarted = f"{unstarted[0].upper()}{unstarted[1:]}." if unstarted else ""
+    unstarted = as_sentence(unstarted_runs(results))
     if len(results) == 1:
         r = results[0]
         value = f"{metric} {r.get(metric):.4f}" if isinstance(r.get(metric), (int, float)) else f"no {metric} yet"

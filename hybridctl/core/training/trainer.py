@@ -1,18 +1,7 @@
 """The training loop: `train(cfg, run)` starts a run; `train(cfg, run, resume_from=checkpoint)` continues one.
 Progress is reported through a callback of (event, record) so the library never prints; the CLI renders it.
 
-Where the parts live, in core/training/:
-    trainer.py     Trainer: builds a run's parts, runs the loop (fit), evaluates, saves, stops; train() runs one
-    state.py       TrainState: everything the loop changes, as checkpoints carry it
-    schedule.py    the LR schedule
-    steps.py       device and precision, optimizer and its step, micro-batches, compile and DDP, forward/backward
-    evaluation.py  evaluation on the validation windows
-    divergence.py  when a run has diverged, and the error that says so
-    metrics.py     where log and eval records go (metrics.jsonl, the callback)
-    summary.py     summary.json's content
-    preflight.py   checks before a run starts (tokens against the config, disk space)
-    checkpoint.py, runs.py, distributed.py: checkpoints, run folders, several processes
-    checkpoint_writer.py  checkpoints written in a background thread (the loop waits only for a copy in memory)
+The other parts of a run are in this package's modules; its __init__ says which does what.
 
 Determinism: every RNG is seeded from train.seed, the batch for step s depends only on (seed, s), and a
 checkpoint holds the model, AdamW state, RNG states and schedule; on CPU a resumed run repeats the losses of an
