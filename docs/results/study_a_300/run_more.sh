@@ -30,9 +30,9 @@ case "$PART" in
     hybridctl compare "${sweeps[@]/#/$OUT/ablations/}" --no-plots --json-out "$OUT/ablations/tuned300.json" \
       --markdown "$OUT/ablations/tuned300.md" --force ;;
   long)
-    # seed 0 of every architecture first, so that a part stopped by a time limit has each of them; the second
-    # command grows the sweep by seed 1 and trains only the new runs
-    for seeds in 0 0,1; do
+    # seed 0 of every architecture first (--seeds 1), so that a part stopped by a time limit has each of them;
+    # the second command (--seeds 2: seeds 0 and 1) grows the sweep by seed 1 and trains only the new runs
+    for seeds in 1 2; do
       hybridctl ablate arch --preset hybrid_late,hybrid_sparse_5_11,deltanet,transformer --seeds $seeds --steps 700 \
         --name study_a_700 --out "$OUT" "${S[@]}" --set data.max_tokens=40000000
     done

@@ -96,6 +96,9 @@ def parse_seeds(text: str | None) -> list[int] | None:
             count = int(text)
         except ValueError:
             raise ConfigError(f"--seeds: '{text}' is not a number; {example}") from None
+        if count == 0:  # most likely meant as "seed 0", which is a count of one
+            raise ConfigError("--seeds 0 asks for no seed: --seeds N is a count (seeds 0 to N-1); for seed 0 alone "
+                              "give --seeds 1, for a list --seeds 0,3,7")
         if count < 1:
             raise ConfigError(f"--seeds needs at least one seed, got {count}; {example}")
         return list(range(count))
