@@ -160,8 +160,8 @@ def test_more_seeds_train_only_the_new_runs(seeded, tmp_path):
 
 
 @pytest.mark.parametrize("seeds, message", [
-    ("0", "for seed 0 alone give --seeds 1"), ("-1", "at least one seed"), ("a,b", "'a' is not a seed"), ("1,2,1", "seed 1 twice"),
-    ("x", "'x' is not a number"),
+    ("0", "for seed 0 alone give --seeds 1"), ("-1", "at least one seed"), ("a,b", "'a' is not a seed"),
+    ("1,2,1", "seed 1 twice"), ("x", "'x' is not a number"),
 ])
 def test_bad_seeds_are_one_line_and_write_nothing(seeds, message, tmp_path, capsys):
     code = main(["ablate", "lr", "--preset", "tiny", f"--seeds={seeds}", "--out", str(tmp_path / "runs")])
