@@ -355,7 +355,7 @@ class Trainer:
         self.wait_for_checkpoints()  # "checkpoint saved" is said once it is
         how = "because its output was closed" if caught == "SIGPIPE" else f"by {caught}"
         stopped = TrainingError(
-            f"stopped {how} at step {self.state.step}; checkpoint saved, continue with `hybridctl resume {self.run.path}`",
+            f"stopped {how} at step {self.state.step}; checkpoint saved, continue with `{self.resume_command()}`",
         )
         stopped.exit_code = 128 + signal.Signals[caught]  # 130, 143, or 141 (streams.EXIT_PIPE) for SIGPIPE
         raise dist.shared(stopped)
