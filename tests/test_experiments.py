@@ -575,6 +575,23 @@ def test_chart_renders_to_the_requested_size():
     assert chart_size(None)[0] == 80 and chart_size(200)[0] == 120 and chart_size(70)[0] == 70
 
 
+def test_a_long_chart_in_a_pipe_keeps_aligned_points_and_each_last_one():
+    steps = [1] + list(range(10, 301, 10))
+    runs = [Series(f"run{i}", steps, [10.0 - s / 100 - i / 1000 for s in steps]) for i in range(23)]
+    runs.append(Series("stopped", steps[:18], [9.0] * 17 + [4.321]))  # ended at step 170, off the grid
+    pipe = Console(file=io.StringIO(), force_terminal=False, width=100)
+    print_chart(Chart("curve", "validation loss vs steps", "step", "loss", runs), pipe)
+    lines = pipe.file.getvalue().splitlines()
+    rows = [line.split() for line in lines if line.startswith(("run", "stopped")) and not line.startswith("run ")]
+    assert len(rows) == 23 * 3 + 2  # 80 rows / 24 runs -> 3 steps each; the stopped run has 100 and its own 170
+    assert {r[1] for r in rows if r[0] == "run0"} == {"100", "200", "300"}  # the same steps for every run
+    assert [r[1:] for r in rows if r[0] == "stopped"] == [["100", "9.0000"], ["170", "4.3210"]]
+    assert "points left out" in lines[-1]
+    short = Console(file=io.StringIO(), force_terminal=False, width=100)
+    print_chart(Chart("curve", "loss", "step", "loss", runs[:2]), short)
+    assert "left out" not in short.file.getvalue() and short.file.getvalue().count("run1 ") == len(steps)
+
+
 def test_print_chart_plots_on_a_terminal_and_tabulates_elsewhere():
     chart = Chart("lr", "loss vs lr", "learning rate", "loss", [Series("loss", [1e-3, 3e-3], [5.6, 5.4])], xlog=True,
                   points=True, xticks=[(1e-3, "1e-3"), (3e-3, "3e-3")])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 MAX_WIDTH = 120  # wider plots are harder to read, not clearer
 DEFAULT_WIDTH = 80  # when the terminal's width is unknown
+TABLE_ROWS = 80  # a chart printed as a table (a pipe, a log) keeps about this many points: curves of 24 runs are ~700
 
 
 @dataclass
@@ -31,6 +32,19 @@ class Chart:
 
     def is_empty(self) -> bool:
         return not any(s.xs for s in self.series)
+
+    def sampled(self, at_most: int) -> list[list[tuple[float, float]]]:
+        """Each series' points at no more than `at_most` x values, evenly spaced back from the longest series' last
+        point and the same for every series, so that runs line up; each series' own last point is always kept.
+        (The first point of a long curve, the untrained model's loss, says least.)"""
+        longest = max((s.xs for s in self.series), key=len, default=[])
+        grid = set(longest)
+        if len(longest) > at_most:
+            first, last = min(longest), max(longest)
+            targets = [last - i * (last - first) / at_most for i in range(at_most)]
+            grid = {min(longest, key=lambda x: abs(x - target)) for target in targets}
+        return [[(x, y) for i, (x, y) in enumerate(zip(s.xs, s.ys)) if x in grid or i == len(s.xs) - 1]
+                for s in self.series]
 
 
 def chart_size(console_width: int | None, series: int = 1) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hybridctl.core import streams
-from hybridctl.core.lab.charts import chart_size
+from hybridctl.core.lab.charts import TABLE_ROWS, chart_size
 from hybridctl.core.lab.tables import (SETTING_HEADERS, UNBOUNDED, console, err_console, is_essential, key_value_table,
                                       print_table, text_table, varied_settings)
 
@@ -324,15 +324,21 @@ def results_table(rows, metric: str, title: str | None = None) -> Table:
 
 
 def chart_table(chart) -> Table:
-    """A chart's points as a table: what a pipe or a log file gets instead of a plot."""
+    """A chart's points as a table: what a pipe or a log file gets instead of a plot. Long curves keep evenly
+    spaced points, the last among them, so that the table stays readable; the caption says so."""
     ticks = dict(chart.xticks)
     multi = len(chart.series) > 1
     headers = (["run"] if multi else []) + [chart.xlabel, chart.ylabel]
-    rows = []
-    for s in chart.series:
-        for x, y in zip(s.xs, s.ys):
-            rows.append(([s.label] if multi else []) + [ticks.get(x, f"{x:g}"), fmt_num(y)])
-    return text_table(headers, rows, title=chart.title)
+    per_series = max(3, TABLE_ROWS // max(len(chart.series), 1))
+    rows, left_out = [], 0
+    for s, points in zip(chart.series, chart.sampled(per_series)):
+        left_out += len(s.xs) - len(points)
+        rows += [([s.label] if multi else []) + [ticks.get(x, f"{x:g}"), fmt_num(y)] for x, y in points]
+    table = text_table(headers, rows, title=chart.title)
+    if left_out:
+        table.caption = (f"{per_series} evenly spaced {chart.xlabel} values and each {'run' if multi else 'series'}'s "
+                         f"last point ({left_out} points left out; a terminal plots them all)")
+    return table
 
 
 def print_chart(chart, out: Console = console) -> None:
