@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridctl.core.errors import ConfigError, HybridctlError
-from hybridctl.core.lab.results import METRICS, SORT_KEYS, Ranked, RunResult, _finite, check_metric, result_record, sort_rows
+from hybridctl.core.lab.results import (METRICS, SORT_KEYS, Ranked, RunResult, check_metric, finite_or_none, result_record,
+                                        sort_rows)
 from hybridctl.core.lab.stats import ALPHA, Spread, spread, welch_p
 from hybridctl.core.lab.sweep_plans import SEED_SUFFIX
 
@@ -39,7 +40,7 @@ class Group:
 
     def mean_of(self, key: str) -> float | None:
         """The mean over finished runs (e.g. of tok_s), None when none has the value."""
-        values = [r.get(key) for r in self.results if r.status == "complete" and _finite(r.get(key)) is not None]
+        values = [r.get(key) for r in self.results if r.status == "complete" and finite_or_none(r.get(key)) is not None]
         return sum(values) / len(values) if values else None
 
     def status(self) -> str:
@@ -125,7 +126,7 @@ def rank_groups(groups: list[Group], metric: str = "best_val_loss", sort: str = 
     higher = METRICS[metric]
     rows = []
     for g in groups:
-        values = [v for r in g.results if r.status == "complete" and (v := _finite(r.get(metric))) is not None]
+        values = [v for r in g.results if r.status == "complete" and (v := finite_or_none(r.get(metric))) is not None]
         rows.append(GroupRow(g, None, values, spread(values) if values else None))
     ranked = sorted((r for r in rows if r.stats), key=lambda r: (-r.stats.mean if higher else r.stats.mean, r.group.label))
     rest = [r for r in rows if not r.stats]
@@ -159,5 +160,5 @@ def group_record(row: GroupRow, metric: str) -> dict[str, Any]:
     }
     record.update({k: g.first(k) for k in IDENTITY})
     record.update({k: g.mean_of(k) for k in ("steps", "tokens", "peak_lr", "tok_s", "train_time_s")})
-    record["runs"] = [result_record(Ranked(r, None, _finite(r.get(metric)), None), metric) for r in g.results]
+    record["runs"] = [result_record(Ranked(r, None, finite_or_none(r.get(metric)), None), metric) for r in g.results]
     return record

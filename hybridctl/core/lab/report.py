@@ -15,7 +15,7 @@ from hybridctl.core.lab.groups import SAME, GroupRow, group_results, has_repeats
 from hybridctl.core.lab.placements import heat_grid, layer_position_table, placement_values, ranked_placements
 from hybridctl.core.lab.render import as_sentence, fmt_count, fmt_lr, fmt_lr_reached
 from hybridctl.core.lab.render_findings import fmt_p
-from hybridctl.core.lab.results import (METRICS, Ranked, RunResult, _finite, comparability_warning, metric_coverage,
+from hybridctl.core.lab.results import (METRICS, Ranked, RunResult, comparability_warning, finite_or_none, metric_coverage,
                                         rank_results, sweep_divergence_advice, unstarted_runs)
 from hybridctl.core.lab.stats import ALPHA
 
@@ -23,7 +23,8 @@ from hybridctl.core.lab.stats import ALPHA
 def curves_chart(results: list[RunResult], key: str = "val_loss", x: str = "steps") -> Chart:
     """Loss against steps or tokens, one series per run (key: val_loss or loss for the training loss)."""
     # a diverged run's losses that are not finite (null in metrics.jsonl) are left out: a curve ends where it blew up
-    rows_of = lambda r: [row for row in (r.evals if key == "val_loss" else r.logs) if _finite(row.get(key)) is not None]  # noqa: E731
+    rows_of = lambda r: [row for row in (r.evals if key == "val_loss" else r.logs)  # noqa: E731
+                         if finite_or_none(row.get(key)) is not None]
     most = max((row.get("tokens", 0) for r in results for row in rows_of(r)), default=0)
     scale, unit = (1e6, "M") if most >= 1e6 else ((1e3, "K") if most >= 1e4 else (1, ""))
     if x != "tokens":

@@ -74,7 +74,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _finite(value):
+def finite_or_none(value):
     """The value, or None for a NaN or infinite float (a diverged run's loss ranks nowhere)."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -153,7 +153,7 @@ def load_result(run: RunDir) -> RunResult:
         if evals:
             values.update(final_val_loss=evals[-1]["val_loss"], final_val_acc=evals[-1].get("val_acc"),
                           final_val_ppl=evals[-1].get("val_ppl"), final_val_mqar_acc=evals[-1].get("val_mqar_acc"))
-            finite = [r for r in evals if _finite(r["val_loss"]) is not None]
+            finite = [r for r in evals if finite_or_none(r["val_loss"]) is not None]
             if finite:  # min() over a NaN answers by position
                 best = min(finite, key=lambda r: r["val_loss"])
                 values.update(best_val_loss=best["val_loss"], best_step=best["step"])
@@ -167,7 +167,7 @@ def load_result(run: RunDir) -> RunResult:
     if arc is not None:
         values.update(arc_acc=arc.get("acc"), arc_acc_norm=arc.get("acc_norm"), arc_n=arc.get("n"))
     values["text_evals"] = read_text_evals(run)
-    broken = bool(evals) and _finite(evals[-1]["val_loss"]) is None  # the last eval's loss is not finite
+    broken = bool(evals) and finite_or_none(evals[-1]["val_loss"]) is None  # the last eval's loss is not finite
     if recorded == "diverged" or (recorded == "complete" and broken):  # the latter: a run from before "diverged"
         status = "diverged"
     elif recorded == "complete":
@@ -245,7 +245,7 @@ def rank_results(results: list[RunResult], metric: str = "best_val_loss", sort: 
     if sort not in SORT_KEYS:
         raise ConfigError(f"unknown sort key '{sort}'; choose one of {', '.join(SORT_KEYS)}")
     higher = METRICS[metric]
-    value = lambda r: _finite(r.get(metric))  # noqa: E731
+    value = lambda r: finite_or_none(r.get(metric))  # noqa: E731
 
     def order(r: RunResult):
         v = value(r)
@@ -269,7 +269,7 @@ def metric_coverage(results: list[RunResult], metric: str) -> str:
     """A note when some finished runs have no value for the metric ('' when none lacks it). A ConfigError when
     no run has one, unless it is a training metric and some run has not finished (its value may still come)."""
     check_metric(metric)
-    lacking = [r for r in results if _finite(r.get(metric)) is None]
+    lacking = [r for r in results if finite_or_none(r.get(metric)) is None]
     source = METRIC_SOURCES.get(metric)
     if len(lacking) == len(results) and (source or all(r.status == "complete" for r in results)):
         where = f"none of the {len(results)} runs has" if len(results) > 1 else "the run has no"
@@ -357,7 +357,7 @@ def result_record(row: Ranked, metric: str) -> dict[str, Any]:
             "best_step", "best_val_acc", "best_val_ppl", "final_val_loss", "final_val_acc", "final_val_ppl",
             "final_val_mqar_acc", "tok_s", "train_time_s", "wall_time_s", "arc_acc", "arc_acc_norm", "arc_n",
             "dataset", "tokenizer", "vocab_size", "seq_len", "max_tokens", "val_fraction", "val_split", "eval_windows")
-    record.update({k: _finite(r.get(k)) for k in keys})  # NaN is not JSON
+    record.update({k: finite_or_none(r.get(k)) for k in keys})  # NaN is not JSON
     return record
 
 
