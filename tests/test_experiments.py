@@ -577,14 +577,16 @@ def test_chart_renders_to_the_requested_size():
 
 def test_a_long_chart_in_a_pipe_keeps_aligned_points_and_each_last_one():
     steps = [1] + list(range(10, 301, 10))
-    runs = [Series(f"run{i}", steps, [10.0 - s / 100 - i / 1000 for s in steps]) for i in range(23)]
-    runs.append(Series("stopped", steps[:18], [9.0] * 17 + [4.321]))  # ended at step 170, off the grid
+    runs = [Series(f"run{i}", steps, [10.0 - s / 100 - i / 1000 for s in steps]) for i in range(22)]
+    runs.append(Series("resumed", steps[:21] + [201] + steps[21:], [5.0] * 21 + [4.9] + [4.0] * 10))  # its own 201
+    runs.append(Series("stopped", steps[:18], [9.0] * 17 + [4.321]))  # ended at step 170, between the kept steps
     pipe = Console(file=io.StringIO(), force_terminal=False, width=100)
     print_chart(Chart("curve", "validation loss vs steps", "step", "loss", runs), pipe)
     lines = pipe.file.getvalue().splitlines()
-    rows = [line.split() for line in lines if line.startswith(("run", "stopped")) and not line.startswith("run ")]
+    rows = [line.split() for line in lines if line.startswith(("run", "resumed", "stopped")) and not line.startswith("run ")]
     assert len(rows) == 23 * 3 + 2  # 80 rows / 24 runs -> 3 steps each; the stopped run has 100 and its own 170
-    assert {r[1] for r in rows if r[0] == "run0"} == {"100", "200", "300"}  # the same steps for every run
+    for run in ("run0", "run21", "resumed"):  # the same steps for every run, whole logging intervals apart
+        assert [r[1] for r in rows if r[0] == run] == ["100", "200", "300"]
     assert [r[1:] for r in rows if r[0] == "stopped"] == [["100", "9.0000"], ["170", "4.3210"]]
     assert "points left out" in lines[-1]
     short = Console(file=io.StringIO(), force_terminal=False, width=100)

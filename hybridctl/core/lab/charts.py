@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -34,17 +36,25 @@ class Chart:
         return not any(s.xs for s in self.series)
 
     def sampled(self, at_most: int) -> list[list[tuple[float, float]]]:
-        """Each series' points at no more than `at_most` x values, evenly spaced back from the longest series' last
-        point and the same for every series, so that runs line up; each series' own last point is always kept.
-        (The first point of a long curve, the untrained model's loss, says least.)"""
-        longest = max((s.xs for s in self.series), key=len, default=[])
-        grid = set(longest)
-        if len(longest) > at_most:
-            first, last = min(longest), max(longest)
-            targets = [last - i * (last - first) / at_most for i in range(at_most)]
-            grid = {min(longest, key=lambda x: abs(x - target)) for target in targets}
-        return [[(x, y) for i, (x, y) in enumerate(zip(s.xs, s.ys)) if x in grid or i == len(s.xs) - 1]
-                for s in self.series]
+        """Each series' points at no more than `at_most` x values, evenly spaced back from the last x in whole
+        logging intervals and the same for every series, so that runs line up (a resumed run's extra point or the
+        step-1 point of a curve does not shift them); each series' own last point is always kept."""
+        if max((len(s.xs) for s in self.series), default=0) <= at_most:
+            return [list(zip(s.xs, s.ys)) for s in self.series]
+        intervals = Counter(b - a for s in self.series for a, b in zip(s.xs, s.xs[1:]) if b > a)
+        interval = intervals.most_common(1)[0][0]  # the logging (or eval) interval most points share
+        first, last = min(min(s.xs) for s in self.series if s.xs), max(max(s.xs) for s in self.series if s.xs)
+        stride = interval * max(1, math.ceil((last - first) / interval / at_most))
+        grid = [last - k * stride for k in range(at_most) if last - k * stride > first - interval / 2]
+        sampled = []
+        for s in self.series:
+            keep = {len(s.xs) - 1} if s.xs else set()
+            for x in grid:
+                nearest = min(range(len(s.xs)), key=lambda i: abs(s.xs[i] - x), default=None)
+                if nearest is not None and abs(s.xs[nearest] - x) < interval / 2:
+                    keep.add(nearest)
+            sampled.append([(s.xs[i], s.ys[i]) for i in sorted(keep)])
+        return sampled
 
 
 def chart_size(console_width: int | None, series: int = 1) -> tuple[int, int]:

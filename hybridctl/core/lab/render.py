@@ -336,7 +336,7 @@ def chart_table(chart) -> Table:
         rows += [([s.label] if multi else []) + [ticks.get(x, f"{x:g}"), fmt_num(y)] for x, y in points]
     table = text_table(headers, rows, title=chart.title)
     if left_out:
-        table.caption = (f"{per_series} evenly spaced {chart.xlabel} values and each {'run' if multi else 'series'}'s "
+        table.caption = (f"at most {per_series} evenly spaced {chart.xlabel} values and each {'run' if multi else 'series'}'s "
                          f"last point ({left_out} points left out; a terminal plots them all)")
     return table
 
