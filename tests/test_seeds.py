@@ -159,6 +159,18 @@ def test_more_seeds_train_only_the_new_runs(seeded, tmp_path):
     assert [r["n"] for r in records] == [4, 4]
 
 
+def test_fewer_seeds_than_a_grown_sweep_holds_name_its_seeds_and_delete_nothing(seeded, tmp_path):
+    """Rerunning the first command of a sweep grown seed by seed (--seeds 1, then --seeds 3) asks for fewer seeds
+    than it holds: refused in one line that names the seeds to go on with, and nothing on disk changes."""
+    out, path, _ = seeded
+    before = snapshot(path)
+    result = run_cli(*SWEEP_ARGS, "--seeds", "1", "--out", str(out), *cli_args_for_micro())
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "-tiny_lr1e-3_s1" in result.stderr and "it holds seeds 0,1,2: pass --seeds 0,1,2 to go on" in result.stderr
+    assert "--force to delete the runs this command leaves out" in result.stderr
+    assert snapshot(path) == before
+
+
 @pytest.mark.parametrize("seeds, message", [
     ("0", "for seed 0 alone give --seeds 1"), ("-1", "at least one seed"), ("a,b", "'a' is not a seed"),
     ("1,2,1", "seed 1 twice"), ("x", "'x' is not a number"),

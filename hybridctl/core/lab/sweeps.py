@@ -87,6 +87,19 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ""
 
 
+def replan_advice(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What to do about a plan that differs from the sweep's: a sweep grown to more seeds than this command asks
+    for (rerunning the first command of a sweep grown seed by seed) names the seeds that go on with it."""
+    left_out = {r["name"] for r in old.get("plan", [])} - {r["name"] for r in new["runs"]}
+    seeds = old.get("seeds")
+    if left_out and seeds and new.get("seeds") and set(new["seeds"]) < set(seeds):
+        listed = ",".join(map(str, seeds))
+        return (f"it holds seeds {listed}: pass --seeds {listed} to go on with it, pick another --name, or pass "
+                "--force to delete the runs this command leaves out")
+    return ("re-run with its original options, pick another --name, or pass --force to replace the runs that "
+            "differ (runs the new plan leaves out are deleted)")
+
+
 @dataclass
 class RunAction:
     """What a sweep will do with one planned run: 'done', 'diverged', 'resume' (from checkpoint) or 'start'.
@@ -208,10 +221,7 @@ def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str,
         if diff and not _has_runs(path):
             state = None  # nothing trained under the old plan: the new one replaces it
         elif diff and not force:
-            raise RunError(
-                f"sweep {path} was planned differently ({diff}); re-run with its original options, "
-                "pick another --name, or pass --force to replace the runs that differ"
-            )
+            raise RunError(f"sweep {path} was planned differently ({diff}); {replan_advice(state, new)}")
         elif diff:
             # Forced: keep runs whose plan entry is unchanged, drop the ones that changed or left the plan.
             keep = {r["name"] for r in new["runs"]} if state.get("steps") == new["steps"] else set()
