@@ -1,5 +1,6 @@
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -59,6 +60,29 @@ def test_resume_is_bit_exact(full_run, tmp_path):
     a = load_file(str(full.step_checkpoints()[-1] / checkpoint_files.MODEL_FILE))
     b = load_file(str(run.step_checkpoints()[-1] / checkpoint_files.MODEL_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wall_time_adds_up_over_a_stopped_and_resumed_run(tmp_path):
+    """A process stopped before its summary (a time limit, a crash) leaves its loop time in the checkpoint; the
+    process that resumes adds its own to it."""
+    cfg = micro_config()
+    run = RunDir(tmp_path / "r")
+    run.create(cfg)
+    stop = StopAfter(3)
+
+    def slow_then_stop(kind, record):
+        if kind == "log" and record["step"] == 2:
+            time.sleep(1.5)  # the first process takes longer than the whole second one will
+        stop(kind, record)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, callback=slow_then_stop)
+    first = json.loads((run.resolve_checkpoint("latest") / checkpoint_files.STATE_FILE).read_text())["wall_time_s"]
+    assert first >= 1.5
+    started = time.perf_counter()
+    summary = train(load_config_file(run.config_path), run, resume_from=run.resolve_checkpoint("latest"))
+    second = time.perf_counter() - started
+    assert first < summary["wall_time_s"] <= first + second
 
 
 def test_resume_drops_metrics_after_checkpoint(full_run, tmp_path):

@@ -30,6 +30,7 @@ def test_older_checkpoint_state_gets_the_defaults(finished_micro_run):
     train_state = TrainState.from_dict(older)
     assert (train_state.tokens, train_state.best_step, train_state.skipped_steps, train_state.bad_in_row) == (0, -1, 0, 0)
     assert train_state.best_val_loss == float("inf") and train_state.train_time_s == 0.0
+    assert train_state.wall_time_s is None  # unknown: summary.json's wall time adds up as it did for these
     assert train_state.schedule(5) == TrainState.from_dict(state).schedule(5)
 
 

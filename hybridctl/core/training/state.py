@@ -26,12 +26,15 @@ class TrainState:
     # train_time_s when this process took the run over (0 for a new run); not saved: a checkpoint's train_time_s
     # is the next process's prior time.
     prior_time_s: float = dataclasses.field(default=0.0, compare=False)
+    # seconds the run's processes spent in the training loop, compilation and checkpoints included, as of the last
+    # save; None from a checkpoint written before it was kept (summary.json's wall time then adds up as before)
+    wall_time_s: float | None = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The keys checkpoints' state.json has always carried for these values."""
         return {"step": self.step, "tokens": self.tokens, "schedule": self.schedule.to_dict(),
                 "best_val_loss": self.best_val_loss, "best_step": self.best_step, "skipped_steps": self.skipped_steps,
-                "bad_in_row": self.bad_in_row, "train_time_s": self.train_time_s}
+                "bad_in_row": self.bad_in_row, "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":
@@ -40,4 +43,4 @@ class TrainState:
         return cls(schedule=Schedule.from_dict(d["schedule"]), step=d["step"], tokens=d.get("tokens", 0),
                    best_val_loss=d.get("best_val_loss", math.inf), best_step=d.get("best_step", -1),
                    skipped_steps=d.get("skipped_steps", 0), bad_in_row=d.get("bad_in_row", 0),
-                   train_time_s=train_time, prior_time_s=train_time)
+                   train_time_s=train_time, prior_time_s=train_time, wall_time_s=d.get("wall_time_s"))

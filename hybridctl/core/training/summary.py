@@ -17,9 +17,11 @@ from hybridctl.core.training.state import TrainState
 
 
 def build_summary(cfg: Config, run: RunDir, state: TrainState, n_params: int, last_eval: dict[str, Any],
-                  timed_tokens: int, wall: float, device: torch.device, world: int = 1) -> dict[str, Any]:
+                  timed_tokens: int, wall: float, prior_wall: float | None, device: torch.device,
+                  world: int = 1) -> dict[str, Any]:
     """`timed_tokens`: the tokens of this process's steps that train_time_s counts; `wall`: this process's
-    seconds in the loop."""
+    seconds in the loop; `prior_wall`: the earlier processes' (from the checkpoint resumed; None when it predates
+    keeping them, and the previous summary's then counts)."""
     segment_time = state.train_time_s - state.prior_time_s
     previous = run.read_summary()
     loss = last_eval.get("val_loss")
@@ -41,7 +43,7 @@ def build_summary(cfg: Config, run: RunDir, state: TrainState, n_params: int, la
         "best_step": state.best_step,
         "tok_s": timed_tokens / segment_time if segment_time > 0 and timed_tokens > 0 else previous.get("tok_s"),
         "train_time_s": state.train_time_s,
-        "wall_time_s": wall + previous.get("wall_time_s", 0.0) if previous else wall,
+        "wall_time_s": wall + (prior_wall if prior_wall is not None else previous.get("wall_time_s", 0.0)),
         "skipped_steps": state.skipped_steps,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "world_size": world,

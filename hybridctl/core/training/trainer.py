@@ -123,6 +123,8 @@ class Trainer:
                                                            compiled=t.compile and self.device.type == "cuda")
         self.autocast = autocast_for(self.device, t.dtype)
         self.start_step = self.state.step
+        self.prior_wall_s = self.state.wall_time_s  # the earlier processes' loop time (a checkpoint's); 0 if new
+        self.wall_start = time.perf_counter()  # fit() sets it again as its loop starts
         self.interval = LogInterval(torch.zeros((), device=self.device))
         self.pending: list[torch.Tensor] = []  # per-step "loss and gradients finite" flags, on the device until read
         self.signal_flag: dict[str, Any] = {}  # stop_on_signals sets "signal"
@@ -157,7 +159,7 @@ class Trainer:
                                      "layer_types": "".join(self.cfg.model.layer_types()), "tokens": state.tokens,
                                      "warnings": self.warnings})
         self.model.train()
-        self.interval.tick = wall_start = time.perf_counter()
+        self.interval.tick = self.wall_start = time.perf_counter()
         diverged: Diverged | None = None
         try:
             with stop_on_signals(self.signal_flag):
@@ -168,7 +170,7 @@ class Trainer:
                 except torch.OutOfMemoryError:
                     raise dist.abandon_group(self.out_of_memory()) from None
             self.wait_for_checkpoints()  # the last writes count in the run's wall time, and precede summary.json
-            return self.finish(time.perf_counter() - wall_start, diverged)
+            return self.finish(time.perf_counter() - self.wall_start, diverged)
         finally:
             try:
                 with self.checkpoint_errors():  # a run that ends by an error still finishes its writes
@@ -321,6 +323,8 @@ class Trainer:
     def checkpoint_state(self) -> dict[str, Any]:
         """state.json's content: the TrainState and what it was trained with."""
         step = self.state.step
+        if self.prior_wall_s is not None:  # a run resumed later, even from a process stopped by a time limit, adds on
+            self.state.wall_time_s = self.prior_wall_s + time.perf_counter() - self.wall_start
         return {**self.state.to_dict(), "config_hash": self.cfg.hash(),
                 "data": {"sampler": "epoch-permutation", "position": step, "epoch": self.sampler.epoch_of(step)},
                 "world_size": self.world, "config": self.cfg.to_dict()}
@@ -367,8 +371,8 @@ class Trainer:
         if diverged is None and self.main:
             diverged = divergence.diverged_at_the_end(self.last_eval, self.state, t.lr)
         timed_tokens = (self.state.step - self.start_step - 1) * t.batch_size * t.seq_len
-        summary = build_summary(self.cfg, self.run, self.state, self.n_params, self.last_eval, timed_tokens, wall,
-                                self.device, self.world)
+        summary = build_summary(self.cfg, self.run, self.state, self.n_params, self.last_eval, timed_tokens,
+                                wall, self.prior_wall_s, self.device, self.world)
         summary["warnings"] = list(self.warnings)
         if diverged is not None:
             summary.update(status="diverged", diverged_at=diverged.step)
