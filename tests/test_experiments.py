@@ -581,7 +581,7 @@ def test_a_long_chart_in_a_pipe_keeps_aligned_points_and_each_last_one():
     runs.append(Series("resumed", steps[:21] + [201] + steps[21:], [5.0] * 21 + [4.9] + [4.0] * 10))  # its own 201
     runs.append(Series("stopped", steps[:18], [9.0] * 17 + [4.321]))  # ended at step 170, between the kept steps
     pipe = Console(file=io.StringIO(), force_terminal=False, width=100)
-    print_chart(Chart("curve", "validation loss vs steps", "step", "loss", runs), pipe)
+    print_chart(Chart("curve", "validation loss vs steps", "step", "loss", runs, curves=True), pipe)
     lines = pipe.file.getvalue().splitlines()
     rows = [line.split() for line in lines if line.startswith(("run", "resumed", "stopped")) and not line.startswith("run ")]
     assert len(rows) == 23 * 3 + 2  # 80 rows / 24 runs -> 3 steps each; the stopped run has 100 and its own 170
@@ -590,8 +590,32 @@ def test_a_long_chart_in_a_pipe_keeps_aligned_points_and_each_last_one():
     assert [r[1:] for r in rows if r[0] == "stopped"] == [["100", "9.0000"], ["170", "4.3210"]]
     assert "points left out" in lines[-1]
     short = Console(file=io.StringIO(), force_terminal=False, width=100)
-    print_chart(Chart("curve", "loss", "step", "loss", runs[:2]), short)
+    print_chart(Chart("curve", "loss", "step", "loss", runs[:2], curves=True), short)
     assert "left out" not in short.file.getvalue() and short.file.getvalue().count("run1 ") == len(steps)
+
+
+def test_curve_tables_keep_steps_on_the_logging_interval_whatever_the_last_step():
+    def kept(*series, at_most=3):
+        chart = Chart("c", "c", "step", "loss", [Series(f"r{i}", xs, [1.0] * len(xs)) for i, xs in enumerate(series)],
+                      curves=True)
+        return [[x for x, _ in points] for points in chart.sampled(at_most)]
+
+    logs = [1] + list(range(10, 1001, 10)) + [1005]  # train.steps=1005, log_every=10: the last step off the interval
+    assert kept(logs) == [[500, 1000, 1005]]  # every 500 steps: 340 rounded up nicely
+    evals = list(range(50, 301, 50)) + [325]  # evals every 50 and at the end
+    assert kept(evals, evals[:-1] + [305]) == [[100, 200, 300, 325], [100, 200, 300, 305]]
+    tokens = [0.49152 * step for step in range(10, 301, 10)]  # tokens (M): float x on a float interval
+    assert len(kept(tokens)[0]) == 3 and kept(tokens)[0][-1] == tokens[-1]
+    assert kept([5.0] * 9) == [[5.0] * 9]  # no interval to thin by: every point
+
+
+def test_a_scatter_in_a_pipe_keeps_every_point():
+    xs = [400 + (i * 37) % 100 for i in range(120)]  # one point per configuration, x not ordered
+    chart = Chart("t", "loss vs throughput", "throughput (K tok/s)", "loss", [Series("loss", xs, [3.0] * 120)],
+                  points=True, lines=False)
+    pipe = Console(file=io.StringIO(), force_terminal=False, width=80)
+    print_chart(chart, pipe)
+    assert "left out" not in pipe.file.getvalue() and pipe.file.getvalue().count("3.0000") == 120
 
 
 def test_print_chart_plots_on_a_terminal_and_tabulates_elsewhere():

@@ -168,6 +168,9 @@ def test_fewer_seeds_than_a_grown_sweep_holds_name_its_seeds_and_delete_nothing(
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "-tiny_lr1e-3_s1" in result.stderr and "it holds seeds 0,1,2: pass --seeds 0,1,2 to go on" in result.stderr
     assert "--force to delete the runs this command leaves out" in result.stderr
+    longer = run_cli(*SWEEP_ARGS[:-1], str(STEPS + 1), "--seeds", "1", "--out", str(out), *cli_args_for_micro())
+    assert longer.returncode == 1 and f"steps {STEPS} vs {STEPS + 1}" in longer.stderr
+    assert "it holds seeds" not in longer.stderr  # other steps: more seeds would not go on with it
     assert snapshot(path) == before
 
 

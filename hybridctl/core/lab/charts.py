@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,30 +32,45 @@ class Chart:
     points: bool = False  # mark every point (sparse data such as one value per run)
     lines: bool = True  # join the points
     xticks: list[tuple[float, str]] = field(default_factory=list)  # custom tick labels, e.g. LRs as 1e-3
+    curves: bool = False  # each series' x ascending (steps, tokens): a table of it may keep evenly spaced points
 
     def is_empty(self) -> bool:
         return not any(s.xs for s in self.series)
 
     def sampled(self, at_most: int) -> list[list[tuple[float, float]]]:
-        """Each series' points at no more than `at_most` x values, evenly spaced back from the last x in whole
-        logging intervals and the same for every series, so that runs line up (a resumed run's extra point or the
-        step-1 point of a curve does not shift them); each series' own last point is always kept."""
-        if max((len(s.xs) for s in self.series), default=0) <= at_most:
-            return [list(zip(s.xs, s.ys)) for s in self.series]
-        intervals = Counter(b - a for s in self.series for a, b in zip(s.xs, s.xs[1:]) if b > a)
+        """For a chart of curves (each series' x ascending: steps, tokens), each series' points at no more than
+        `at_most` x values: whole logging intervals apart, counted back from the last x on the interval most
+        points share, and the same for every series, so that runs line up (step 1, a resumed run's extra point or
+        a last step off the interval do not shift them); each series' own last point is always kept."""
+        everything = [list(zip(s.xs, s.ys)) for s in self.series]
+        xs = [x for s in self.series for x in s.xs]
+        intervals = Counter(round(b - a, 9) for s in self.series for a, b in zip(s.xs, s.xs[1:]) if b > a)
+        if max(map(len, everything), default=0) <= at_most or not intervals or not all(map(math.isfinite, xs)):
+            return everything
         interval = intervals.most_common(1)[0][0]  # the logging (or eval) interval most points share
-        first, last = min(min(s.xs) for s in self.series if s.xs), max(max(s.xs) for s in self.series if s.xs)
-        stride = interval * max(1, math.ceil((last - first) / interval / at_most))
+        phase = lambda x: round(x / interval - round(x / interval), 6)  # noqa: E731  0 on multiples of interval
+        usual = Counter(map(phase, xs)).most_common(1)[0][0]
+        first, last = min(x for x in xs if phase(x) == usual), max(x for x in xs if phase(x) == usual)
+        stride = interval * round_up_nicely(math.ceil((last - first) / interval / at_most))
         grid = [last - k * stride for k in range(at_most) if last - k * stride > first - interval / 2]
         sampled = []
-        for s in self.series:
-            keep = {len(s.xs) - 1} if s.xs else set()
+        for s, points in zip(self.series, everything):
+            keep = {len(points) - 1} if points else set()
             for x in grid:
-                nearest = min(range(len(s.xs)), key=lambda i: abs(s.xs[i] - x), default=None)
-                if nearest is not None and abs(s.xs[nearest] - x) < interval / 2:
-                    keep.add(nearest)
-            sampled.append([(s.xs[i], s.ys[i]) for i in sorted(keep)])
+                at = bisect.bisect_left(s.xs, x)
+                near = min((i for i in (at - 1, at) if 0 <= i < len(s.xs)), key=lambda i: abs(s.xs[i] - x), default=None)
+                if near is not None and abs(s.xs[near] - x) <= interval / 2:
+                    keep.add(near)
+            sampled.append([points[i] for i in sorted(keep)])
         return sampled
+
+
+def round_up_nicely(n: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... that is at least n: table rows every 100 steps, not every 340."""
+    nice = 1
+    while nice < n:
+        nice = nice * 5 // 2 if str(nice)[0] == "2" else nice * 2
+    return nice
 
 
 def chart_size(console_width: int | None, series: int = 1) -> tuple[int, int]:

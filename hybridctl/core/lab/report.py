@@ -33,7 +33,7 @@ def curves_chart(results: list[RunResult], key: str = "val_loss", x: str = "step
                      [row[key] for row in rows_of(r)]) for r in results]
     what = "validation loss" if key == "val_loss" else "training loss"
     xlabel = (f"tokens ({unit})" if unit else "tokens") if x == "tokens" else "step"
-    return Chart(f"{key}_vs_{x}", f"{what} vs {x}", xlabel, what, [s for s in series if s.xs])
+    return Chart(f"{key}_vs_{x}", f"{what} vs {x}", xlabel, what, [s for s in series if s.xs], curves=True)
 
 
 def _spread_series(points: list[tuple[float, GroupRow]], metric: str) -> list[Series]:

@@ -90,9 +90,11 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 def replan_advice(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What to do about a plan that differs from the sweep's: a sweep grown to more seeds than this command asks
     for (rerunning the first command of a sweep grown seed by seed) names the seeds that go on with it."""
-    left_out = {r["name"] for r in old.get("plan", [])} - {r["name"] for r in new["runs"]}
+    before = {r["name"]: r for r in old.get("plan", [])}
+    subset = all(r["name"] in before and same_run(before[r["name"]], r) for r in new["runs"])
     seeds = old.get("seeds")
-    if left_out and seeds and new.get("seeds") and set(new["seeds"]) < set(seeds):
+    if (subset and old.get("kind") == new["kind"] and old.get("steps") == new["steps"] and seeds and new.get("seeds")
+            and set(new["seeds"]) < set(seeds)):
         listed = ",".join(map(str, seeds))
         return (f"it holds seeds {listed}: pass --seeds {listed} to go on with it, pick another --name, or pass "
                 "--force to delete the runs this command leaves out")

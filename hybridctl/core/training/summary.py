@@ -43,7 +43,7 @@ def build_summary(cfg: Config, run: RunDir, state: TrainState, n_params: int, la
         "best_step": state.best_step,
         "tok_s": timed_tokens / segment_time if segment_time > 0 and timed_tokens > 0 else previous.get("tok_s"),
         "train_time_s": state.train_time_s,
-        "wall_time_s": wall + (prior_wall if prior_wall is not None else previous.get("wall_time_s", 0.0)),
+        "wall_time_s": wall + (prior_wall if prior_wall is not None else previous.get("wall_time_s") or 0.0),
         "skipped_steps": state.skipped_steps,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "world_size": world,
