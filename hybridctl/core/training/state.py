@@ -31,7 +31,7 @@ class TrainState:
     wall_time_s: float | None = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """The keys checkpoints' state.json has always carried for these values."""
+        """The keys checkpoints' state.json carries for these values (older ones lack the later keys)."""
         return {"step": self.step, "tokens": self.tokens, "schedule": self.schedule.to_dict(),
                 "best_val_loss": self.best_val_loss, "best_step": self.best_step, "skipped_steps": self.skipped_steps,
                 "bad_in_row": self.bad_in_row, "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s}
