@@ -45,7 +45,8 @@ class Chart:
         everything = [list(zip(s.xs, s.ys)) for s in self.series]
         xs = [x for s in self.series for x in s.xs]
         intervals = Counter(round(b - a, 9) for s in self.series for a, b in zip(s.xs, s.xs[1:]) if b > a)
-        if max(map(len, everything), default=0) <= at_most or not intervals or not all(map(math.isfinite, xs)):
+        if (not self.curves or max(map(len, everything), default=0) <= at_most or not intervals
+                or not all(map(math.isfinite, xs))):  # other charts (a point per configuration) keep every point
             return everything
         interval = intervals.most_common(1)[0][0]  # the logging (or eval) interval most points share
         phase = lambda x: round(x / interval - round(x / interval), 6)  # noqa: E731  0 on multiples of interval

@@ -330,9 +330,8 @@ def chart_table(chart) -> Table:
     multi = len(chart.series) > 1
     headers = (["run"] if multi else []) + [chart.xlabel, chart.ylabel]
     per_series = max(3, TABLE_ROWS // max(len(chart.series), 1))
-    kept = chart.sampled(per_series) if chart.curves else [list(zip(s.xs, s.ys)) for s in chart.series]
     rows, left_out = [], 0
-    for s, points in zip(chart.series, kept):
+    for s, points in zip(chart.series, chart.sampled(per_series)):
         left_out += len(s.xs) - len(points)
         rows += [([s.label] if multi else []) + [ticks.get(x, f"{x:g}"), fmt_num(y)] for x, y in points]
     table = text_table(headers, rows, title=chart.title)
