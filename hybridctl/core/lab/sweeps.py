@@ -66,6 +66,12 @@ def same_run(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     return old is not None and _settings(old) == _settings(new)
 
 
+def unchanged_runs(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """The names of the new plan's runs that the sweep's plan (state) holds with the same settings."""
+    before = {r["name"]: r for r in old.get("plan", [])}
+    return {r["name"] for r in new["runs"] if same_run(before.get(r["name"]), r)}
+
+
 def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """A short description of how two plans differ ('' when they are the same, or when the new plan only adds
     runs, such as more seeds or values: the sweep grows and its finished runs stay)."""
@@ -90,8 +96,7 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 def replan_advice(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What to do about a plan that differs from the sweep's: a sweep grown to more seeds than this command asks
     for (rerunning the first command of a sweep grown seed by seed) names the seeds that go on with it."""
-    before = {r["name"]: r for r in old.get("plan", [])}
-    subset = all(r["name"] in before and same_run(before[r["name"]], r) for r in new["runs"])
+    subset = len(unchanged_runs(old, new)) == len(new["runs"])
     seeds = old.get("seeds")
     if (subset and old.get("kind") == new["kind"] and old.get("steps") == new["steps"] and seeds and new.get("seeds")
             and set(new["seeds"]) < set(seeds)):
@@ -226,12 +231,7 @@ def prepare_sweep(plan: SweepPlan, path: Path, force: bool = False) -> dict[str,
             raise RunError(f"sweep {path} was planned differently ({diff}); {replan_advice(state, new)}")
         elif diff:
             # Forced: keep runs whose plan entry is unchanged, drop the ones that changed or left the plan.
-            keep = {r["name"] for r in new["runs"]} if state.get("steps") == new["steps"] else set()
-            old_entries = {r["name"]: r for r in state.get("plan", [])}
-            for r in new["runs"]:
-                if not same_run(old_entries.get(r["name"]), r):
-                    keep.discard(r["name"])
-            _remove_runs(path, keep)
+            _remove_runs(path, unchanged_runs(state, new) if state.get("steps") == new["steps"] else set())
             state = None
     elif force and path.is_dir():
         _remove_runs(path, keep=set())
